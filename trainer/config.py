@@ -1,0 +1,308 @@
+"""Typed configuration: one small dataclass per component, values from YAML, dotted overrides.
+
+``load_config("configs/demo.yaml", ["optim.lr=3e-4", "train.steps=200"])`` returns a validated
+:class:`Config`. Unknown keys and values of the wrong type fail at start-up with a
+:class:`ConfigError` that names the key, before any data is read or any worker starts.
+Every field carries a one-line help text (``metadata["help"]``), shown by ``crossflow config``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names the key."""
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    preset: str = _f("tiny", "size preset from trainer.models.crossflow.presets (tiny, 70M, 150M, 300M, 500M, 0.95B)")
+    hidden_size: int | None = _f(None, "flow transformer width; overrides the preset when set")
+    depth: int | None = _f(None, "number of flow transformer blocks; overrides the preset when set")
+    head_dim: int | None = _f(None, "attention head dimension (64 or 128); overrides the preset when set")
+    patch_size: int | None = _f(None, "patch side in latent pixels; overrides the preset when set")
+    mlp_ratio: float = _f(4.0, "MLP hidden width as a multiple of the model width")
+    pos_embed: str = _f("sincos", "2D position embedding of the patches: sincos (fixed) or learned")
+    text_ve_width: int | None = _f(None, "Text VE transformer width; overrides the preset when set")
+    text_ve_depth: int | None = _f(None, "Text VE transformer layers; overrides the preset when set")
+    text_ve_reduced_width: int | None = _f(None, "per-token width after the VE's halving reduction layers; overrides the preset")
+    text_ve_dropout: float = _f(0.0, "dropout inside the Text VE transformer (the reimplementation uses 0.1)")
+    image_encoder_width: int = _f(32, "base channel count of the contrastive image encoder (a small CNN)")
+    kernels: str = _f("auto", "op implementation: auto (Triton on CUDA, PyTorch otherwise), triton, torch")
+
+    def validate(self) -> None:
+        from trainer.models.crossflow.presets import PRESETS
+        _choice("model.preset", self.preset, tuple(PRESETS))
+        _choice("model.pos_embed", self.pos_embed, ("sincos", "learned"))
+        _choice("model.kernels", self.kernels, ("auto", "triton", "torch"))
+        if self.head_dim is not None:
+            _choice("model.head_dim", self.head_dim, (64, 128))
+        for name in ("hidden_size", "depth", "patch_size", "text_ve_width", "text_ve_depth", "text_ve_reduced_width"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {v}")
+        if not 0.0 <= self.text_ve_dropout < 1.0:
+            raise ConfigError(f"model.text_ve_dropout must be in [0, 1), got {self.text_ve_dropout}")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("shapes", "where samples come from: shapes (the synthetic generator)")
+    resolution: int = _f(32, "image side in pixels")
+    max_groups: int = _f(1, "shapes: 1 = one group of shapes per image, 2 = also 'X on the left and Y on the right'")
+    num_samples: int = _f(50_000, "shapes: number of distinct training scenes (the epoch length)")
+    seed: int = _f(0, "shapes: generator seed (changes every scene)")
+    text_encoder: str = _f("minilm", "minilm (packaged all-MiniLM-L6-v2), hashed-words (tests only), or a local transformers model path")
+    max_tokens: int = _f(16, "text tokens per caption (padded or truncated); the Text VE flattens this many")
+    num_workers: int = _f(0, "DataLoader worker processes per rank")
+
+    def validate(self) -> None:
+        _choice("data.source", self.source, ("shapes",))
+        _choice("data.max_groups", self.max_groups, (1, 2))
+        for name in ("resolution", "num_samples", "max_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.resolution % 8:
+            raise ConfigError(f"data.resolution must be a multiple of 8, got {self.resolution}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class ObjectiveConfig:
+    sigma_min: float = _f(1e-5, "flow-matching sigma_min: x_t = (1 - (1 - sigma_min) t) z0 + t z1")
+    time_sampler: str = _f("logit_normal", "distribution of t: logit_normal (sigmoid of N(mean, std)) or uniform")
+    time_mean: float = _f(0.0, "logit-normal mean of t")
+    time_std: float = _f(1.0, "logit-normal std of t")
+    kl_weight: float = _f(1e-4, "weight of KL(q(z0 | text) || N(0, I)) (paper 1e-4; reimplementation 1e-2)")
+    contrastive_weight: float = _f(1.0, "weight of the image-text contrastive loss")
+    contrastive_init_temperature: float = _f(0.07, "initial temperature of the contrastive logits (learned)")
+    uncond_prob: float = _f(0.1, "probability that a sample trains the unconditional indicator (for CFG)")
+
+    def validate(self) -> None:
+        _choice("objective.time_sampler", self.time_sampler, ("logit_normal", "uniform"))
+        if not 0.0 <= self.sigma_min < 1.0:
+            raise ConfigError(f"objective.sigma_min must be in [0, 1), got {self.sigma_min}")
+        if self.time_std <= 0:
+            raise ConfigError(f"objective.time_std must be positive, got {self.time_std}")
+        for name in ("kl_weight", "contrastive_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"objective.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.contrastive_init_temperature:
+            raise ConfigError("objective.contrastive_init_temperature must be positive")
+        if not 0.0 <= self.uncond_prob < 1.0:
+            raise ConfigError(f"objective.uncond_prob must be in [0, 1), got {self.uncond_prob}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-4, "peak learning rate of AdamW")
+    betas: list[float] = _f([0.9, 0.9], "AdamW betas (the paper uses 0.9, 0.9)")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    weight_decay: float = _f(0.03, "AdamW weight decay (not applied to norms, biases, embeddings, indicator vectors)")
+    warmup_steps: int = _f(5000, "linear warm-up steps from 0 to lr")
+    schedule: str = _f("constant", "after warm-up: constant or cosine (to min_lr_ratio * lr at train.steps)")
+    min_lr_ratio: float = _f(0.1, "cosine schedule: final lr as a fraction of the peak")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 disables)")
+
+    def validate(self) -> None:
+        _choice("optim.schedule", self.schedule, ("constant", "cosine"))
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(1000, "optimizer steps to train")
+    global_batch_size: int = _f(64, "samples per optimizer step, summed over ranks and accumulation")
+    seed: int = _f(0, "seed of parameters, data order and noise")
+    out_dir: str = _f("runs/default", "run directory: checkpoints, metrics.jsonl, samples")
+    device: str = _f("auto", "auto (cuda if available, else cpu), cpu or cuda")
+    precision: str = _f("fp32", "fp32 or bf16 (autocast; bf16 needs a GPU or a recent CPU)")
+    ema_decay: float = _f(0.999, "EMA decay of the weights used for sampling (paper 0.9999); 0 disables")
+    log_every: int = _f(10, "write metrics every N steps (the only host sync of the loop)")
+    ckpt_every: int = _f(500, "save a checkpoint every N steps (and at the end); 0 = only at the end")
+    keep_last: int = _f(2, "checkpoints to keep")
+    sample_every: int = _f(0, "write a sample grid of held-out prompts every N steps; 0 = only at the end")
+    resume: str = _f("none", "none, auto (latest checkpoint in out_dir) or a checkpoint directory")
+    threads: int = _f(0, "torch CPU threads; 0 keeps torch's default")
+
+    def validate(self) -> None:
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.precision", self.precision, ("fp32", "bf16"))
+        for name in ("steps", "global_batch_size", "log_every", "keep_last"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class SampleConfig:
+    steps: int = _f(50, "ODE steps from t=0 to t=1")
+    solver: str = _f("euler", "euler or heun")
+    cfg_scale: float = _f(3.0, "classifier-free guidance scale s: v = v_u + s (v_c - v_u); 1 = no guidance")
+    use_mean: bool = _f(False, "start from the VE mean instead of mu + sigma * eps")
+    num_prompts: int = _f(16, "held-out prompts in the sample grid written by training")
+
+    def validate(self) -> None:
+        _choice("sample.solver", self.solver, ("euler", "heun"))
+        if self.steps <= 0 or self.num_prompts <= 0:
+            raise ConfigError("sample.steps and sample.num_prompts must be positive")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints widen to floats. Names ``key`` on error."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {tp}, got {value!r} ({type(value).__name__})")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _apply(obj: Any, values: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown config key {key!r}; valid keys under {prefix or 'the top level'}: {sorted(names)}")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(current))}, got {v!r}")
+            _apply(current, v, f"{key}.")
+        else:
+            setattr(obj, k, _coerce(key, v, hints[k]))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"optim.lr=3e-4"`` or ``"--optim.lr=3e-4"`` -> (["optim", "lr"], 3e-4); values are YAML scalars."""
+    body = item[2:] if item.startswith("--") else item
+    if "=" not in body:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = body.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- overrides, then validation. Raises ConfigError naming the key."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        _apply(cfg, values, "")
+    for item in overrides:
+        keys, value = parse_override(item)
+        _apply(cfg, _nest(keys, value), "")
+    return cfg.validate()
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuild a Config saved with ``Config.to_dict`` (checkpoints store it)."""
+    cfg = Config()
+    _apply(cfg, values, "")
+    return cfg.validate()
+
+
+def describe(cfg: Config) -> str:
+    """Every key with its value and help text, for ``crossflow config``."""
+    lines = []
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):
+            lines.append(f"{section.name}.{f.name} = {getattr(sub, f.name)!r}  # {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def per_rank_batch_size(global_batch_size: int, world_size: int, grad_accum: int = 1) -> int:
+    """The one place that derives the per-rank micro-batch: global = micro * world * accumulation."""
+    denom = world_size * grad_accum
+    if global_batch_size % denom:
+        raise ConfigError(f"train.global_batch_size={global_batch_size} is not divisible by "
+                          f"world size {world_size} x gradient accumulation {grad_accum}")
+    return global_batch_size // denom

@@ -1,0 +1,86 @@
+"""From a checkpoint to images: load weights without the training stack, embed prompts,
+solve the flow, decode, write grids. Used by ``crossflow sample`` and by training's sample grids."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from data_pipeline.features import CaptionCache, load_text_encoder
+from trainer.checkpoint import WEIGHTS_FILE, load_file, resolve_checkpoint_dir
+from trainer.config import Config, config_from_dict
+from trainer.models.codecs import PixelCodec
+from trainer.models.crossflow.crossflow import CrossFlow, CrossFlowArgs
+from trainer.sampling import encode_prompts, solve
+
+
+@dataclass
+class Generator:
+    """A model ready to sample: weights (EMA), codec, and a caption-embedding cache."""
+    model: CrossFlow
+    codec: PixelCodec
+    captions: CaptionCache
+    config: Config
+    device: torch.device
+
+    @torch.no_grad()
+    def latents(self, prompts: list[str], seed: int = 0, steps: int | None = None, solver: str | None = None,
+                cfg_scale: float | None = None, use_mean: bool | None = None) -> torch.Tensor:
+        s = self.config.sample
+        emb, mask = self.captions.encode(prompts)  # (B, n, d), (B, n)
+        z0 = encode_prompts(self.model, emb.to(self.device), mask.to(self.device), seed,
+                            s.use_mean if use_mean is None else use_mean)
+        return self.solve(z0, steps, solver, cfg_scale)
+
+    @torch.no_grad()
+    def solve(self, z0: torch.Tensor, steps: int | None = None, solver: str | None = None,
+              cfg_scale: float | None = None) -> torch.Tensor:
+        s = self.config.sample
+        return solve(self.model, z0, steps or s.steps, solver or s.solver,
+                     s.cfg_scale if cfg_scale is None else cfg_scale)
+
+    def images(self, latents: torch.Tensor) -> list[np.ndarray]:
+        """Latents -> (H, W, 3) uint8 images."""
+        x = self.codec.decode(latents).float().cpu()  # (B, 3, H, W) in [-1, 1]
+        x = ((x + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return list(x)
+
+    def generate(self, prompts: list[str], seed: int = 0, **kw) -> list[np.ndarray]:
+        return self.images(self.latents(prompts, seed, **kw))
+
+
+def build_codec(cfg: Config) -> PixelCodec:
+    return PixelCodec(cfg.data.resolution)
+
+
+def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu",
+                   text_encoder: str | None = None) -> Generator:
+    """Load ``weights.pt`` + ``config.yaml`` of a checkpoint (or a run directory's latest)."""
+    ckpt = resolve_checkpoint_dir(checkpoint)
+    payload = load_file(ckpt, WEIGHTS_FILE)
+    cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    args = payload["model_args"]
+    args["latent_shape"] = tuple(args["latent_shape"])
+    model = CrossFlow(CrossFlowArgs(**args))
+    model.load_state_dict(payload["state_dict"])
+    device = torch.device(device)
+    model.to(device).eval()
+    encoder = load_text_encoder(text_encoder or cfg.data.text_encoder)
+    return Generator(model, build_codec(cfg), CaptionCache(encoder, cfg.data.max_tokens), cfg, device)
+
+
+def image_grid(rows: list[list[np.ndarray]], scale: int = 1, pad: int = 2) -> Image.Image:
+    """Rows of equally sized (H, W, 3) uint8 images -> one PIL image with a gray border."""
+    h, w = rows[0][0].shape[:2]
+    cols = max(len(r) for r in rows)
+    canvas = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3), 64, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[y:y + h, x:x + w] = img
+    out = Image.fromarray(canvas)
+    return out.resize((out.width * scale, out.height * scale), Image.NEAREST) if scale > 1 else out

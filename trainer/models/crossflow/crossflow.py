@@ -1,0 +1,107 @@
+"""CrossFlow = Text VE + flow transformer (+ the contrastive image encoder used in training).
+
+Two separate methods, no mode flags:
+    encode_text(emb, mask)        -> z0, mu, logvar      (the source of the flow, t = 0)
+    velocity(x_t, t, indicator)   -> v                   (carries z0 to the image latent, t = 1)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from trainer.models.crossflow.flow_transformer import CONDITIONAL, UNCONDITIONAL, FlowTransformer
+from trainer.models.crossflow.image_encoder import ImageEncoder
+from trainer.models.crossflow.presets import PRESETS
+from trainer.models.crossflow.text_ve import TextVE
+
+__all__ = ["CrossFlow", "CrossFlowArgs", "resolve_args", "CONDITIONAL", "UNCONDITIONAL"]
+
+
+@dataclass(frozen=True)
+class CrossFlowArgs:
+    """Everything needed to rebuild the model (stored in checkpoints and exports)."""
+    latent_shape: tuple[int, int, int]
+    text_dim: int
+    max_tokens: int
+    hidden_size: int
+    depth: int
+    head_dim: int
+    patch_size: int
+    mlp_ratio: float
+    pos_embed: str
+    text_ve_width: int
+    text_ve_depth: int
+    text_ve_reduced_width: int
+    text_ve_dropout: float
+    image_encoder_width: int
+    init_temperature: float = 0.07
+
+
+def resolve_args(model_cfg, latent_shape, text_dim: int, max_tokens: int,
+                 init_temperature: float = 0.07) -> CrossFlowArgs:
+    """Preset values, overridden by every non-None field of ``model_cfg`` (a ModelConfig)."""
+    p = PRESETS[model_cfg.preset]
+
+    def pick(name: str):
+        v = getattr(model_cfg, name)
+        return getattr(p, name) if v is None else v
+
+    return CrossFlowArgs(
+        latent_shape=tuple(latent_shape), text_dim=text_dim, max_tokens=max_tokens,
+        hidden_size=pick("hidden_size"), depth=pick("depth"), head_dim=pick("head_dim"),
+        patch_size=pick("patch_size"), mlp_ratio=model_cfg.mlp_ratio, pos_embed=model_cfg.pos_embed,
+        text_ve_width=pick("text_ve_width"), text_ve_depth=pick("text_ve_depth"),
+        text_ve_reduced_width=pick("text_ve_reduced_width"), text_ve_dropout=model_cfg.text_ve_dropout,
+        image_encoder_width=model_cfg.image_encoder_width, init_temperature=init_temperature)
+
+
+class CrossFlow(nn.Module):
+    def __init__(self, args: CrossFlowArgs):
+        super().__init__()
+        self.args = args
+        self.text_ve = TextVE(args.text_dim, args.max_tokens, args.latent_shape, args.text_ve_width,
+                              args.text_ve_depth, args.text_ve_reduced_width, dropout=args.text_ve_dropout)
+        self.flow = FlowTransformer(args.latent_shape, args.hidden_size, args.depth, args.head_dim,
+                                    args.patch_size, args.mlp_ratio, args.pos_embed)
+        self.image_encoder = ImageEncoder(args.latent_shape, args.image_encoder_width)
+        # CLIP-style learnable temperature, stored as log(1 / T).
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / args.init_temperature)))
+
+    def encode_text(self, emb: torch.Tensor, mask: torch.Tensor, *, use_mean: bool = False,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """emb (B, n, d), mask (B, n) -> z0 = mu + exp(logvar / 2) * eps, mu, logvar; each (B, C, H, W)."""
+        mu, logvar = self.text_ve(emb, mask)
+        if use_mean:
+            return mu, mu, logvar
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + torch.exp(0.5 * logvar) * eps, mu, logvar
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
+        """x_t (B, C, H, W), t (B,), indicator (B,) 1 = conditional -> v (B, C, H, W)."""
+        return self.flow(x_t, t, indicator)
+
+    def embed_image(self, z1: torch.Tensor) -> torch.Tensor:
+        """Target latent (B, C, H, W) -> contrastive embedding (B, C*H*W)."""
+        return self.image_encoder(z1)
+
+    def set_ops(self, ops) -> None:
+        """Swap the fusable ops (attention, modulate, gated_residual) of every submodule."""
+        for m in self.modules():
+            if hasattr(m, "ops"):
+                m.ops = ops
+
+    def flow_params(self) -> int:
+        """Parameters of the flow transformer alone (how the paper counts model size)."""
+        return sum(p.numel() for p in self.flow.parameters())
+
+    def flops_per_sample(self) -> float:
+        """Training FLOPs per sample of the flow transformer (6 * params * tokens + attention),
+        the Text VE and image encoder excluded (small next to it at scale)."""
+        a = self.args
+        tokens = 1 + (a.latent_shape[1] // a.patch_size) ** 2
+        dense = 6 * self.flow_params() * tokens
+        attention = 6 * 2 * a.depth * tokens * tokens * a.hidden_size  # QK^T and AV, fwd + bwd
+        return float(dense + attention)
