@@ -1,0 +1,112 @@
+"""Fused GPU ops for CrossFlow's hot path, with PyTorch references.
+
+Importing this package has no side effects and imports neither torch nor triton
+(transformers probes any top-level package named ``kernels``; ours must look like nothing
+it knows, so there is deliberately no ``__version__``).
+
+    ops = kernels.get_ops("auto", device)   # what the model uses: backend chosen by config
+    ops.attention(q, k, v, key_padding_mask)
+    ops.flow_matching_loss(v_pred, z0, z1, sigma_min, weight)
+    ops.interpolate(z0, z1, t, sigma_min)
+    ops.modulate(x, shift, scale)
+    ops.gated_residual(x, gate, y)
+
+``kernels.attention`` etc. are the Triton ops themselves (loaded on first access);
+``kernels.reference`` holds the PyTorch references with the same signatures.
+Under the CPU interpreter, TRITON_INTERPRET=1 must be set before the first access.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["KernelOps", "get_ops", "attention", "flow_matching_loss", "interpolate",
+           "modulate", "gated_residual"]
+
+# op name -> submodule holding its Triton implementation
+_OP_MODULES = {
+    "attention": "attention",
+    "flow_matching_loss": "flow_loss",
+    "interpolate": "flow_loss",
+    "modulate": "modulation",
+    "gated_residual": "modulation",
+}
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """The five ops of one backend. ``backend`` is the resolved one: "triton" or "torch"."""
+
+    backend: str
+    attention: Callable
+    flow_matching_loss: Callable
+    interpolate: Callable
+    modulate: Callable
+    gated_residual: Callable
+
+
+def _triton_op(name: str) -> Callable:
+    module = importlib.import_module(f"{__name__}.{_OP_MODULES[name]}")
+    return getattr(module, name)
+
+
+def get_ops(backend: str = "auto", device: "torch.device | str" = "cpu") -> KernelOps:
+    """The ops for ``backend`` on ``device``.
+
+    backend: "auto" = Triton on CUDA, the PyTorch reference anywhere else;
+             "triton" = always Triton (on CPU only under TRITON_INTERPRET=1, else an error);
+             "torch" = the PyTorch reference (``kernels.reference``).
+    """
+    import torch
+
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"kernels backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "torch":
+        from . import reference
+        return KernelOps("torch", *(getattr(reference, name) for name in _OP_MODULES))
+    if device.type == "cpu":
+        from ._launch import interpret_enabled
+        if not interpret_enabled():
+            raise RuntimeError(
+                "kernels backend 'triton' on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                "in the environment before the kernels are first imported (slow; for tests), or use "
+                "backend 'auto'/'torch' off CUDA.")
+    elif device.type != "cuda":
+        raise RuntimeError(f"kernels backend 'triton' needs a CUDA device, got {device}")
+    return KernelOps("triton", *(_triton_op(name) for name in _OP_MODULES))
+
+
+def __getattr__(name: str):
+    """``kernels.attention`` etc.: the Triton op, imported on first use."""
+    if name in _OP_MODULES:
+        op = _triton_op(name)
+        globals()[name] = op
+        return op
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Keeps ``kernels.attention`` the op, not the submodule of the same name.
+
+    Importing ``kernels.attention`` (the file) makes Python set the package attribute
+    ``attention`` to that submodule; ignoring that one assignment keeps the public name
+    pointing at the function. The submodule stays reachable via ``sys.modules``.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _OP_MODULES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
