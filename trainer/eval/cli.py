@@ -1,0 +1,165 @@
+"""``crossflow eval shapes|fid|clip``: registered on the main parser by ``add_eval_commands``.
+
+Also the trainer-facing ``sample_shapes_eval``: sample the ShapesEval suite with anything that has
+``generate(prompts, seed=..., **kw) -> list[(H, W, 3) uint8]`` (``trainer.inference.Generator``)
+and score it. Heavy imports (torch, the model) happen inside the command functions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from trainer.eval.shapes_eval import ShapesEvalReport, evaluate, prompt_suite, render_suite
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def sample_shapes_eval(generator, max_groups: int = 1, images_per_prompt: int = 4, seed: int = 0,
+                       **sample_kw) -> ShapesEvalReport:
+    """Generate ``images_per_prompt`` images (seeds ``seed``, ``seed + 1``, ...) for every
+    ShapesEval prompt and score them. ``sample_kw`` (steps, solver, cfg_scale) go to ``generate``."""
+    suite = prompt_suite(max_groups)
+    captions = [p.caption for p in suite]
+    per_seed = [generator.generate(captions, seed=seed + k, **sample_kw) for k in range(images_per_prompt)]
+    images = [[per_seed[k][j] for k in range(images_per_prompt)] for j in range(len(suite))]
+    return evaluate(images, suite)
+
+
+def load_image_dir(path: str | Path, resolution: int | None = None) -> list[np.ndarray]:
+    """Every image file directly in ``path`` as (H, W, 3) uint8, resized to ``resolution`` if given."""
+    from PIL import Image
+    files = sorted(f for f in Path(path).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(path)!r}")
+    out = []
+    for f in files:
+        im = Image.open(f).convert("RGB")
+        if resolution is not None and im.size != (resolution, resolution):
+            im = im.resize((resolution, resolution), Image.BICUBIC)
+        out.append(np.asarray(im, dtype=np.uint8))
+    return out
+
+
+def _read_prompts(path: str | None, max_groups: int) -> list[str]:
+    if path is None:
+        return [p.caption for p in prompt_suite(max_groups)]
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"crossflow eval: no prompts in {path}")
+    return prompts
+
+
+def _generate(args: argparse.Namespace, prompts: list[str]):
+    """(images in prompt order, repeated per seed; the prompts matching them; the generator)."""
+    from trainer.inference import load_generator
+    gen = load_generator(args.checkpoint, args.device)
+    kw = dict(steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale)
+    images, matched = [], []
+    for k in range(args.per_prompt):
+        images += gen.generate(prompts, seed=args.seed + k, **kw)
+        matched += prompts
+    return images, matched, gen
+
+
+def _eval_shapes(args: argparse.Namespace) -> int:
+    if args.self_check:
+        max_groups = args.max_groups or 1
+        suite = prompt_suite(max_groups)
+        report = evaluate(render_suite(suite, args.resolution, args.per_prompt, args.seed), suite)
+    else:
+        if not args.checkpoint:
+            raise SystemExit("crossflow eval shapes: give --checkpoint (or --self-check)")
+        from trainer.inference import load_generator
+        gen = load_generator(args.checkpoint, args.device)
+        max_groups = args.max_groups or gen.config.data.max_groups
+        report = sample_shapes_eval(gen, max_groups, args.per_prompt, args.seed,
+                                    steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale)
+    print(report.table())
+    summary = report.summary()
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"ShapesEval overall: {summary['overall']:.3f} ({summary['n_images']} images, "
+          f"{summary['n_prompts']} prompts)")
+    return 0
+
+
+def _eval_fid(args: argparse.Namespace) -> int:
+    from trainer.eval.fid_clip import _require_path, fid_score
+    _require_path(args.inception, "Inception weights", "pass --inception PATH")  # fail before sampling
+    images, _, gen = _generate(args, _read_prompts(args.prompts, 1))
+    resolution = images[0].shape[0]
+    if args.reference == "shapes":
+        from data_pipeline.shapes import ShapesGenerator
+        d = gen.config.data
+        shapes = ShapesGenerator(resolution, d.max_groups, "all", seed=12345)
+        reference = [shapes.sample(i)["image"] for i in range(max(len(images), 2))]
+    else:
+        reference = load_image_dir(args.reference, resolution)
+    score = fid_score(images, reference, args.inception, feature_dim=args.feature_dim, device=args.device)
+    print(f"FID ({len(images)} generated vs {len(reference)} reference, {args.feature_dim}-d features): {score:.3f}")
+    return 0
+
+
+def _eval_clip(args: argparse.Namespace) -> int:
+    from trainer.eval.fid_clip import clip_score, load_clip
+    load_clip(args.clip)  # fail on a missing model before sampling
+    images, prompts, _ = _generate(args, _read_prompts(args.prompts, 1))
+    score = clip_score(images, prompts, args.clip, device=args.device)
+    print(f"CLIP score ({len(images)} image-prompt pairs): {score:.4f}")
+    return 0
+
+
+def _sampling_args(p: argparse.ArgumentParser, checkpoint_required: bool) -> None:
+    p.add_argument("--checkpoint", required=checkpoint_required,
+                   help="checkpoint directory, or a run directory (its latest)")
+    p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image of each prompt")
+    p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the config's)")
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the config's)")
+    p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver (default: the config's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``eval shapes|fid|clip`` on the main parser's subparsers; returns the ``eval`` parser.
+    Each leaf sets ``func`` to a function(args) -> exit code, like the other commands."""
+    ev = subparsers.add_parser("eval", help="score a checkpoint: ShapesEval, FID, CLIP score",
+                               description="Evaluate a trained checkpoint. Weights for FID and CLIP come "
+                                           "from local paths only; nothing is downloaded.")
+    sub = ev.add_subparsers(dest="eval_command", required=True, metavar="METRIC")
+
+    p = sub.add_parser("shapes", help="ShapesEval: object/count/color/position/size on the shapes domain (CPU)",
+                       description="Sample the fixed ShapesEval prompt suite and score every image with the "
+                                   "deterministic pixel analyzer; print the per-prompt table and the overall score.")
+    _sampling_args(p, checkpoint_required=False)
+    p.add_argument("--max-groups", type=int, choices=(1, 2), default=None,
+                   help="suite: 1 = single-group prompts, 2 = also two-group prompts (default: the checkpoint's)")
+    p.add_argument("--json", help="also write the summary (per-task scores) to this JSON file")
+    p.add_argument("--self-check", action="store_true",
+                   help="score the generator's own renderings instead of a checkpoint (the analyzer's ceiling)")
+    p.add_argument("--resolution", type=int, default=32, help="image side for --self-check")
+    p.set_defaults(func=_eval_shapes)
+
+    p = sub.add_parser("fid", help="FID against reference images, Inception weights from a local file",
+                       description="FID of a checkpoint's samples against reference images.")
+    _sampling_args(p, checkpoint_required=True)
+    p.add_argument("--inception", required=True,
+                   help="torch-fidelity InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--reference", required=True,
+                   help="directory of reference images, or 'shapes' for the shapes generator's renderings")
+    p.add_argument("--prompts", help="text file, one prompt per line (default: the ShapesEval captions)")
+    p.add_argument("--feature-dim", type=int, choices=(64, 192, 768, 2048), default=2048,
+                   help="Inception feature layer (2048 = standard FID)")
+    p.set_defaults(func=_eval_fid)
+
+    p = sub.add_parser("clip", help="CLIP score of samples vs their prompts, CLIP from a local directory",
+                       description="Mean clipped cosine similarity between each sample and its prompt.")
+    _sampling_args(p, checkpoint_required=True)
+    p.add_argument("--clip", required=True, help="local Hugging Face CLIP directory (model + processor)")
+    p.add_argument("--prompts", help="text file, one prompt per line (default: the ShapesEval captions)")
+    p.set_defaults(func=_eval_clip)
+    return ev
