@@ -138,3 +138,50 @@ class CaptionCache:
 
     def __len__(self) -> int:
         return len(self._index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image latents
+
+LATENT_DTYPE = np.float16
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ImageLatentEncoder:
+    """Latents of a diffusers ``AutoencoderKL`` loaded from a local directory (never downloaded).
+
+    ``encode(images)`` takes (B, H, W, 3) uint8 and returns (B, C, H/f, W/f) float16: the
+    posterior mean, shifted and scaled by the model's ``shift_factor``/``scaling_factor`` so the
+    stored latents are what the flow model trains on (deterministic, unlike a posterior sample).
+    """
+
+    def __init__(self, path: str | Path, device: str | torch.device | None = None, batch_size: int = 32):
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"image autoencoder not found at {path}: give a local directory holding a diffusers AutoencoderKL "
+                f"(config.json and weights, as written by save_pretrained); crossflow never downloads weights")
+        from diffusers import AutoencoderKL
+        self.device = torch.device(device or default_device())
+        self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True).eval().to(self.device)
+        self.scaling = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
+        self.shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        self.batch_size = batch_size
+        self.name = str(path)
+
+    @torch.no_grad()
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + self.batch_size])).to(self.device)  # (b, H, W, 3)
+            x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (b, 3, H, W) in [-1, 1]
+            mean = self.vae.encode(x).latent_dist.mean  # (b, C, h, w)
+            out.append(((mean - self.shift) * self.scaling).float().cpu().numpy().astype(LATENT_DTYPE))
+        return np.concatenate(out)
+
+
+def load_image_encoder(path: str | Path, device: str | torch.device | None = None) -> ImageLatentEncoder:
+    return ImageLatentEncoder(path, device)

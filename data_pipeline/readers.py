@@ -587,6 +587,9 @@ def read_records(path: str, fmt: str = "auto", cache_dir: str | None = None) -> 
         return
     from streaming import StreamingDataset
     remote, local = (path, cache_dir) if is_remote(path) else (None, path)
+    if remote and local is None:
+        import tempfile
+        local = tempfile.mkdtemp(prefix="crossflow-mds-cache-")
     ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
     try:
         for i in range(ds.num_samples):

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML config file (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=_config)
+
+    from data_pipeline.cli import add_data_commands  # `crossflow data convert|features`
+    add_data_commands(sub)
     return parser
 
 
