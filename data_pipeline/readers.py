@@ -16,7 +16,8 @@ stopped:
   sample) in its plan; the state keeps every worker's position and which worker yields next, and
   a resumed DataLoader's worker ``p`` plays the role of worker ``(p + next) % num_workers``, which
   reproduces torch's round-robin order. Shuffling is therefore shard order + within-shard, not a
-  cross-shard buffer.
+  cross-shard buffer. Batches are formed inside each worker, so ``drop_last`` drops each worker's
+  last partial batch: up to ``num_workers * (batch_size - 1)`` samples per rank and epoch.
 
 Bad data (``on_error``): ``raise`` stops with :class:`BadDataError` naming the shard and the
 sample; ``skip`` drops the sample (or every sample of a missing or truncated shard), counts it
@@ -26,6 +27,7 @@ epoch with an error, not an early stop.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -173,17 +175,25 @@ class _SkipTally:
 # MDS
 
 
-def _set_world_env(rank: int, world_size: int) -> None:
-    """mosaicml-streaming reads the world from RANK/WORLD_SIZE/LOCAL_*: set them when absent and
-    refuse a contradiction (a wrong partition would silently duplicate or drop samples)."""
-    for name, value in (("RANK", rank), ("WORLD_SIZE", world_size)):
+@contextlib.contextmanager
+def _world_env(rank: int, world_size: int):
+    """mosaicml-streaming reads the world from RANK/WORLD_SIZE/LOCAL_*: set them while the
+    dataset is built when absent (restored after), and refuse a contradiction (a wrong partition
+    would silently duplicate or drop samples)."""
+    want = {"RANK": rank, "WORLD_SIZE": world_size}
+    for name, value in want.items():
         have = os.environ.get(name)
-        if have is None:
-            os.environ[name] = str(value)
-        elif int(have) != value:
+        if have is not None and int(have) != value:
             raise ValueError(f"{name}={have} in the environment but the loader was asked for {value}")
-    os.environ.setdefault("LOCAL_RANK", str(rank))
-    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
+    want.update(LOCAL_RANK=rank, LOCAL_WORLD_SIZE=world_size)
+    added = [k for k in want if k not in os.environ]
+    for k in added:
+        os.environ[k] = str(want[k])
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def _make_mds_dataset_class():
@@ -273,11 +283,12 @@ class MDSLoader(DataLoader):
     One epoch per ``iter()``."""
 
     def __init__(self, dataset, batch_size: int, num_workers: int, drop_last: bool, featurize: _Featurizer,
-                 timeout: float):
+                 timeout: float, world_size: int = 1):
         super().__init__(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
                          collate_fn=collate_samples, persistent_workers=False,
                          timeout=timeout if num_workers else 0)
         self.num_samples_yielded = 0
+        self.world_size = world_size
         self.featurize = featurize
         self.tally = _SkipTally()
 
@@ -299,8 +310,9 @@ class MDSLoader(DataLoader):
             yield self.featurize(batch)
 
     def state_dict(self) -> dict:
-        from streaming.base.world import World
-        return self.dataset.state_dict(self.num_samples_yielded * World.detect().num_ranks, False)
+        # Every rank yields the same count (streaming pads the partition), so the global offset
+        # is this rank's count times the world size.
+        return self.dataset.state_dict(self.num_samples_yielded * self.world_size, False)
 
     def load_state_dict(self, obj: dict) -> None:
         self.dataset.load_state_dict(obj)
@@ -552,16 +564,16 @@ def build_shard_loader(path: str, fmt: str, batch_size: int, *, rank: int = 0, w
         return WDSLoader(ds, num_workers, featurize, timeout)
     if fmt != "mds":
         raise ValueError(f"format must be mds, wds or auto, got {fmt!r}")
-    _set_world_env(rank, world_size)
     remote, local = (path, cache_dir) if is_remote(path) else (None, path)
     if remote and not cache_dir:
         raise ValueError(f"reading MDS from {path} needs a local cache_dir")
     if remote:
         _check_remote_index(path)
     cls = _make_mds_dataset_class()
-    ds = cls(remote=remote, local=local, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
-             on_error=on_error, resolution=resolution, download_retry=1)
-    return MDSLoader(ds, batch_size, num_workers, drop_last, featurize, timeout)
+    with _world_env(rank, world_size):
+        ds = cls(remote=remote, local=local, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
+                 on_error=on_error, resolution=resolution, download_retry=1)
+    return MDSLoader(ds, batch_size, num_workers, drop_last, featurize, timeout, world_size)
 
 
 def _check_remote_index(path: str) -> None:

@@ -172,19 +172,22 @@ class WDSShardWriter(ShardWriter):
 
     def write(self, record: dict) -> None:
         self._check_columns(record)
+        members = sorted(self._members(record).items())
+        size = sum(512 + -(-len(data) // 512) * 512 for _, data in members)  # header + padded data
+        # Cut before the limit would be crossed (tar's end blocks pad a shard to a 10 KiB multiple).
+        if self._tar is not None and self._count and self._tar.offset + size + 1024 > self.shard_bytes:
+            self._finish_shard()
         if self._tar is None:
             self._name = f"shard-{len(self._shards):06d}.tar"
             self._tar = tarfile.open(self.local / self._name, "w", format=tarfile.USTAR_FORMAT)
             self._count = 0
         key = _safe_key(record["key"])
-        for ext, data in sorted(self._members(record).items()):
+        for ext, data in members:
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             self._tar.addfile(info, io.BytesIO(data))
         self._count += 1
         self.summary.samples += 1
-        if self._tar.fileobj.tell() >= self.shard_bytes:
-            self._finish_shard()
 
     def _finish_shard(self) -> None:
         self._tar.close()
