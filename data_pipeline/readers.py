@@ -36,6 +36,7 @@ import os
 import tarfile
 from collections import Counter
 from pathlib import Path
+from time import time_ns
 from typing import Any, Iterator
 
 import numpy as np
@@ -253,7 +254,10 @@ def _make_mds_dataset_class():
             try:
                 if shard_id in self._bad_shards:
                     raise BadDataError(self._bad_shards[shard_id])
-                rec = record_from_mds(super().get_item(sample_id, retry))
+                try:
+                    rec = record_from_mds(self._raw_item(shard_id, idx, retry))
+                except UnicodeDecodeError as e:  # the str columns: caption, key, image_ext
+                    raise ValueError(f"caption is not text ({e})") from e
                 where += f" (key {rec.get('key')!r})"
                 return record_to_sample(rec, self.resolution)
             except Exception as e:
@@ -262,6 +266,28 @@ def _make_mds_dataset_class():
                 if isinstance(e, BadDataError):
                     raise
                 raise BadDataError(f"{where}: {e}") from e
+
+        def _raw_item(self, shard_id: int, idx: int, retry: int) -> dict:
+            """streaming's get_item without its failure path (which stops every thread of the
+            epoch): a shard that cannot be prepared raises here (or is marked bad under skip)."""
+            shard = self.shards[shard_id]
+            for _ in range(1 + retry):
+                if shard_id in self._bad_shards:
+                    raise BadDataError(self._bad_shards[shard_id])
+                try:
+                    self._check_size(shard_id)  # once per shard and process: local shards skip prepare_shard
+                except BadDataError as e:
+                    if self.on_error != "skip":
+                        raise
+                    self._bad_shards[shard_id] = str(e)
+                    continue
+                try:
+                    sample = shard[idx]
+                    self._shard_access_times[shard_id] = time_ns()
+                    return sample
+                except FileNotFoundError:
+                    self.prepare_shard(shard_id)
+            raise BadDataError(f"{self._where(shard_id, idx)}: shard file keeps disappearing (cache_limit too low?)")
 
         def on_exception(self, future) -> None:
             if future.exception() is not None and self._background_error is None:

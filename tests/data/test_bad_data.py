@@ -1,0 +1,93 @@
+"""Bad data: a clear error naming the shard and sample, or skip-and-count with on_error=skip.
+Never a hang (each test has a timeout) and never a silently shorter epoch."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.readers import BadDataError, build_shard_loader
+from tests.data.conftest import shapes_records
+
+pytestmark = pytest.mark.timeout(120)
+N = 30
+
+
+def _read_all(path, fmt, on_error, workers=0):
+    loader = build_shard_loader(path, fmt, 4, shuffle=False, drop_last=False, on_error=on_error,
+                                num_workers=workers, text_encoder="hashed-words-8")
+    captions = [c for b in loader for c in b["caption"]]
+    return captions, loader.skipped
+
+
+def _shards(path: str, fmt: str) -> list[tuple[Path, int]]:
+    if fmt == "mds":
+        index = json.loads(Path(path, "index.json").read_text())
+        return [(Path(path, s["raw_data"]["basename"]), s["samples"]) for s in index["shards"]]
+    index = json.loads(Path(path, "shardindex.json").read_text())
+    return [(Path(path, s["url"]), s["nsamples"]) for s in index["shardlist"]]
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_corrupt_image(shapes_shards, fmt):
+    records = shapes_records(N)
+    records[7]["image"] = b"\x89PNG\r\n\x1a\n truncated garbage"
+    path = shapes_shards(fmt, records=records)
+    with pytest.raises(BadDataError) as e:
+        _read_all(path, fmt, "raise")
+    msg = str(e.value)
+    assert "shard" in msg and "corrupt image" in msg and "000000007" in msg  # names shard, sample key
+    captions, skipped = _read_all(path, fmt, "skip")
+    assert len(captions) == N - 1 and skipped["skipped"] == 1
+    assert "000000007" in skipped["examples"][0]
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_caption_not_text(shapes_shards, fmt):
+    records = shapes_records(N)
+    records[4]["caption"] = "MARKER-CAPTION-XYZ"
+    path = shapes_shards(fmt, records=records)
+    for shard, _ in _shards(path, fmt):  # same length, not UTF-8: the bytes on disk are not text
+        data = shard.read_bytes()
+        if b"MARKER-CAPTION-XYZ" in data:
+            shard.write_bytes(data.replace(b"MARKER-CAPTION-XYZ", b"\xff" * 18))
+    with pytest.raises(BadDataError, match="caption is not text"):
+        _read_all(path, fmt, "raise")
+    captions, skipped = _read_all(path, fmt, "skip")
+    assert len(captions) == N - 1 and skipped["skipped"] == 1
+
+
+@pytest.mark.parametrize("fmt,workers", [("mds", 0), ("mds", 2), ("wds", 0), ("wds", 2)])
+def test_missing_shard(shapes_shards, fmt, workers):
+    path = shapes_shards(fmt, n=N, shard_bytes=3000)
+    shards = _shards(path, fmt)
+    assert len(shards) >= 3
+    gone, lost = shards[1]
+    gone.unlink()
+    with pytest.raises(BadDataError, match=gone.name):
+        _read_all(path, fmt, "raise", workers)
+    captions, skipped = _read_all(path, fmt, "skip", workers)
+    assert skipped["skipped"] == lost and len(captions) == N - lost  # counted, not silently short
+    assert gone.name in skipped["examples"][0]
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_truncated_shard(shapes_shards, fmt):
+    path = shapes_shards(fmt, n=N, shard_bytes=3000)
+    shard, lost = _shards(path, fmt)[2]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(BadDataError, match=f"{shard.name}.*truncated"):
+        _read_all(path, fmt, "raise")
+    captions, skipped = _read_all(path, fmt, "skip")
+    assert skipped["skipped"] == lost and len(captions) == N - lost
+
+
+def test_missing_dataset_and_bad_option(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset folder not found"):
+        build_shard_loader(str(tmp_path / "nope"), "mds", 4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        build_shard_loader(str(tmp_path / "empty"), "auto", 4)
+    with pytest.raises(ValueError, match="on_error"):
+        build_shard_loader(str(tmp_path / "empty"), "mds", 4, on_error="ignore")
