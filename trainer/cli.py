@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from data_pipeline.cli import add_data_commands  # `crossflow data convert|features`
     add_data_commands(sub)
+    from trainer.eval.cli import add_eval_commands  # `crossflow eval shapes|fid|clip`
+    add_eval_commands(sub)
     return parser
 
 

@@ -67,8 +67,10 @@ def iterate_batches(dataset, batch_size: int, seed: int, rank: int, world_size: 
                                position.batch_in_epoch * batch_size)
         if len(sampler) < batch_size and position.batch_in_epoch == 0:
             raise ValueError(f"dataset of {len(dataset)} samples is smaller than one batch per rank ({batch_size})")
+        # Its own generator: creating an iterator must not draw from the global RNG (exact resume).
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                            num_workers=num_workers, persistent_workers=False)
+                            num_workers=num_workers, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(seed + position.epoch))
         for batch in loader:
             position.batch_in_epoch += 1
             yield batch

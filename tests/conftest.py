@@ -1,0 +1,44 @@
+"""Shared test setup: no network, W&B offline, small CPU thread counts, and a tiny config."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def tiny_overrides(out_dir, **extra) -> list[str]:
+    """Overrides for a seconds-long run of the tiny preset on hashed-word text features."""
+    values = {
+        "model.preset": "tiny", "model.kernels": "torch",
+        "data.text_encoder": "hashed-words-32", "data.num_samples": 512, "data.max_tokens": 12,
+        "train.steps": 4, "train.global_batch_size": 8, "train.log_every": 1, "train.ckpt_every": 0,
+        "train.out_dir": str(out_dir), "train.threads": 1,
+        "optim.warmup_steps": 2, "optim.lr": 1e-3,
+        "sample.steps": 2, "sample.num_prompts": 2,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    from trainer.config import load_config
+
+    def make(**extra):
+        return load_config(None, tiny_overrides(tmp_path / "run", **extra))
+    return make
