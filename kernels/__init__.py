@@ -14,6 +14,10 @@ it knows, so there is deliberately no ``__version__``).
 ``kernels.attention`` etc. are the Triton ops themselves (loaded on first access);
 ``kernels.reference`` holds the PyTorch references with the same signatures.
 Under the CPU interpreter, TRITON_INTERPRET=1 must be set before the first access.
+
+``kernels.attention`` stays the function even though a submodule has the same name: use
+``from kernels.attention import FlashAttentionFunction`` (or ``sys.modules["kernels.attention"]``)
+to reach the module; ``import kernels.attention as m`` binds the function.
 """
 from __future__ import annotations
 
