@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
 
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -97,3 +97,29 @@ def test_epoch_sampler_partitions_and_resumes():
     assert sorted(full[0] + full[1]) == list(range(10))
     assert EpochSampler(10, 3, 1, 0, 2, start=2).indices() == full[0][2:]
     assert EpochSampler(10, 3, 2, 0, 2).indices() != full[0]  # a new order each epoch
+
+
+def test_interpolate_and_arithmetic_commands(tmp_path):
+    run = tmp_path / "run"
+    train(load_config(None, tiny_overrides(run, **{"train.steps": 3})))
+    strip = tmp_path / "interp.png"
+    out = run_cli("interpolate", "a red circle on the left", "a blue square on the right", "--num", "5",
+                  "--steps", "2", "--checkpoint", str(run), "--out", str(strip), "--scale", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert Image.open(strip).size[0] > 5 * 32
+    arith = tmp_path / "arith.png"
+    out = run_cli("arithmetic", "a red circle on the left", "-", "a red circle on the left", "+",
+                  "a blue square at the top", "--steps", "2", "--checkpoint", str(run), "--out", str(arith),
+                  "--scale", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert Image.open(arith).size[0] > 4 * 32  # 3 operands + the result
+    bad = run_cli("arithmetic", "a red circle", "-", "--checkpoint", str(run))
+    assert bad.returncode != 0 and "PROMPT" in bad.stderr
+
+
+def test_training_logs_shapes_eval(tmp_path, tiny_config):
+    summary = train(tiny_config(**{"train.steps": 2, "eval.every": 1, "train.out_dir": tmp_path}))
+    assert 0.0 <= summary["shapes_eval/overall"] <= 1.0
+    evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "shapes_eval/overall" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert (tmp_path / "eval" / "shapes_step_00000002.txt").read_text().count("\n") > 60

@@ -16,6 +16,10 @@ def _train(args: argparse.Namespace) -> int:
     print(f"trained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"samples:    {summary['samples']}")
+    if "shapes_eval/overall" in summary:
+        tasks = " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in summary.items()
+                         if k.startswith("shapes_eval/") and not k.endswith(("n_prompts", "n_images")))
+        print(f"ShapesEval: {tasks}")
     return 0
 
 
@@ -36,6 +40,57 @@ def _sample(args: argparse.Namespace) -> int:
     image_grid(rows, scale=args.scale).save(out)
     print(f"wrote {out}: {len(prompts)} prompt(s) x {args.per_prompt} sample(s)")
     return 0
+
+
+def parse_arithmetic(tokens: list[str]) -> list[tuple[float, str]]:
+    """["a", "-", "b", "+", "c"] -> [(1, "a"), (-1, "b"), (1, "c")]."""
+    terms, sign = [], 1.0
+    expect_prompt = True
+    for tok in tokens:
+        if tok in ("+", "-") and not expect_prompt:
+            sign, expect_prompt = (1.0 if tok == "+" else -1.0), True
+        elif expect_prompt and tok not in ("+", "-"):
+            terms.append((sign, tok))
+            expect_prompt = False
+        else:
+            raise SystemExit(f"crossflow arithmetic: expected PROMPT (+|-) PROMPT ..., got {tokens}")
+    if expect_prompt or len(terms) < 2:
+        raise SystemExit(f"crossflow arithmetic: expected PROMPT (+|-) PROMPT ..., got {tokens}")
+    return terms
+
+
+def _strip(args: argparse.Namespace, images) -> None:
+    from trainer.inference import image_grid
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid([images], scale=args.scale).save(out)
+    print(f"wrote {out}: {len(images)} images")
+
+
+def _interpolate(args: argparse.Namespace) -> int:
+    from trainer.inference import load_generator
+    gen = load_generator(args.checkpoint, args.device)
+    _strip(args, gen.interpolation(args.a, args.b, args.num, args.seed, steps=args.steps,
+                                   solver=args.solver, cfg_scale=args.cfg_scale))
+    return 0
+
+
+def _arithmetic(args: argparse.Namespace) -> int:
+    from trainer.inference import load_generator
+    terms = parse_arithmetic(args.terms)
+    gen = load_generator(args.checkpoint, args.device)
+    _strip(args, gen.arithmetic(terms, args.seed, steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale))
+    return 0
+
+
+def _ode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the config's)")
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the config's)")
+    p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver (default: the config's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of z0 = mu + sigma * eps")
+    p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the output")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -70,6 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the grid")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("interpolate", help="image strip along the z0 line between two prompts",
+                       description="Linear interpolation in z0 space between prompt A and prompt B "
+                                   "(the paper's Figure 4); writes one strip, A on the left.")
+    p.add_argument("a", help="first prompt")
+    p.add_argument("b", help="second prompt")
+    p.add_argument("--num", type=int, default=7, help="images in the strip, endpoints included")
+    p.add_argument("--out", default="interpolation.png", help="output PNG")
+    _ode_args(p)
+    p.set_defaults(func=_interpolate)
+
+    p = sub.add_parser("arithmetic", help="z0 arithmetic: A - B + C ...",
+                       description="Add and subtract prompts' z0 and re-standardize the result (the paper's "
+                                   "Figure 5). Writes the operands' images, then the result's, in one strip. "
+                                   "Example: crossflow arithmetic 'a red circle on the left' - 'a red circle "
+                                   "on the left' + 'a blue square at the top' --checkpoint runs/demo")
+    p.add_argument("terms", nargs="+", help="PROMPT (+|-) PROMPT ...")
+    p.add_argument("--out", default="arithmetic.png", help="output PNG")
+    _ode_args(p)
+    p.set_defaults(func=_arithmetic)
 
     p = sub.add_parser("config", help="print every config key with its value and help",
                        description="Resolve a config (file + overrides), validate it, print it with help texts.")

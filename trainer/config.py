@@ -60,7 +60,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = _f("shapes", "where samples come from: shapes (the synthetic generator)")
+    source: str = _f("shapes", "where samples come from: shapes (the synthetic generator), mds or wds (shards at data.path)")
+    path: str = _f("", "mds/wds: shard folder or s3://bucket/prefix (endpoint and keys from S3_ENDPOINT_URL/AWS_* variables)")
+    cache_dir: str | None = _f(None, "mds/wds: local cache for s3:// shards (default: <train.out_dir>/shard_cache)")
+    shuffle: bool = _f(True, "mds/wds: shuffle samples each epoch (seeded by train.seed and the epoch)")
+    on_error: str = _f("raise", "mds/wds: a bad sample or shard: raise (error naming it) or skip (drop and count)")
     resolution: int = _f(32, "image side in pixels")
     max_groups: int = _f(1, "shapes: 1 = one group of shapes per image, 2 = also 'X on the left and Y on the right'")
     num_samples: int = _f(50_000, "shapes: number of distinct training scenes (the epoch length)")
@@ -70,7 +74,12 @@ class DataConfig:
     num_workers: int = _f(0, "DataLoader worker processes per rank")
 
     def validate(self) -> None:
-        _choice("data.source", self.source, ("shapes",))
+        _choice("data.source", self.source, ("shapes", "mds", "wds"))
+        _choice("data.on_error", self.on_error, ("raise", "skip"))
+        if self.source != "shapes" and not self.path:
+            raise ConfigError(f"data.path must name the shards (a folder or s3://bucket/prefix) for data.source={self.source}")
+        if self.path.startswith("s3://") and len(self.path) <= len("s3://"):
+            raise ConfigError(f"data.path {self.path!r} names no bucket")
         _choice("data.max_groups", self.max_groups, (1, 2))
         for name in ("resolution", "num_samples", "max_tokens"):
             if getattr(self, name) <= 0:
@@ -169,6 +178,17 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = _f(0, "run ShapesEval on the EMA weights every N steps; 0 = only at the end")
+    shapes: bool = _f(True, "score the ShapesEval suite (shapes data only) during and after training")
+    images_per_prompt: int = _f(2, "ShapesEval images per prompt during training")
+
+    def validate(self) -> None:
+        if self.every < 0 or self.images_per_prompt <= 0:
+            raise ConfigError("eval.every must be >= 0 and eval.images_per_prompt positive")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -176,6 +196,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):

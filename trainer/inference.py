@@ -15,7 +15,7 @@ from trainer.checkpoint import WEIGHTS_FILE, load_file, resolve_checkpoint_dir
 from trainer.config import Config, config_from_dict
 from trainer.models.codecs import PixelCodec
 from trainer.models.crossflow.crossflow import CrossFlow, CrossFlowArgs
-from trainer.sampling import encode_prompts, solve
+from trainer.sampling import encode_prompts, interpolate_z0, solve, z0_arithmetic
 
 
 @dataclass
@@ -51,6 +51,22 @@ class Generator:
 
     def generate(self, prompts: list[str], seed: int = 0, **kw) -> list[np.ndarray]:
         return self.images(self.latents(prompts, seed, **kw))
+
+    @torch.no_grad()
+    def z0(self, prompts: list[str], seed: int = 0) -> torch.Tensor:
+        emb, mask = self.captions.encode(prompts)
+        return encode_prompts(self.model, emb.to(self.device), mask.to(self.device), seed, self.config.sample.use_mean)
+
+    def interpolation(self, a: str, b: str, num: int, seed: int = 0, **kw) -> list[np.ndarray]:
+        """``num`` images along the straight line from prompt a's z0 to prompt b's (the paper's Figure 4)."""
+        z = self.z0([a, b], seed)
+        return self.images(self.solve(interpolate_z0(z[0], z[1], num), **kw))
+
+    def arithmetic(self, terms: list[tuple[float, str]], seed: int = 0, **kw) -> list[np.ndarray]:
+        """Images of each operand and of their signed sum in z0 space, re-standardized (Figure 5)."""
+        z = self.z0([p for _, p in terms], seed)  # (K, C, H, W)
+        combined = z0_arithmetic([(sign, z[i]) for i, (sign, _) in enumerate(terms)])
+        return self.images(self.solve(torch.cat([z, combined[None]]), **kw))
 
 
 def build_codec(cfg: Config) -> PixelCodec:

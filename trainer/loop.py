@@ -155,6 +155,15 @@ def write_sample_grid(gen: Generator, scenes: list, path: Path, seeds: int = 4) 
     return prompts
 
 
+def run_shapes_eval(gen: Generator, cfg: Config, out_dir: Path, step: int) -> dict[str, float]:
+    """ShapesEval of the EMA weights: per-task scores, the table written beside the samples."""
+    from trainer.eval.cli import sample_shapes_eval
+    report = sample_shapes_eval(gen, cfg.data.max_groups, cfg.eval.images_per_prompt)
+    (out_dir / "eval").mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval" / f"shapes_step_{step:08d}.txt").write_text(report.table() + "\n")
+    return {f"shapes_eval/{k}": float(v) for k, v in report.summary().items()}
+
+
 # ----------------------------------------------------------------------------- loop
 def train(cfg: Config, rank: int = 0, world_size: int = 1) -> dict:
     """Train per ``cfg``; returns a summary (also written to <out_dir>/summary.json)."""
@@ -188,6 +197,7 @@ def train(cfg: Config, rank: int = 0, world_size: int = 1) -> dict:
     batches = iterate_batches(dataset, batch_size, cfg.train.seed, rank, world_size, cfg.data.num_workers, position)
     ops = build_ops(cfg.model.kernels, device)
     totals: dict[str, torch.Tensor] = {}
+    eval_shapes = cfg.eval.shapes and cfg.data.source == "shapes"
     window_start, window_steps = time.perf_counter(), 0
     history: list[dict] = []
 
@@ -230,14 +240,21 @@ def train(cfg: Config, rank: int = 0, world_size: int = 1) -> dict:
             write_sample_grid(sampling_generator(engine, dataset, cfg),
                               heldout_prompts(cfg, cfg.sample.num_prompts), out_dir / "samples" / f"step_{step:08d}.png")
             model.train()
+        if eval_shapes and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+            metrics.log({"step": step, **run_shapes_eval(sampling_generator(engine, dataset, cfg), cfg, out_dir, step)})
+            model.train()
     metrics.close()
 
     final = save(step)
     grid = out_dir / "samples" / "final.png"
-    write_sample_grid(sampling_generator(engine, dataset, cfg), heldout_prompts(cfg, cfg.sample.num_prompts), grid)
+    gen = sampling_generator(engine, dataset, cfg)
+    write_sample_grid(gen, heldout_prompts(cfg, cfg.sample.num_prompts), grid)
+    scores = run_shapes_eval(gen, cfg, out_dir, step) if eval_shapes else {}
+    if scores:
+        metrics.log({"step": step, **scores})
     summary = {"steps": step, "checkpoint": str(final), "samples": str(grid),
                "first_loss": history[0]["loss"] if history else None,
                "final_loss": history[-1]["loss"] if history else None,
-               "metrics": str(out_dir / "metrics.jsonl")}
+               "metrics": str(out_dir / "metrics.jsonl"), **scores}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
