@@ -635,3 +635,50 @@ def read_records(path: str, fmt: str = "auto", cache_dir: str | None = None) -> 
     finally:
         for stream in ds.streams:
             stream._downloader.clean_up()
+
+
+def iterate_forever(loader) -> Iterator[dict]:
+    """Batches epoch after epoch; ``loader.state_dict()`` taken between two ``next()`` calls
+    resumes exactly after the last batch handed out. An epoch resumed at its very end yields
+    nothing and the next one starts; two empty epochs in a row mean this rank has no data."""
+    empty = 0
+    while True:
+        got = False
+        for batch in loader:
+            got = True
+            yield batch
+        empty = 0 if got else empty + 1
+        if empty >= 2:
+            raise ValueError("the shard loader yields no batch for this rank: fewer samples per rank than one "
+                             "batch, or every sample was skipped")
+
+
+def describe_shards(path: str, fmt: str = "auto", cache_dir: str | None = None) -> dict:
+    """Shapes of the first stored sample: ``{"format", "text_emb": (n, d) | None, "latent":
+    (C, h, w) | None, "image": (H, W) | None}``: what the model must be built for."""
+    path = str(path).rstrip("/")
+    if is_remote(path):
+        sync_endpoint_env()
+        check_bucket(path)
+    if fmt == "auto":
+        fmt = detect_format(path)
+    rec = next(iter(read_records(path, fmt, cache_dir)))
+    image = None
+    if rec.get("image"):
+        with Image.open(io.BytesIO(rec["image"])) as im:
+            image = (im.size[1], im.size[0])
+    shape = lambda k: tuple(np.asarray(rec[k]).shape) if k in rec else None  # noqa: E731
+    return {"format": fmt, "text_emb": shape("text_emb"), "latent": shape("latent"), "image": image}
+
+
+def shard_loader_from_config(data_cfg, batch_size: int, *, rank: int, world_size: int, seed: int,
+                             out_dir: str):
+    """``build_shard_loader`` from a ``trainer.config.DataConfig`` (source mds or wds): the one
+    mapping of config keys to loader arguments. Shards without stored text features are
+    featurized with ``data.text_encoder``; images are resized to ``data.resolution``."""
+    cache_dir = data_cfg.cache_dir or (os.path.join(out_dir, "shard_cache") if is_remote(data_cfg.path) else None)
+    return build_shard_loader(data_cfg.path, data_cfg.source, batch_size, rank=rank, world_size=world_size,
+                              num_workers=data_cfg.num_workers, shuffle=data_cfg.shuffle, seed=seed,
+                              cache_dir=cache_dir, on_error=data_cfg.on_error, drop_last=True,
+                              resolution=data_cfg.resolution, text_encoder=data_cfg.text_encoder,
+                              max_tokens=data_cfg.max_tokens)
