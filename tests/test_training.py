@@ -123,3 +123,15 @@ def test_training_logs_shapes_eval(tmp_path, tiny_config):
     evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "shapes_eval/overall" in r]
     assert [r["step"] for r in evals] == [1, 2]
     assert (tmp_path / "eval" / "shapes_step_00000002.txt").read_text().count("\n") > 60
+
+
+def test_triton_kernels_train_like_torch(tiny_config, tmp_path):
+    """A few training steps of the tiny model with the Triton ops (interpreter on CPU) match PyTorch."""
+    curves = {}
+    for backend in ("torch", "triton"):
+        cfg = tiny_config(**{"model.kernels": backend, "train.steps": 3, "train.out_dir": tmp_path / backend,
+                             "eval.shapes": False, "sample.num_prompts": 1})
+        train(cfg)
+        curves[backend] = losses(tmp_path / backend)
+    for step in (1, 2, 3):
+        assert curves["triton"][step] == pytest.approx(curves["torch"][step], rel=1e-4), step

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 from data_pipeline.datasets import ShapesTextDataset
 from data_pipeline.features import load_text_encoder
 from data_pipeline.shapes import ShapesGenerator, caption as scene_caption, render
-from kernels import reference
+from kernels import get_ops
 from trainer.checkpoint import load_file, resolve_resume, save_checkpoint, weights_payload
 from trainer.config import Config, per_rank_batch_size
 from trainer.engine import LocalEngine, resolve_device
@@ -95,13 +95,8 @@ def heldout_prompts(cfg: Config, n: int) -> list:
 
 # ----------------------------------------------------------------------------- model
 def build_ops(name: str, device: torch.device):
-    """The op implementations the model runs (``model.kernels``)."""
-    import kernels
-    if hasattr(kernels, "get_ops"):
-        return kernels.get_ops(name, device)
-    if name == "triton":
-        raise RuntimeError("model.kernels=triton: the Triton ops are not available in this build")
-    return reference
+    """The op implementations the model runs (``model.kernels``): auto, triton or torch."""
+    return get_ops(name, device)
 
 
 def build_model(cfg: Config, latent_shape, text_dim: int, device: torch.device) -> CrossFlow:

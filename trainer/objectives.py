@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kernels import reference
+from trainer.models.crossflow.layers import TORCH_OPS
 from trainer.models.crossflow.flow_transformer import CONDITIONAL, UNCONDITIONAL
 
 
@@ -89,7 +89,7 @@ def contrastive_loss(z0: torch.Tensor, image_emb: torch.Tensor, logit_scale: tor
 
 
 def crossflow_losses(model, z1: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor, cfg,
-                     ops=reference, generator: torch.Generator | None = None) -> Losses:
+                     ops=TORCH_OPS, generator: torch.Generator | None = None) -> Losses:
     """One forward of the whole objective for a batch (z1: target latents (B, C, H, W))."""
     B = z1.shape[0]
     z0, mu, logvar = model.encode_text(text_emb, text_mask, generator=generator)  # (B, C, H, W) each

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from kernels import reference
-from trainer.models.crossflow.layers import Attention, Mlp, TimestepEmbedder, sincos_2d
+from trainer.models.crossflow.layers import TORCH_OPS, Attention, Mlp, TimestepEmbedder, sincos_2d
 
 CONDITIONAL, UNCONDITIONAL = 1, 0
 
@@ -36,7 +35,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.linear = nn.Linear(dim, patch_size * patch_size * channels)
-        self.ops = reference
+        self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, D) each

@@ -11,7 +11,9 @@ import math
 import torch
 import torch.nn as nn
 
-from kernels import reference
+from kernels import get_ops
+
+TORCH_OPS = get_ops("torch")  # the default; CrossFlow.set_ops swaps in others
 
 
 class Attention(nn.Module):
@@ -24,7 +26,7 @@ class Attention(nn.Module):
         self.heads, self.head_dim = dim // head_dim, head_dim
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.ops = reference
+        self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, N, D = x.shape
