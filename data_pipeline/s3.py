@@ -49,11 +49,12 @@ def sync_endpoint_env() -> str | None:
 
 def s3_filesystem():
     """An fsspec/s3fs filesystem for the environment's endpoint and credentials (no caching of
-    listings, so shards written a moment ago are seen)."""
+    listings, so shards written a moment ago are seen). fsspec keeps one instance per process
+    and arguments, so a forked worker gets its own connections, never its parent's."""
     import s3fs
     endpoint = sync_endpoint_env()
     kwargs = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
-    return s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True, **kwargs)
+    return s3fs.S3FileSystem(use_listings_cache=False, **kwargs)
 
 
 def check_bucket(url: str) -> None:

@@ -163,7 +163,9 @@ class WDSShardWriter(ShardWriter):
         self._fs = s3_filesystem() if self.remote else None
 
     def _members(self, record: dict) -> dict[str, bytes]:
-        m = {"txt": record["caption"].encode("utf-8"), record["image_ext"]: record["image"]}
+        m = {"txt": record["caption"].encode("utf-8")}
+        if record["image"]:  # latent-only records carry no pixels
+            m[record["image_ext"]] = record["image"]
         if record.get("meta"):
             m["json"] = json.dumps(record["meta"], sort_keys=True).encode()
         for c in self._features:
