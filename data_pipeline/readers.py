@@ -623,18 +623,25 @@ def read_records(path: str, fmt: str = "auto", cache_dir: str | None = None) -> 
                     raise BadDataError(rec)
                 yield rec
         return
+    import shutil
+    import tempfile
+
     from streaming import StreamingDataset
     remote, local = (path, cache_dir) if is_remote(path) else (None, path)
-    if remote and local is None:
-        import tempfile
+    own_cache = bool(remote and local is None)
+    if own_cache:
         local = tempfile.mkdtemp(prefix="crossflow-mds-cache-")
-    ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
     try:
-        for i in range(ds.num_samples):
-            yield record_from_mds(ds[i])
+        ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
+        try:
+            for i in range(ds.num_samples):
+                yield record_from_mds(ds[i])
+        finally:
+            for stream in ds.streams:
+                stream._downloader.clean_up()
     finally:
-        for stream in ds.streams:
-            stream._downloader.clean_up()
+        if own_cache:
+            shutil.rmtree(local, ignore_errors=True)
 
 
 def iterate_forever(loader) -> Iterator[dict]:
@@ -662,7 +669,11 @@ def describe_shards(path: str, fmt: str = "auto", cache_dir: str | None = None) 
         check_bucket(path)
     if fmt == "auto":
         fmt = detect_format(path)
-    rec = next(iter(read_records(path, fmt, cache_dir)))
+    records = read_records(path, fmt, cache_dir)
+    try:
+        rec = next(records)
+    finally:
+        records.close()  # removes a temporary cache at once
     image = None
     if rec.get("image"):
         with Image.open(io.BytesIO(rec["image"])) as im:

@@ -142,3 +142,24 @@ def test_resolution_resizes_images(shapes_shards):
     b = _take(build_shard_loader(path, "wds", 4, shuffle=False, resolution=16, text_encoder="hashed-words-8"))[0]
     assert b["image"].shape == (4, 3, 16, 16)
     assert b["image"].min() >= -1 and b["image"].max() <= 1
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_iterate_forever_resumes_across_epochs(shapes_shards, fmt):
+    """The trainer's stream: state taken between batches resumes exactly, also at and across
+    an epoch boundary (an epoch resumed at its end yields nothing and the next begins)."""
+    from data_pipeline.readers import iterate_forever
+    path = shapes_shards(fmt, n=24, shard_bytes=4000)
+    mk = lambda: build_shard_loader(path, fmt, 4, num_workers=2, shuffle=True, seed=2,  # noqa: E731
+                                    text_encoder="hashed-words-8")
+    ref = iterate_forever(mk())
+    expect = [tuple(next(ref)["caption"]) for _ in range(15)]
+    for k in (6, 7):  # 6 = exactly at the end of epoch 0
+        loader = mk()
+        it = iterate_forever(loader)
+        head = [tuple(next(it)["caption"]) for _ in range(k)]
+        state = loader.state_dict()
+        resumed = mk()
+        resumed.load_state_dict(state)
+        it2 = iterate_forever(resumed)
+        assert head + [tuple(next(it2)["caption"]) for _ in range(15 - k)] == expect
