@@ -11,22 +11,27 @@ import torch
 from trainer.models.crossflow.flow_transformer import CONDITIONAL, UNCONDITIONAL
 
 
-def guided_velocity(model, x: torch.Tensor, t: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-    """v = v_u + s (v_c - v_u); s = 1 is plain conditional (one forward, no unconditional branch)."""
+def guided_velocity(model, x: torch.Tensor, t: torch.Tensor, cfg_scale: float, cond=None) -> torch.Tensor:
+    """v = v_u + s (v_c - v_u); s = 1 is plain conditional (one forward, no unconditional branch).
+    ``cond``: the model's ``text_condition`` (None for CrossFlow, whose text is all in z0)."""
     B = x.shape[0]
     if cfg_scale == 1.0:
-        return model.velocity(x, t, torch.full((B,), CONDITIONAL, device=x.device))
+        extra = () if cond is None else (cond,)
+        return model.velocity(x, t, torch.full((B,), CONDITIONAL, device=x.device), *extra)
     indicator = torch.cat([torch.full((B,), CONDITIONAL, device=x.device),
                            torch.full((B,), UNCONDITIONAL, device=x.device)])  # (2B,)
-    v = model.velocity(torch.cat([x, x]), torch.cat([t, t]), indicator)  # (2B, C, H, W)
+    extra = () if cond is None else (cond.repeat(2),)
+    v = model.velocity(torch.cat([x, x]), torch.cat([t, t]), indicator, *extra)  # (2B, C, H, W)
     v_cond, v_uncond = v.chunk(2)
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
 @torch.no_grad()
-def solve(model, z0: torch.Tensor, steps: int = 50, solver: str = "euler", cfg_scale: float = 1.0) -> torch.Tensor:
+def solve(model, z0: torch.Tensor, steps: int = 50, solver: str = "euler", cfg_scale: float = 1.0,
+          cond=None) -> torch.Tensor:
     """Integrate from t = 0 to 1 in ``steps`` uniform steps (Euler: 1 evaluation per step; Heun: 2,
-    the last step Euler). Returns the predicted image latent z1 (B, C, H, W)."""
+    the last step Euler). Returns the predicted image latent z1 (B, C, H, W). ``cond``: see
+    ``guided_velocity``."""
     if solver not in ("euler", "heun"):
         raise ValueError(f"solver must be euler or heun, got {solver!r}")
     x = z0
@@ -34,10 +39,10 @@ def solve(model, z0: torch.Tensor, steps: int = 50, solver: str = "euler", cfg_s
     for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
         tb = t.expand(x.shape[0])  # (B,)
-        v = guided_velocity(model, x, tb, cfg_scale)
+        v = guided_velocity(model, x, tb, cfg_scale, cond)
         if solver == "heun" and i < steps - 1:
             x_next = x + dt * v
-            v_next = guided_velocity(model, x_next, ts[i + 1].expand(x.shape[0]), cfg_scale)
+            v_next = guided_velocity(model, x_next, ts[i + 1].expand(x.shape[0]), cfg_scale, cond)
             x = x + dt * 0.5 * (v + v_next)
         else:
             x = x + dt * v
