@@ -1,0 +1,48 @@
+"""``crossflow sweep ...``: scaling-law sweeps. ``analyze`` is here (pure, no Ray); the Ray runner
+adds ``sweep run`` to the parser that ``add_sweep_commands`` returns."""
+from __future__ import annotations
+
+import argparse
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from trainer.sweep_analysis import SweepAnalysisError, analyze_sweep, log_to_wandb
+    try:
+        analysis = analyze_sweep(args.sweep_dir, args.out, args.metric or None, args.skip_bad)
+    except SweepAnalysisError as e:
+        print(f"crossflow sweep analyze: {e}")
+        return 1
+    print(analysis.report())
+    if args.wandb:
+        from pathlib import Path
+        group = args.group or Path(args.sweep_dir).resolve().name
+        print(f"W&B run (group {group}): {log_to_wandb(analysis, group, args.project)}")
+    return 0
+
+
+def add_sweep_commands(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Register ``sweep analyze`` on the main parser's subparsers; returns the ``sweep`` parser's
+    subparsers, so other commands (``sweep run``) join the same parser. Each leaf sets ``func``."""
+    sweep = subparsers.add_parser("sweep", help="scaling-law sweeps: analyze a sweep directory",
+                                  description="Sweeps over model sizes (and steps, batch, LR).")
+    sub = sweep.add_subparsers(dest="sweep_command", required=True, metavar="SUBCOMMAND")
+
+    p = sub.add_parser("analyze", help="table, fitted scaling laws and plots of a sweep's runs",
+                       description="Read every run directory under SWEEP_DIR (config.json, metrics.jsonl), "
+                                   "compute each model's parameters and training FLOPs, fit L(N) = a N^-alpha + c "
+                                   "and L(C) per model family (a pure power law with fewer than 4 runs), and "
+                                   "write runs.csv, curves.csv, fit.json and log-log PNG plots.")
+    p.add_argument("sweep_dir", help="directory holding one run directory per run")
+    p.add_argument("--out", default=None, help="output directory (default: SWEEP_DIR/analysis)")
+    p.add_argument("--metric", action="append", default=[],
+                   help="metric to fit and plot, repeatable (default: loss and flow_matching; e.g. "
+                        "shapes_eval/overall, fitted as 1 - score)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip run directories with a missing or corrupt config/metrics file and list them "
+                        "(default: stop with an error naming the file)")
+    p.add_argument("--wandb", action="store_true", help="also log the table, fits and plots to W&B "
+                                                        "(offline unless WANDB_MODE says otherwise)")
+    p.add_argument("--group", default=None, help="W&B group (default: the sweep directory's name)")
+    p.add_argument("--project", default="crossflow", help="W&B project")
+    p.set_defaults(func=_analyze)
+    return sub
