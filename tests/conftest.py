@@ -32,7 +32,7 @@ def tiny_overrides(out_dir, **extra) -> list[str]:
         "train.steps": 4, "train.global_batch_size": 8, "train.log_every": 1, "train.ckpt_every": 0,
         "train.out_dir": str(out_dir), "train.threads": 1,
         "optim.warmup_steps": 2, "optim.lr": 1e-3,
-        "sample.steps": 2, "sample.num_prompts": 2, "eval.images_per_prompt": 1,
+        "sample.steps": 2, "sample.num_prompts": 2, "eval.images_per_prompt": 1, "log.wandb": "disabled",
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

@@ -19,7 +19,8 @@ def test_shapes_and_separate_methods():
     assert z0.shape == mu.shape == logvar.shape == (2, 3, 16, 16)
     v = m.velocity(z0, torch.rand(2), torch.tensor([1, 0]))
     assert v.shape == (2, 3, 16, 16)
-    assert m.embed_image(z0).shape == (2, 3 * 16 * 16)
+    emb, scale = m.embed_image(z0)
+    assert emb.shape == (2, 3 * 16 * 16) and scale.shape == (1,)
 
 
 def test_zero_init_gives_zero_velocity():

@@ -1,19 +1,23 @@
 """Checkpoints: written atomically, found through a ``latest`` pointer, pruned to the last k.
 
 Layout under ``<out_dir>/checkpoints/``:
-    step_00000500/        one checkpoint (directory)
-        state.pt          engine state (model, optimizer, scheduler, EMA)
-        trainer.pt        step, data position, RNG states
-        weights.pt        weights for sampling (EMA when kept) + model args: all ``crossflow sample`` needs
-        config.yaml       the resolved config
-    latest                text file naming the newest complete checkpoint
+    step_00000500/             one checkpoint (directory)
+        mp_rank_*, *optim_states.pt   DeepSpeed's own files, from every rank (ZeRO shards)
+        trainer.pt             step and data-stream position
+        rng_rank{r}.pt         every rank's RNG states
+        ema.pt | ema_rank{r}.pt  EMA (rank 0's copy; every rank's partition under ZeRO-3)
+        weights.safetensors    consolidated EMA weights + model args + config: all ``crossflow sample`` needs
+        config.yaml            the resolved config
+    latest                     text file naming the newest complete checkpoint
 
-A save writes into a hidden temporary directory, fsyncs, renames it into place (atomic on
-POSIX), and only then moves ``latest``; a save killed midway leaves the previous one intact.
+All ranks write into a hidden temporary directory; after a barrier rank 0 fsyncs it, renames it
+into place (atomic on POSIX) and only then moves ``latest``. A save killed midway leaves the
+previous checkpoint and pointer intact; the next save deletes the leftover.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -23,7 +27,7 @@ import torch
 import yaml
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-WEIGHTS_FILE = "weights.pt"
+WEIGHTS_FILE = "weights.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -63,19 +67,35 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
 
 
-def save_checkpoint(out_dir: str | Path, step: int, files: dict[str, object], config: dict,
-                    keep_last: int) -> Path:
-    """Write ``files`` (name -> object for torch.save) and the config as checkpoint ``step``."""
+def tmp_tag(step: int) -> str:
+    """Name of the temporary directory a save of ``step`` writes into (all ranks agree on it)."""
+    return f".tmp-step_{step:08d}"
+
+
+def prepare_checkpoint(out_dir: str | Path, step: int) -> Path:
+    """Rank 0, before the ranks write: an empty temporary directory for checkpoint ``step``."""
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
+    tmp = root / tmp_tag(step)
+    if tmp.exists():  # left by a save that was killed
         shutil.rmtree(tmp)
     tmp.mkdir()
-    for name, obj in files.items():
-        _write_file(tmp / name, lambda f, obj=obj: torch.save(obj, f))
+    return tmp
+
+
+def write_torch(path: Path, obj) -> None:
+    _write_file(path, lambda f: torch.save(obj, f))
+
+
+def commit_checkpoint(out_dir: str | Path, step: int, config: dict, keep_last: int) -> Path:
+    """Rank 0, after every rank wrote its part: fsync, rename into place, move ``latest``, prune."""
+    root = checkpoint_root(out_dir)
+    tmp, final = root / tmp_tag(step), root / f"step_{step:08d}"
     _write_file(tmp / "config.yaml", lambda f: f.write(yaml.safe_dump(config, sort_keys=False).encode()))
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
         shutil.rmtree(final)
@@ -86,14 +106,22 @@ def save_checkpoint(out_dir: str | Path, step: int, files: dict[str, object], co
     return final
 
 
+def save_checkpoint(out_dir: str | Path, step: int, files: dict[str, object], config: dict,
+                    keep_last: int) -> Path:
+    """Single-writer save: ``files`` (name -> object for torch.save) plus the config."""
+    tmp = prepare_checkpoint(out_dir, step)
+    for name, obj in files.items():
+        write_torch(tmp / name, obj)
+    return commit_checkpoint(out_dir, step, config, keep_last)
+
+
 def prune_checkpoints(out_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` checkpoints (never the one ``latest`` names), and
     temporary directories that a killed save left behind."""
     root = checkpoint_root(out_dir)
     latest = latest_checkpoint(out_dir)
     for stale in root.glob(".tmp-step_*"):
-        if not stale.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
     for ckpt in list_checkpoints(out_dir)[:-keep_last]:
         if ckpt != latest:
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -111,6 +139,32 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def save_weights(path: Path, state_dict: dict, model_args, config: dict, prefix: str = "") -> None:
+    """A safetensors file of weights (float32, contiguous) with the model args and config as metadata."""
+    from safetensors.torch import save_file
+    tensors = {prefix + k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}
+    meta = {"model_args": json.dumps(dataclasses.asdict(model_args)), "config": json.dumps(config)}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_weights(path: str | Path) -> tuple[dict, dict, dict]:
+    """(state_dict, model_args, config) of a weights file; an export's ``ema.`` weights win when present."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if "model_args" not in meta:
+            raise CheckpointError(f"{path} has no crossflow model_args metadata: not a crossflow export")
+        keys = list(f.keys())
+        prefix = "ema." if any(k.startswith("ema.") for k in keys) else ("model." if keys[0].startswith("model.") else "")
+        state = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+    return state, json.loads(meta["model_args"]), json.loads(meta["config"])
+
+
 def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
     """``none`` -> None; ``auto`` -> the latest checkpoint in out_dir (None if there is none);
     otherwise a checkpoint directory that must exist."""
@@ -122,6 +176,14 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
     if not (path / "trainer.pt").is_file():
         raise CheckpointError(f"train.resume={resume!r} is not a checkpoint directory (no trainer.pt inside)")
     return path
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """A weights file: an export (.safetensors), a checkpoint directory, or a run directory's latest."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    return resolve_checkpoint_dir(path) / WEIGHTS_FILE
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -143,5 +205,3 @@ def load_file(ckpt: Path, name: str, map_location="cpu"):
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
-def weights_payload(model_state: dict, model_args) -> dict:
-    return {"state_dict": model_state, "model_args": dataclasses.asdict(model_args)}

@@ -8,11 +8,25 @@ from pathlib import Path
 OVERRIDES_HELP = "config overrides as section.key=value (e.g. optim.lr=3e-4 train.steps=200)"
 
 
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run this command as ``nproc`` processes on this node under torchrun (gloo on CPU, nccl on GPU)."""
+    import subprocess
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "trainer.cli", *argv]
+    return subprocess.call(cmd)
+
+
 def _train(args: argparse.Namespace) -> int:
+    import os
+
     from trainer.config import load_config
+    cfg = load_config(args.config, args.overrides)  # fail on a bad config before any worker starts
+    if args.nproc > 1 and "RANK" not in os.environ:
+        return launch_torchrun(args.nproc, ["train", "--config", args.config, *args.overrides])
     from trainer.loop import train
-    cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
     print(f"trained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"samples:    {summary['samples']}")
@@ -108,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a YAML config",
                        description="Train CrossFlow. Values: dataclass defaults <- --config YAML <- overrides.")
     p.add_argument("--config", default="configs/demo.yaml", help="YAML config file (default: configs/demo.yaml)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this node (torchrun; one per GPU, or CPU workers on gloo); default 1")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=_train)
 
@@ -156,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     from trainer.eval.cli import add_eval_commands  # `crossflow eval shapes|fid|clip`
     add_eval_commands(sub)
+    from trainer.sweep_cli import add_sweep_commands  # `crossflow sweep analyze`
+    add_sweep_commands(sub)
     return parser
 
 

@@ -29,6 +29,8 @@ def _f(default: Any, help: str) -> Any:
 
 @dataclass
 class ModelConfig:
+    family: str = _f("crossflow", "crossflow (flow from the text's latent) or cross_attention_fm (the paper's baseline: "
+                                  "flow from noise, text by cross-attention; same presets, no Text VE)")
     preset: str = _f("tiny", "size preset from trainer.models.crossflow.presets (tiny, 70M, 150M, 300M, 500M, 0.95B)")
     hidden_size: int | None = _f(None, "flow transformer width; overrides the preset when set")
     depth: int | None = _f(None, "number of flow transformer blocks; overrides the preset when set")
@@ -45,6 +47,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         from trainer.models.crossflow.presets import PRESETS
+        _choice("model.family", self.family, ("crossflow", "cross_attention_fm"))  # trainer.models.families
         _choice("model.preset", self.preset, tuple(PRESETS))
         _choice("model.pos_embed", self.pos_embed, ("sincos", "learned"))
         _choice("model.kernels", self.kernels, ("auto", "triton", "torch"))
@@ -151,12 +154,20 @@ class TrainConfig:
     keep_last: int = _f(2, "checkpoints to keep")
     sample_every: int = _f(0, "write a sample grid of held-out prompts every N steps; 0 = only at the end")
     resume: str = _f("none", "none, auto (latest checkpoint in out_dir) or a checkpoint directory")
-    threads: int = _f(0, "torch CPU threads; 0 keeps torch's default")
+    threads: int = _f(0, "torch CPU threads per process; 0 keeps torch's default")
+    zero_stage: int = _f(2, "DeepSpeed ZeRO stage: 1 (optimizer state), 2 (+ gradients), 3 (+ parameters) partitioned")
+    offload_optimizer: bool = _f(False, "keep ZeRO optimizer state in CPU memory (DeepSpeed CPU Adam)")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    activation_checkpointing: bool = _f(False, "recompute each flow block's activations in backward (saves memory)")
+    compile: bool = _f(False, "torch.compile the flow transformer blocks")
+    max_nonfinite_steps: int = _f(5, "stop with an error after this many optimizer steps in a row skipped for NaN/Inf")
+    inject_nan_steps: list[int] = _f([], "fault injection for tests: make the loss NaN at these steps (1-based)")
 
     def validate(self) -> None:
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.precision", self.precision, ("fp32", "bf16"))
-        for name in ("steps", "global_batch_size", "log_every", "keep_last"):
+        _choice("train.zero_stage", self.zero_stage, (1, 2, 3))
+        for name in ("steps", "global_batch_size", "log_every", "keep_last", "grad_accum", "max_nonfinite_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -175,6 +186,21 @@ class SampleConfig:
         _choice("sample.solver", self.solver, ("euler", "heun"))
         if self.steps <= 0 or self.num_prompts <= 0:
             raise ConfigError("sample.steps and sample.num_prompts must be positive")
+
+
+@dataclass
+class LogConfig:
+    wandb: str = _f("offline", "W&B mode: offline (files under <out_dir>/wandb, sync later), online, or disabled")
+    wandb_project: str = _f("crossflow", "W&B project")
+    wandb_group: str = _f("", "W&B group (sweeps put every run of a sweep in one group)")
+    wandb_name: str = _f("", "W&B run name (default: the out_dir's name)")
+    peak_tflops: float = _f(0.0, "peak TFLOP/s per device for MFU; 0 = 989 (H100 dense bf16) on CUDA, no MFU on CPU")
+    progress: bool = _f(True, "show a progress bar on rank 0")
+
+    def validate(self) -> None:
+        _choice("log.wandb", self.wandb, ("offline", "online", "disabled"))
+        if self.peak_tflops < 0:
+            raise ConfigError(f"log.peak_tflops must be >= 0, got {self.peak_tflops}")
 
 
 @dataclass
@@ -197,6 +223,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):

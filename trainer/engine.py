@@ -1,20 +1,73 @@
-"""The training engine: parameters, optimizer, LR schedule, EMA, and one optimizer step.
+"""The training engine: DeepSpeed ZeRO around the single-device model, plus EMA.
 
-``LocalEngine`` runs in one process (CPU or one GPU). The loop only talks to the engine's
-interface (``forward context``, ``backward``, ``step``, ``state_dict``), so a distributed engine
-slots in without touching the loop.
+Model code stays parallelism-free; everything distributed is applied here, from outside:
+process group (gloo on CPU, nccl on CUDA), ``deepspeed.initialize`` with ZeRO stage 1-3 and
+optional CPU offload of optimizer state, bf16 on GPU, gradient accumulation and clipping,
+per-block activation checkpointing, ``torch.compile`` of the flow blocks, AdamW without weight
+decay on norms/biases/embeddings/indicator vectors, warm-up then constant or cosine LR.
+
+Non-finite steps: DeepSpeed's ZeRO optimizers compute the global gradient norm at each
+optimizer step and skip the update (no parameter, optimizer or LR-schedule change) when it is
+NaN or Inf; ``step()`` reports whether the update was applied, and the loop counts skips.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import socket
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 NO_DECAY_NAMES = ("indicator", "pos_embed", "logit_scale")
 
 
+# ----------------------------------------------------------------------------- process group
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device_name: str = "auto") -> DistInfo:
+    """Join (or create, for a lone process) the process group: torchrun, Ray Train and a bare
+    ``python`` all end here. gloo on CPU, nccl on CUDA."""
+    import deepspeed
+    if "RANK" not in os.environ:  # a single process without a launcher: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(device_name, local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+    return DistInfo(rank, world, local, device)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is available")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- optimizer pieces
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay on norms, biases, embeddings and the indicator vectors."""
     decay, no_decay = [], []
@@ -29,7 +82,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lr_lambda(optim_cfg, total_steps: int):
-    """Multiplier of the peak LR at step s: linear warm-up, then constant or cosine."""
+    """Multiplier of the peak LR at optimizer step s: linear warm-up, then constant or cosine."""
     warmup = optim_cfg.warmup_steps
 
     def f(step: int) -> float:
@@ -43,26 +96,91 @@ def lr_lambda(optim_cfg, total_steps: int):
     return f
 
 
-def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr,
-                             betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+def deepspeed_config(train_cfg, optim_cfg, micro_batch: int, world_size: int) -> dict:
+    """The DeepSpeed JSON config, derived from our typed config (one source of truth)."""
+    zero = {"stage": train_cfg.zero_stage}
+    if train_cfg.zero_stage == 3:
+        # No "persistent" unpartitioned small parameters: every parameter's authoritative copy is its
+        # partition, which the EMA averages and swaps (costs a few more small all-gathers).
+        zero["stage3_param_persistence_threshold"] = 0
+    if train_cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_batch_size": micro_batch * world_size * train_cfg.grad_accum,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": train_cfg.grad_accum,
+        "gradient_clipping": optim_cfg.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": optim_cfg.lr, "betas": list(optim_cfg.betas), "eps": optim_cfg.eps,
+            "weight_decay": optim_cfg.weight_decay,
+            # torch's AdamW: no JIT-compiled fused Adam needed (CPU machines, fast start)
+            "torch_adam": not train_cfg.offload_optimizer}},
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": train_cfg.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+# ----------------------------------------------------------------------------- model transforms
+def enable_activation_checkpointing(blocks: nn.ModuleList) -> None:
+    """Recompute each block's activations in backward (non-reentrant torch.utils.checkpoint);
+    parameter names are unchanged, so checkpoints and exports do not notice."""
+    from torch.utils.checkpoint import checkpoint
+    for block in blocks:
+        inner = block.forward
+        block.forward = lambda *args, _f=inner: checkpoint(_f, *args, use_reentrant=False)
+
+
+def compile_blocks(blocks: nn.ModuleList) -> None:
+    for block in blocks:
+        block.compile()
+
+
+# ----------------------------------------------------------------------------- EMA
+def _is_partitioned(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_tensor")
 
 
 class EMA:
-    """Exponential moving average of every parameter (fp32 shadow), with the usual warm-up
-    min(decay, (1 + n) / (10 + n)) so early EMA weights are not dominated by the random init."""
+    """Exponential moving average of the weights, kept in fp32, warm-up min(decay, (1+n)/(10+n)).
+
+    Under ZeRO-3 each rank averages only its own partition of every parameter (``ds_tensor``):
+    no gather per step, memory split like the weights. ``swapped_in`` temporarily writes the EMA
+    into the (partitioned) parameters, so sampling and export see the EMA through ZeRO's own
+    gathering."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-        self.updates = 0
+        self.decay, self.updates = decay, 0
+        self.shadow = {n: self._local(p).detach().float().clone() for n, p in model.named_parameters()}
+
+    @staticmethod
+    def _local(p: torch.Tensor) -> torch.Tensor:
+        return p.ds_tensor if _is_partitioned(p) else p.data
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for n, p in model.named_parameters():
-            self.shadow[n].lerp_(p.detach().float(), 1.0 - d)
+            self.shadow[n].lerp_(self._local(p).float(), 1.0 - d)
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module):
+        """Within the block the model's parameters hold the EMA; restored afterwards."""
+        saved = {}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                local = self._local(p)
+                saved[n] = local.clone()
+                local.copy_(self.shadow[n].to(local.dtype))
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    self._local(p).copy_(saved[n])
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
@@ -70,74 +188,109 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.updates = state["decay"], state["updates"]
         for n, v in state["shadow"].items():
+            if self.shadow[n].shape != v.shape:
+                raise ValueError(f"EMA tensor {n}: checkpoint shape {tuple(v.shape)} != {tuple(self.shadow[n].shape)} "
+                                 "(resuming with a different ZeRO stage or world size is not supported for the EMA)")
             self.shadow[n].copy_(v)
 
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        for n, p in model.named_parameters():
-            p.copy_(self.shadow[n].to(p.dtype))
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Full parameters on every rank inside the block (ZeRO-3 gathers; otherwise a no-op)."""
+    params = [p for p in model.parameters() if _is_partitioned(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
-    return torch.device(name)
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of every parameter and buffer, gathered under ZeRO-3 (collective: all ranks call)."""
+    with gathered(model):
+        return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
 
 
-class LocalEngine:
-    """Single-process engine: AdamW + warm-up schedule + grad clipping + EMA."""
+# ----------------------------------------------------------------------------- engine
+class Engine:
+    """DeepSpeed engine + EMA. ``forward`` via ``module``; ``backward(loss)``; ``step() -> applied``."""
 
-    def __init__(self, model: nn.Module, optim_cfg, train_cfg, device: torch.device):
-        self.model = model.to(device)
-        self.device = device
-        self.optimizer = build_optimizer(model, optim_cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim_cfg, train_cfg.steps))
-        self.grad_clip = optim_cfg.grad_clip
-        self.ema = EMA(model, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
+    def __init__(self, model: nn.Module, train_cfg, optim_cfg, micro_batch: int, dist_info: DistInfo):
+        import deepspeed
+        self.dist = dist_info
+        if train_cfg.activation_checkpointing:
+            enable_activation_checkpointing(model.flow.blocks)
+        if train_cfg.compile:
+            compile_blocks(model.flow.blocks)
+        model.to(dist_info.device)
+        ds_config = deepspeed_config(train_cfg, optim_cfg, micro_batch, dist_info.world_size)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, optim_cfg.weight_decay), config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim_cfg, train_cfg.steps)),
+            dist_init_required=False)
+        self.module = self.ds.module
+        self.ema = EMA(self.module, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
         self.precision = train_cfg.precision
+        self.zero_stage = train_cfg.zero_stage
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
 
     def autocast(self):
+        """bf16 autocast for the ops DeepSpeed's bf16 weights don't already cover (fp32 on CPU)."""
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        self.ds.backward(loss)
 
-    def step(self) -> torch.Tensor:
-        """Clip, step, schedule, EMA; returns the pre-clip global grad norm (a device tensor: no sync)."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
-        return grad_norm
+    def step(self) -> bool:
+        """Advance one micro-step; at an accumulation boundary, clip + AdamW + schedule + EMA.
+        Returns False when the optimizer step was skipped for a non-finite gradient."""
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        self.ds.step()
+        if not boundary:
+            return True
+        applied = self.ds.was_step_applied()
+        if applied and self.ema is not None:
+            self.ema.update(self.module)
+        return applied
+
+    def grad_norm(self) -> float | None:
+        return self.ds.get_global_grad_norm()
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-
-    def ema_state_dict(self) -> dict:
-        """Weights for sampling: the EMA if kept, else the live weights."""
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The model with EMA weights (or the live ones without an EMA), for sampling."""
         if self.ema is None:
-            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        sd = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        sd.update({k: v.clone() for k, v in self.ema.shadow.items()})
-        return sd
+            yield self.module
+        else:
+            with self.ema.swapped_in(self.module) as m:
+                yield m
+
+    def ema_full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Consolidated EMA weights on every rank (collective under ZeRO-3)."""
+        with self.ema_weights() as m:
+            return full_state_dict(m)
+
+    def ema_state_for_rank(self) -> dict | None:
+        """What this rank must save of the EMA: its partition under ZeRO-3, rank 0's copy otherwise."""
+        if self.ema is None or (self.zero_stage < 3 and self.dist.rank != 0):
+            return None
+        return self.ema.state_dict()
+
+    def save(self, directory: str, tag: str) -> None:
+        self.ds.save_checkpoint(directory, tag=tag, save_latest=False)
+
+    def load(self, directory: str, tag: str) -> None:
+        path, _ = self.ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint {tag} in {directory}")

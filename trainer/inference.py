@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
 from data_pipeline.features import CaptionCache, load_text_encoder
-from trainer.checkpoint import WEIGHTS_FILE, load_file, resolve_checkpoint_dir
+from trainer.checkpoint import load_weights, resolve_weights
 from trainer.config import Config, config_from_dict
 from trainer.models.codecs import PixelCodec
-from trainer.models.crossflow.crossflow import CrossFlow, CrossFlowArgs
+from trainer.models.crossflow.crossflow import CrossFlow
+from trainer.models.families import model_from_args
 from trainer.sampling import encode_prompts, interpolate_z0, solve, z0_arithmetic
 
 
@@ -32,16 +32,17 @@ class Generator:
                 cfg_scale: float | None = None, use_mean: bool | None = None) -> torch.Tensor:
         s = self.config.sample
         emb, mask = self.captions.encode(prompts)  # (B, n, d), (B, n)
-        z0 = encode_prompts(self.model, emb.to(self.device), mask.to(self.device), seed,
-                            s.use_mean if use_mean is None else use_mean)
-        return self.solve(z0, steps, solver, cfg_scale)
+        emb, mask = emb.to(self.device), mask.to(self.device)
+        z0 = encode_prompts(self.model, emb, mask, seed, s.use_mean if use_mean is None else use_mean)
+        return self.solve(z0, steps, solver, cfg_scale, cond=self.model.text_condition(emb, mask))
 
     @torch.no_grad()
     def solve(self, z0: torch.Tensor, steps: int | None = None, solver: str | None = None,
-              cfg_scale: float | None = None) -> torch.Tensor:
+              cfg_scale: float | None = None, cond=None) -> torch.Tensor:
+        """``cond``: the model's ``text_condition`` of the prompts (None for CrossFlow)."""
         s = self.config.sample
         return solve(self.model, z0, steps or s.steps, solver or s.solver,
-                     s.cfg_scale if cfg_scale is None else cfg_scale)
+                     s.cfg_scale if cfg_scale is None else cfg_scale, cond)
 
     def images(self, latents: torch.Tensor) -> list[np.ndarray]:
         """Latents -> (H, W, 3) uint8 images."""
@@ -54,6 +55,9 @@ class Generator:
 
     @torch.no_grad()
     def z0(self, prompts: list[str], seed: int = 0) -> torch.Tensor:
+        if not self.model.source_from_text:
+            raise ValueError(f"z0 interpolation and arithmetic need a text-derived z0 (model.family crossflow); "
+                             f"this {type(self.model).__name__} starts from noise")
         emb, mask = self.captions.encode(prompts)
         return encode_prompts(self.model, emb.to(self.device), mask.to(self.device), seed, self.config.sample.use_mean)
 
@@ -75,14 +79,12 @@ def build_codec(cfg: Config) -> PixelCodec:
 
 def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu",
                    text_encoder: str | None = None) -> Generator:
-    """Load ``weights.pt`` + ``config.yaml`` of a checkpoint (or a run directory's latest)."""
-    ckpt = resolve_checkpoint_dir(checkpoint)
-    payload = load_file(ckpt, WEIGHTS_FILE)
-    cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
-    args = payload["model_args"]
-    args["latent_shape"] = tuple(args["latent_shape"])
-    model = CrossFlow(CrossFlowArgs(**args))
-    model.load_state_dict(payload["state_dict"])
+    """From an export (.safetensors), a checkpoint directory, or a run directory (its latest):
+    EMA weights, model args and config; no DeepSpeed needed."""
+    state, args, config = load_weights(resolve_weights(checkpoint))
+    cfg = config_from_dict(config)
+    model = model_from_args(args)  # the class its model.family names
+    model.load_state_dict(state)
     device = torch.device(device)
     model.to(device).eval()
     encoder = load_text_encoder(text_encoder or cfg.data.text_encoder)

@@ -1,47 +1,60 @@
 """The training loop: one process = one rank. ``train(cfg)`` builds the pieces, runs, closes.
 
-Each step: batch -> z1 (codec) -> objective (encode_text -> z0 -> x_t -> velocity -> losses)
--> engine.backward / engine.step (clip, AdamW, schedule, EMA). Metrics are gathered on the
-device and synced to the host once per ``log_every`` steps.
+The same function runs as a lone process, under torchrun, or inside a Ray Train worker: the
+process group comes from the environment (``trainer.engine.init_distributed``).
+
+Each optimizer step: for each of ``grad_accum`` micro-batches: batch -> z1 (codec) -> noise keyed
+by the sample's place in the global batch -> objective (encode_text -> z0 -> x_t -> velocity ->
+losses) -> DeepSpeed backward/step (clip, AdamW, schedule at the boundary) -> EMA. Loss sums stay
+on the device and are reduced across ranks once per ``log_every`` steps.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from data_pipeline.datasets import ShapesTextDataset
-from data_pipeline.features import load_text_encoder
+from data_pipeline.features import CaptionCache, load_text_encoder
 from data_pipeline.shapes import ShapesGenerator, caption as scene_caption, render
 from kernels import get_ops
-from trainer.checkpoint import load_file, resolve_resume, save_checkpoint, weights_payload
+from trainer.checkpoint import (checkpoint_root, commit_checkpoint, load_file, prepare_checkpoint, resolve_resume,
+                                save_weights, tmp_tag, write_torch)
 from trainer.config import Config, per_rank_batch_size
-from trainer.engine import LocalEngine, resolve_device
+from trainer.engine import Engine, init_distributed
 from trainer.inference import Generator, build_codec, image_grid
-from trainer.metrics import MetricsLogger
-from trainer.models.codecs import batch_target
-from trainer.models.crossflow.crossflow import CrossFlow, resolve_args
-from trainer.objectives import crossflow_losses
+from trainer.metrics import MetricsLogger, peak_memory_bytes
+from trainer.models.codecs import PixelCodec, batch_target
+from trainer.models.families import model_from_args, resolve_model_args
+from trainer.objectives import crossflow_losses, draw_noise
+
+# Fault injection for the atomic-save test: SIGKILL this process inside a save of that step.
+KILL_IN_SAVE_ENV = "CROSSFLOW_FAULT_KILL_IN_SAVE"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Too many optimizer steps in a row had a NaN/Inf loss or gradient."""
 
 
 # ----------------------------------------------------------------------------- data
 @dataclass
 class DataPosition:
-    """Where the data stream stands: resuming from it replays exactly the batches that follow."""
+    """Where the shapes stream stands: resuming from it replays exactly the batches that follow."""
     epoch: int = 0
     batch_in_epoch: int = 0
 
 
 class EpochSampler(Sampler[int]):
-    """A permutation of the dataset per (seed, epoch), split across ranks, starting at ``start``."""
+    """A permutation per (seed, epoch), dealt round-robin to ranks, starting at ``start``."""
 
     def __init__(self, n: int, seed: int, epoch: int, rank: int, world_size: int, start: int = 0):
         self.n, self.seed, self.epoch, self.rank, self.world, self.start = n, seed, epoch, rank, world_size, start
@@ -78,13 +91,76 @@ def iterate_batches(dataset, batch_size: int, seed: int, rank: int, world_size: 
         position.batch_in_epoch = 0
 
 
-def build_text_encoder(cfg: Config):
-    return load_text_encoder(cfg.data.text_encoder)
+class ShapesStream:
+    """The synthetic shapes dataset as an endless, resumable stream of batches."""
+
+    def __init__(self, dataset: ShapesTextDataset, batch_size: int, seed: int, rank: int, world_size: int,
+                 num_workers: int):
+        self.dataset, self.position = dataset, DataPosition()
+        self._args = (dataset, batch_size, seed, rank, world_size, num_workers)
+        self._it = None
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = iterate_batches(*self._args, self.position)
+        return next(self._it)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.position.epoch, "batch_in_epoch": self.position.batch_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position, self._it = DataPosition(**state), None
 
 
-def build_dataset(cfg: Config, encoder) -> ShapesTextDataset:
-    gen = ShapesGenerator(cfg.data.resolution, cfg.data.max_groups, "train", cfg.data.seed)
-    return ShapesTextDataset(gen, cfg.data.num_samples, encoder, cfg.data.max_tokens)
+class ShardStream:
+    """MDS or WebDataset shards (local or s3://) as an endless, resumable stream of batches."""
+
+    def __init__(self, loader):
+        from data_pipeline.readers import iterate_forever
+        self.loader, self._iterate = loader, iterate_forever
+        self._it = None
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = self._iterate(self.loader)
+        return next(self._it)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._it = None
+
+
+@dataclass
+class DataBundle:
+    stream: ShapesStream | ShardStream
+    captions: CaptionCache  # text features for sampling prompts
+    latent_shape: tuple[int, int, int]
+    text_dim: int
+
+
+def build_dataloader(cfg: Config, micro_batch: int, rank: int, world_size: int) -> DataBundle:
+    """The batch stream of ``data.source`` (same batch dict for every source), plus what the
+    model must be built for (latent shape, text width) and a caption cache for sampling."""
+    encoder = load_text_encoder(cfg.data.text_encoder)
+    captions = CaptionCache(encoder, cfg.data.max_tokens)
+    if cfg.data.source == "shapes":
+        gen = ShapesGenerator(cfg.data.resolution, cfg.data.max_groups, "train", cfg.data.seed)
+        dataset = ShapesTextDataset(gen, cfg.data.num_samples, encoder, cfg.data.max_tokens)
+        stream = ShapesStream(dataset, micro_batch, cfg.train.seed, rank, world_size, cfg.data.num_workers)
+        return DataBundle(stream, dataset.cache, PixelCodec(cfg.data.resolution).latent_shape, encoder.dim)
+    from data_pipeline.readers import describe_shards, shard_loader_from_config
+    shapes = describe_shards(cfg.data.path, cfg.data.source, cfg.data.cache_dir)
+    latent_shape = shapes["latent"] or PixelCodec(cfg.data.resolution).latent_shape
+    text_dim = shapes["text_emb"][-1] if shapes["text_emb"] else encoder.dim
+    if text_dim != encoder.dim:
+        raise ValueError(f"shards at {cfg.data.path} hold {text_dim}-d text features but data.text_encoder="
+                         f"{cfg.data.text_encoder} gives {encoder.dim}-d: sampling prompts would not match")
+    loader = shard_loader_from_config(cfg.data, micro_batch, rank=rank, world_size=world_size,
+                                      seed=cfg.train.seed, out_dir=cfg.train.out_dir)
+    return DataBundle(ShardStream(loader), captions, tuple(latent_shape), text_dim)
 
 
 def heldout_prompts(cfg: Config, n: int) -> list:
@@ -99,10 +175,11 @@ def build_ops(name: str, device: torch.device):
     return get_ops(name, device)
 
 
-def build_model(cfg: Config, latent_shape, text_dim: int, device: torch.device) -> CrossFlow:
-    args = resolve_args(cfg.model, latent_shape, text_dim, cfg.data.max_tokens,
-                        cfg.objective.contrastive_init_temperature)
-    model = CrossFlow(args)
+def build_model(cfg: Config, latent_shape, text_dim: int, device: torch.device) -> torch.nn.Module:
+    """CrossFlow or the cross-attention baseline, per ``model.family``."""
+    args = resolve_model_args(cfg.model, latent_shape, text_dim, cfg.data.max_tokens,
+                              cfg.objective.contrastive_init_temperature)
+    model = model_from_args(args)
     model.set_ops(build_ops(cfg.model.kernels, device))
     return model.to(device)
 
@@ -129,127 +206,226 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------- samples
-def sampling_generator(engine: LocalEngine, dataset, cfg: Config) -> Generator:
-    """A copy of the model holding the EMA weights, for sample grids during and after training."""
-    model = copy.deepcopy(engine.model)
-    model.load_state_dict(engine.ema_state_dict())
-    model.eval()
-    return Generator(model, build_codec(cfg), dataset.cache, cfg, engine.device)
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
-def write_sample_grid(gen: Generator, scenes: list, path: Path, seeds: int = 4) -> list[str]:
-    """One row per prompt: the generator's own rendering of the scene, then ``seeds`` samples."""
-    prompts = [scene_caption(s) for s in scenes]
+def save_checkpoint(engine: Engine, stream, cfg: Config, step: int, rank: int) -> Path:
+    """Collective: every rank writes its part into a temporary directory; rank 0 commits it."""
+    out_dir = Path(cfg.train.out_dir)
+    if rank == 0:
+        prepare_checkpoint(out_dir, step)
+    barrier()
+    tmp = checkpoint_root(out_dir) / tmp_tag(step)
+    engine.save(str(checkpoint_root(out_dir)), tmp_tag(step))  # DeepSpeed: model + ZeRO optimizer shards
+    if os.environ.get(KILL_IN_SAVE_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_torch(tmp / f"rng_rank{rank}.pt", rng_state())
+    ema = engine.ema_state_for_rank()
+    if ema is not None:
+        write_torch(tmp / (f"ema_rank{rank}.pt" if engine.zero_stage == 3 else "ema.pt"), ema)
+    weights = engine.ema_full_state_dict()  # collective under ZeRO-3
+    if rank == 0:
+        write_torch(tmp / "trainer.pt", {"step": step, "data": stream.state_dict()})
+        save_weights(tmp / "weights.safetensors", weights, engine.module.args, cfg.to_dict())
+    barrier()
+    final = checkpoint_root(out_dir) / f"step_{step:08d}"
+    if rank == 0:
+        final = commit_checkpoint(out_dir, step, cfg.to_dict(), cfg.train.keep_last)
+    barrier()
+    return final
+
+
+def load_checkpoint(engine: Engine, stream, ckpt: Path, rank: int) -> int:
+    engine.load(str(ckpt.parent), ckpt.name)
+    state = load_file(ckpt, "trainer.pt")
+    stream.load_state_dict(state["data"])
+    set_rng_state(load_file(ckpt, f"rng_rank{rank}.pt"))
+    if engine.ema is not None:
+        name = f"ema_rank{rank}.pt" if engine.zero_stage == 3 else "ema.pt"
+        engine.ema.load_state_dict(load_file(ckpt, name, map_location=engine.device))
+    return int(state["step"])
+
+
+# ----------------------------------------------------------------------------- samples & eval
+def sample_grid_rows(gen: Generator, prompts: list[str], references: list | None, seeds: int = 4) -> list:
     samples = [gen.generate(prompts, seed=k) for k in range(seeds)]  # seeds x B images
-    rows = [[render(s, gen.config.data.resolution)] + [samples[k][i] for k in range(seeds)]
-            for i, s in enumerate(scenes)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(rows, scale=4).save(path)
-    path.with_suffix(".txt").write_text("\n".join(f"row {i}: {p}" for i, p in enumerate(prompts)) + "\n")
-    return prompts
+    return [([references[i]] if references else []) + [samples[k][i] for k in range(seeds)]
+            for i in range(len(prompts))]
 
 
-def run_shapes_eval(gen: Generator, cfg: Config, out_dir: Path, step: int) -> dict[str, float]:
-    """ShapesEval of the EMA weights: per-task scores, the table written beside the samples."""
+def write_samples(engine: Engine, data: DataBundle, cfg: Config, path: Path, rank: int,
+                  fallback_prompts: list[str]) -> None:
+    """One row per held-out prompt: the generator's own rendering (shapes), then 4 EMA samples.
+    Collective under ZeRO-3 (every rank runs the forward passes); rank 0 writes."""
+    if cfg.data.source == "shapes":
+        scenes = heldout_prompts(cfg, cfg.sample.num_prompts)
+        prompts = [scene_caption(s) for s in scenes]
+        refs = [render(s, cfg.data.resolution) for s in scenes]
+    else:
+        prompts, refs = fallback_prompts[:cfg.sample.num_prompts], None
+    with engine.ema_weights() as model:
+        model.eval()
+        gen = Generator(model, build_codec(cfg), data.captions, cfg, engine.device)
+        rows = sample_grid_rows(gen, prompts, refs)
+        model.train()
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(rows, scale=4).save(path)
+        path.with_suffix(".txt").write_text("\n".join(f"row {i}: {p}" for i, p in enumerate(prompts)) + "\n")
+
+
+def run_shapes_eval(engine: Engine, data: DataBundle, cfg: Config, step: int, rank: int) -> dict[str, float]:
+    """ShapesEval of the EMA weights (collective under ZeRO-3); rank 0 writes the table."""
     from trainer.eval.cli import sample_shapes_eval
-    report = sample_shapes_eval(gen, cfg.data.max_groups, cfg.eval.images_per_prompt)
-    (out_dir / "eval").mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval" / f"shapes_step_{step:08d}.txt").write_text(report.table() + "\n")
+    with engine.ema_weights() as model:
+        model.eval()
+        gen = Generator(model, build_codec(cfg), data.captions, cfg, engine.device)
+        report = sample_shapes_eval(gen, cfg.data.max_groups, cfg.eval.images_per_prompt)
+        model.train()
+    if rank == 0:
+        out = Path(cfg.train.out_dir) / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"shapes_step_{step:08d}.txt").write_text(report.table() + "\n")
     return {f"shapes_eval/{k}": float(v) for k, v in report.summary().items()}
 
 
 # ----------------------------------------------------------------------------- loop
-def train(cfg: Config, rank: int = 0, world_size: int = 1) -> dict:
-    """Train per ``cfg``; returns a summary (also written to <out_dir>/summary.json)."""
+class StepStats:
+    """Loss sums kept on the device between logging intervals (no host sync per step)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = self.skipped = 0
+        self.start = time.perf_counter()
+
+    def add(self, losses: dict[str, torch.Tensor], grad_norm) -> None:
+        if grad_norm is not None:  # DeepSpeed's global norm: a float or a device tensor
+            losses = {**losses, "grad_norm": torch.as_tensor(grad_norm, device=next(iter(losses.values())).device)}
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0) + v.float()
+        self.steps += 1
+
+    def reduce(self) -> dict[str, float]:
+        """Mean over steps and ranks: one all-reduce of one small tensor."""
+        keys = sorted(self.sums)
+        vec = torch.stack([self.sums[k] for k in keys]) / max(1, self.steps) if keys else torch.zeros(0)
+        if dist.is_initialized() and dist.get_world_size() > 1 and keys:
+            dist.all_reduce(vec)
+            vec /= dist.get_world_size()
+        return {("loss" if k == "total" else k): float(v) for k, v in zip(keys, vec.tolist())}
+
+
+def train(cfg: Config) -> dict:
+    """Train per ``cfg`` as this process's rank; returns a summary (rank 0 writes summary.json)."""
+    info = init_distributed(cfg.train.device)
+    rank, world, device = info.rank, info.world_size, info.device
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed)  # the same initial weights on every rank
 
-    encoder = build_text_encoder(cfg)
-    dataset = build_dataset(cfg, encoder)
+    micro = per_rank_batch_size(cfg.train.global_batch_size, world, cfg.train.grad_accum)
+    data = build_dataloader(cfg, micro, rank, world)
     codec = build_codec(cfg)
-    model = build_model(cfg, codec.latent_shape, encoder.dim, device)
-    engine = LocalEngine(model, cfg.optim, cfg.train, device)
-    batch_size = per_rank_batch_size(cfg.train.global_batch_size, world_size)
+    model = build_model(cfg, data.latent_shape, data.text_dim, device)
+    engine = Engine(model, cfg.train, cfg.optim, micro, info)
+    module = engine.module
 
-    step, position = 0, DataPosition()
+    step = 0
     resume_from = resolve_resume(cfg.train.resume, out_dir)
     if resume_from is not None:
-        engine.load_state_dict(load_file(resume_from, "state.pt", map_location=device))
-        trainer_state = load_file(resume_from, "trainer.pt")
-        step, position = trainer_state["step"], DataPosition(**trainer_state["data"])
-        set_rng_state(trainer_state["rng"])
-        print(f"resumed from {resume_from} at step {step}")
+        step = load_checkpoint(engine, data.stream, resume_from, rank)
+        if rank == 0:
+            print(f"resumed from {resume_from} at step {step}", flush=True)
     else:
-        seed_everything(cfg.train.seed + rank)  # objective noise differs per rank, data order is by sampler
+        seed_everything(cfg.train.seed + rank)
+    if rank == 0:
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    metrics = MetricsLogger(out_dir, cfg.train.steps, step, rank)
-    batches = iterate_batches(dataset, batch_size, cfg.train.seed, rank, world_size, cfg.data.num_workers, position)
+    metrics = MetricsLogger(out_dir, cfg.log, cfg.to_dict(), cfg.train.steps, step, rank)
     ops = build_ops(cfg.model.kernels, device)
-    totals: dict[str, torch.Tensor] = {}
+    flops_per_sample = module.flops_per_sample()
+    tokens_per_sample = 1 + (data.latent_shape[1] // module.args.patch_size) ** 2
+    peak = cfg.log.peak_tflops * 1e12 or (989e12 if device.type == "cuda" else 0.0)
     eval_shapes = cfg.eval.shapes and cfg.data.source == "shapes"
-    window_start, window_steps = time.perf_counter(), 0
     history: list[dict] = []
+    stats, skipped_total, skipped_in_row = StepStats(), 0, 0
+    seen_captions: list[str] = []
 
-    def save(at_step: int) -> Path:
-        files = {"state.pt": engine.state_dict(),
-                 "trainer.pt": {"step": at_step, "data": vars(position).copy(), "rng": rng_state()},
-                 "weights.pt": weights_payload(engine.ema_state_dict(), model.args)}
-        return save_checkpoint(out_dir, at_step, files, cfg.to_dict(), cfg.train.keep_last)
+    module.train()
+    try:
+        while step < cfg.train.steps:
+            micro_losses = None
+            for k in range(cfg.train.grad_accum):
+                batch = next(data.stream)
+                if len(seen_captions) < cfg.sample.num_prompts:
+                    seen_captions += list(batch["caption"])
+                z1 = batch_target(batch, codec).to(device, non_blocking=True)
+                emb = batch["text_emb"].to(device, non_blocking=True)
+                mask = batch["text_mask"].to(device, non_blocking=True)
+                noise = draw_noise(cfg.objective, cfg.train.seed, step, k * micro * world, micro, rank, world,
+                                   data.latent_shape, device)
+                with engine.autocast():
+                    losses = crossflow_losses(module, z1, emb, mask, cfg.objective, ops, noise)
+                if step + 1 in cfg.train.inject_nan_steps:
+                    losses.total = losses.total * float("nan")
+                engine.backward(losses.total)
+                applied = engine.step()
+                d = losses.detached()
+                micro_losses = d if micro_losses is None else {n: micro_losses[n] + d[n] for n in d}
+            step += 1
+            metrics.advance()
+            if applied:
+                skipped_in_row = 0
+                stats.add({n: v / cfg.train.grad_accum for n, v in micro_losses.items()}, engine.grad_norm())
+            else:
+                skipped_total += 1
+                skipped_in_row += 1
+                stats.skipped += 1
+                if skipped_in_row >= cfg.train.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{skipped_in_row} optimizer steps in a row (up to step {step}) had a non-finite loss or "
+                        f"gradient and were skipped; stopping. The last checkpoint in {checkpoint_root(out_dir)} "
+                        f"predates them and is intact. Lower optim.lr, check the data, or resume from it.")
 
-    model.train()
-    while step < cfg.train.steps:
-        batch = next(batches)
-        z1 = batch_target(batch, codec).to(device, non_blocking=True)
-        emb = batch["text_emb"].to(device, non_blocking=True)
-        mask = batch["text_mask"].to(device, non_blocking=True)
-        with engine.autocast():
-            losses = crossflow_losses(model, z1, emb, mask, cfg.objective, ops)
-        engine.backward(losses.total)
-        grad_norm = engine.step()
-        step += 1
-        window_steps += 1
-        for k, v in {**losses.detached(), "grad_norm": grad_norm.detach()}.items():
-            totals[k] = totals.get(k, 0) + v
-        metrics.advance()
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                elapsed = time.perf_counter() - stats.start
+                record = {"step": step, **stats.reduce(), "lr": engine.lr, "skipped_steps": skipped_total}
+                sps = (stats.steps + stats.skipped) * cfg.train.global_batch_size / elapsed
+                record.update(samples_per_s=sps, tokens_per_s=sps * tokens_per_sample,
+                              flops_per_sample=flops_per_sample,
+                              peak_memory_gb=peak_memory_bytes(device) / 2**30)
+                if peak:
+                    record["mfu"] = flops_per_sample * sps / (peak * world)
+                metrics.log(record)
+                if "loss" in record:
+                    history.append(record)
+                stats = StepStats()
+            if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
+                save_checkpoint(engine, data.stream, cfg, step, rank)
+            if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.steps:
+                grid = out_dir / "samples" / f"step_{step:08d}.png"
+                write_samples(engine, data, cfg, grid, rank, seen_captions)
+                metrics.log_image(grid, step)
+            if eval_shapes and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+                metrics.log({"step": step, **run_shapes_eval(engine, data, cfg, step, rank)})
 
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            elapsed = time.perf_counter() - window_start
-            record = {"step": step, **{("loss" if k == "total" else k): float(v) / window_steps
-                                       for k, v in totals.items()},
-                      "lr": engine.lr, "samples_per_s": window_steps * cfg.train.global_batch_size / elapsed,
-                      "epoch": position.epoch}
-            if not np.isfinite(record["loss"]):
-                raise FloatingPointError(f"loss is {record['loss']} at step {step}: training diverged")
-            metrics.log(record)
-            history.append(record)
-            totals, window_start, window_steps = {}, time.perf_counter(), 0
-        if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
-            save(step)
-        if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.steps:
-            write_sample_grid(sampling_generator(engine, dataset, cfg),
-                              heldout_prompts(cfg, cfg.sample.num_prompts), out_dir / "samples" / f"step_{step:08d}.png")
-            model.train()
-        if eval_shapes and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-            metrics.log({"step": step, **run_shapes_eval(sampling_generator(engine, dataset, cfg), cfg, out_dir, step)})
-            model.train()
-    metrics.close()
-
-    final = save(step)
-    grid = out_dir / "samples" / "final.png"
-    gen = sampling_generator(engine, dataset, cfg)
-    write_sample_grid(gen, heldout_prompts(cfg, cfg.sample.num_prompts), grid)
-    scores = run_shapes_eval(gen, cfg, out_dir, step) if eval_shapes else {}
-    if scores:
-        metrics.log({"step": step, **scores})
-    summary = {"steps": step, "checkpoint": str(final), "samples": str(grid),
+        final = save_checkpoint(engine, data.stream, cfg, step, rank)
+        grid = out_dir / "samples" / "final.png"
+        write_samples(engine, data, cfg, grid, rank, seen_captions)
+        metrics.log_image(grid, step)
+        scores = run_shapes_eval(engine, data, cfg, step, rank) if eval_shapes else {}
+        if scores:
+            metrics.log({"step": step, **scores})
+    finally:
+        metrics.close()
+    summary = {"steps": step, "checkpoint": str(final), "samples": str(grid), "skipped_steps": skipped_total,
                "first_loss": history[0]["loss"] if history else None,
                "final_loss": history[-1]["loss"] if history else None,
                "metrics": str(out_dir / "metrics.jsonl"), **scores}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if rank == 0:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

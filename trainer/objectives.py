@@ -7,7 +7,9 @@ Flow matching carries z0 (the text's sample, t = 0) to the image latent z1 (t = 
 Gradients flow into z0, so the Text VE trains jointly with the flow. A fraction of the batch
 trains the unconditional indicator: those samples keep their z0 but their targets are shuffled
 among themselves, so the unconditional velocity learns the image marginal (what CFG subtracts).
-Every coefficient comes from ``ObjectiveConfig``.
+Every coefficient comes from ``ObjectiveConfig``. The same objective trains the cross-attention
+baseline (z0 is noise, KL is 0, ``text_condition`` carries the text to ``velocity``, and there is
+no contrastive term since its z0 does not come from the text).
 """
 from __future__ import annotations
 
@@ -46,17 +48,60 @@ def draw_indicator(batch: int, uncond_prob: float, device, generator: torch.Gene
     return torch.where(uncond, UNCONDITIONAL, CONDITIONAL).long()
 
 
+def unconditional_partners(uncond: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(M,) index of the sample whose image each sample trains towards: itself when conditional;
+    for unconditional ones, the previous unconditional sample in ``keys`` order (a random cyclic
+    shift, so none keeps its own image when there are two or more)."""
+    source = torch.arange(uncond.numel())
+    idx = torch.nonzero(uncond).flatten()  # (U,)
+    if idx.numel() >= 2:
+        order = idx[torch.argsort(keys[idx])]
+        source[order] = order.roll(1)
+    return source
+
+
 def swap_unconditional_targets(z1: torch.Tensor, indicator: torch.Tensor,
                                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Each unconditional sample's target becomes another unconditional sample's image
-    (a random cyclic shift among them, so none keeps its own when there are two or more)."""
-    idx = torch.nonzero(indicator == UNCONDITIONAL).flatten()  # (U,)
-    if idx.numel() < 2:
-        return z1
-    perm = idx[torch.randperm(idx.numel(), generator=generator, device=idx.device)]
-    out = z1.clone()
-    out[perm] = z1[perm.roll(1)]
-    return out
+    """Each unconditional sample's target becomes another unconditional sample's image."""
+    keys = torch.rand(indicator.numel(), generator=generator)
+    return z1[unconditional_partners((indicator == UNCONDITIONAL).cpu(), keys).to(z1.device)]
+
+
+@dataclass
+class Noise:
+    """The randomness of one micro-batch on one rank: t, the CFG indicator, eps of z0, and where
+    each sample's target image comes from in the micro-step's gathered batch (all ranks)."""
+    t: torch.Tensor  # (b,)
+    indicator: torch.Tensor  # (b,) long
+    eps: torch.Tensor  # (b, C, H, W)
+    target_source: torch.Tensor  # (b,) long, rows of the gathered (rank-major) z1
+
+
+def _sample_seed(seed: int, step: int, index: int) -> int:
+    return ((seed * 1_000_003 + step) * 2_147_483_647 + index) & (2**63 - 1)
+
+
+def draw_noise(cfg, seed: int, step: int, first_index: int, micro_batch: int, rank: int, world_size: int,
+               latent_shape, device) -> Noise:
+    """Noise keyed by (seed, optimizer step, the sample's position in the step's global batch), not
+    by rank or micro-batch size, so N ranks draw exactly what one process with the same global
+    batch draws. Samplers deal the global batch round-robin: rank r's i-th sample of the micro-step
+    starting at position ``first_index`` (= k * micro_batch * world_size) is at
+    ``first_index + i * world_size + r``. One small CPU generator per sample: cheap next to a step."""
+    M = micro_batch * world_size
+    t, uncond, keys, eps = torch.empty(M), torch.zeros(M, dtype=torch.bool), torch.empty(M), []
+    for q in range(M):  # q: row of the gathered batch (rank-major)
+        r, i = divmod(q, micro_batch)
+        g = torch.Generator().manual_seed(_sample_seed(seed, step, first_index + i * world_size + r))
+        t[q] = sample_time(1, cfg, "cpu", g)[0]
+        uncond[q] = torch.rand(1, generator=g)[0] < cfg.uncond_prob
+        keys[q] = torch.rand(1, generator=g)[0]
+        if r == rank:
+            eps.append(torch.randn(tuple(latent_shape), generator=g))
+    local = slice(rank * micro_batch, (rank + 1) * micro_batch)
+    indicator = torch.where(uncond, UNCONDITIONAL, CONDITIONAL).long()
+    return Noise(t=t[local].to(device), indicator=indicator[local].to(device), eps=torch.stack(eps).to(device),
+                 target_source=unconditional_partners(uncond, keys)[local].to(device))
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -88,19 +133,36 @@ def contrastive_loss(z0: torch.Tensor, image_emb: torch.Tensor, logit_scale: tor
     return 0.5 * (F.cross_entropy(logits_t2i, labels) + F.cross_entropy(logits_i2t, labels))
 
 
+def _gather_batch(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, rank-major, without gradient (targets are data)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    rows = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, x.contiguous())
+    return torch.cat(rows)
+
+
 def crossflow_losses(model, z1: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor, cfg,
-                     ops=TORCH_OPS, generator: torch.Generator | None = None) -> Losses:
-    """One forward of the whole objective for a batch (z1: target latents (B, C, H, W))."""
+                     ops=TORCH_OPS, noise: Noise | None = None,
+                     generator: torch.Generator | None = None) -> Losses:
+    """One forward of the whole objective for a batch (z1: target latents (B, C, H, W)).
+    ``noise`` (from ``draw_noise``) fixes every random draw; without it they come from ``generator``."""
     B = z1.shape[0]
-    z0, mu, logvar = model.encode_text(text_emb, text_mask, generator=generator)  # (B, C, H, W) each
-    indicator = draw_indicator(B, cfg.uncond_prob, z1.device, generator)  # (B,)
-    target = swap_unconditional_targets(z1, indicator, generator)  # (B, C, H, W)
-    t = sample_time(B, cfg, z1.device, generator)  # (B,)
+    if noise is None:
+        z0, mu, logvar = model.encode_text(text_emb, text_mask, generator=generator)  # (B, C, H, W) each
+        indicator = draw_indicator(B, cfg.uncond_prob, z1.device, generator)  # (B,)
+        target = swap_unconditional_targets(z1, indicator, generator)  # (B, C, H, W)
+        t = sample_time(B, cfg, z1.device, generator)  # (B,)
+    else:
+        z0, mu, logvar = model.encode_text(text_emb, text_mask, eps=noise.eps)  # (B, C, H, W) each
+        indicator, t = noise.indicator, noise.t
+        target = _gather_batch(z1)[noise.target_source]  # uncond targets may come from other ranks
+    cond = model.text_condition(text_emb, text_mask)  # None for CrossFlow: its text is all in z0
     x_t = ops.interpolate(z0, target, t, cfg.sigma_min)  # (B, C, H, W)
-    v = model.velocity(x_t, t, indicator)
+    v = model.velocity(x_t, t, indicator, cond)
     fm = ops.flow_matching_loss(v, z0, target, cfg.sigma_min).mean()
     kl = kl_divergence(mu, logvar)
-    con = contrastive_loss(z0, model.embed_image(z1), model.logit_scale) if cfg.contrastive_weight > 0 \
-        else fm.new_zeros(())
+    con = contrastive_loss(z0, *model.embed_image(z1)) \
+        if cfg.contrastive_weight > 0 and model.source_from_text else fm.new_zeros(())
     total = fm + cfg.kl_weight * kl + cfg.contrastive_weight * con
     return Losses(total=total, flow_matching=fm, kl=kl, contrastive=con)

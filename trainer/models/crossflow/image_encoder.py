@@ -12,8 +12,10 @@ import torch.nn as nn
 
 
 class ImageEncoder(nn.Module):
-    def __init__(self, latent_shape: tuple[int, int, int], width: int = 64):
+    def __init__(self, latent_shape: tuple[int, int, int], width: int = 64, init_temperature: float = 0.07):
         super().__init__()
+        # CLIP-style learnable temperature, stored as log(1 / T); shape (1,): DeepSpeed broadcasts no 0-d tensors.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
         C = latent_shape[0]
         self.out_dim = math.prod(latent_shape)
 
@@ -25,7 +27,8 @@ class ImageEncoder(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(4)
         self.head = nn.Sequential(nn.Linear(4 * width * 16, 4 * width), nn.SiLU(), nn.Linear(4 * width, self.out_dim))
 
-    def forward(self, z1: torch.Tensor) -> torch.Tensor:
-        """z1 (B, C, H, W) -> embedding (B, C*H*W), unnormalized."""
+    def forward(self, z1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z1 (B, C, H, W) -> (embedding (B, C*H*W) unnormalized, logit scale (1,)).
+        The scale is returned from forward so ZeRO-3 has gathered it when the loss reads it."""
         x = self.pool(self.stages(self.stem(z1)))  # (B, 4w, 4, 4)
-        return self.head(x.flatten(1))
+        return self.head(x.flatten(1)), self.logit_scale * 1.0
