@@ -317,8 +317,13 @@ class StepStats:
         return {("loss" if k == "total" else k): float(v) for k, v in zip(keys, vec.tolist())}
 
 
-def train(cfg: Config) -> dict:
-    """Train per ``cfg`` as this process's rank; returns a summary (rank 0 writes summary.json)."""
+def train(cfg: Config, on_checkpoint=None, resume_from: Path | None = None) -> dict:
+    """Train per ``cfg`` as this process's rank; returns a summary (rank 0 writes summary.json).
+
+    on_checkpoint(step, checkpoint_dir, last_metrics): called on every rank after each complete
+        checkpoint (e.g. to report it to Ray Train); it observes, it must not change training.
+    resume_from: a checkpoint directory to resume from, overriding ``train.resume``.
+    """
     info = init_distributed(cfg.train.device)
     rank, world, device = info.rank, info.world_size, info.device
     out_dir = Path(cfg.train.out_dir)
@@ -335,7 +340,7 @@ def train(cfg: Config) -> dict:
     module = engine.module
 
     step = 0
-    resume_from = resolve_resume(cfg.train.resume, out_dir)
+    resume_from = resume_from or resolve_resume(cfg.train.resume, out_dir)
     if resume_from is not None:
         step = load_checkpoint(engine, data.stream, resume_from, rank)
         if rank == 0:
@@ -405,7 +410,9 @@ def train(cfg: Config) -> dict:
                     history.append(record)
                 stats = StepStats()
             if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
-                save_checkpoint(engine, data.stream, cfg, step, rank)
+                ckpt = save_checkpoint(engine, data.stream, cfg, step, rank)
+                if on_checkpoint is not None:
+                    on_checkpoint(step, ckpt, history[-1] if history else {})
             if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.steps:
                 grid = out_dir / "samples" / f"step_{step:08d}.png"
                 write_samples(engine, data, cfg, grid, rank, seen_captions)
@@ -414,6 +421,8 @@ def train(cfg: Config) -> dict:
                 metrics.log({"step": step, **run_shapes_eval(engine, data, cfg, step, rank)})
 
         final = save_checkpoint(engine, data.stream, cfg, step, rank)
+        if on_checkpoint is not None:
+            on_checkpoint(step, final, history[-1] if history else {})
         grid = out_dir / "samples" / "final.png"
         write_samples(engine, data, cfg, grid, rank, seen_captions)
         metrics.log_image(grid, step)
