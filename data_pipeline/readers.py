@@ -243,6 +243,9 @@ def _make_mds_dataset_class():
                 reason = e if isinstance(e, BadDataError) else BadDataError(
                     f"{self._where(shard_id)} cannot be read: {type(e).__name__}: {e}")
                 if self.on_error != "skip":
+                    # Streaming left the shard PREPARING: other workers would wait on it forever.
+                    # Back to REMOTE, so each of them tries, fails and raises too.
+                    self._shard_states[shard_id] = _ShardState.REMOTE
                     raise reason from e
                 # Mark it LOCAL so streaming's ready thread moves on; get_item skips its samples.
                 self._bad_shards[shard_id] = str(reason)
