@@ -215,6 +215,39 @@ class EvalConfig:
 
 
 @dataclass
+class ClusterConfig:
+    use_ray: bool = _f(True, "crossflow train runs through Ray Train (TorchTrainer); false = this process, or torchrun "
+                             "with --nproc (debugging)")
+    preset: str = _f("", "cluster values loaded first from configs/cluster/<preset>.yaml (or a YAML path); keys set "
+                         "in the config file or overrides win")
+    address: str = _f("", "Ray cluster to join (auto, host:port, ray://...); empty = RAY_ADDRESS, else an embedded "
+                          "local cluster")
+    num_workers: int = _f(2, "training workers (one DeepSpeed rank each: one per GPU, or CPU workers on gloo)")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker (also its OMP_NUM_THREADS, at least 1)")
+    gpus_per_worker: float = _f(0.0, "GPUs per worker; > 0 trains on CUDA with nccl")
+    memory_per_worker_gb: float = _f(0.0, "heap memory reserved per worker in GiB; 0 reserves none")
+    placement_strategy: str = _f("PACK", "placement group strategy: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+    max_failures: int = _f(1, "worker-group restarts from the latest checkpoint after a worker dies; -1 = no limit")
+    storage_path: str = _f("", "where Ray Train persists reported checkpoints: a folder or s3://bucket/prefix "
+                               "(default: <train.out_dir>/ray)")
+    name: str = _f("", "Ray Train run name under storage_path (default: the out_dir's name); a re-run with "
+                       "train.resume=auto continues it")
+    stop_timeout_s: float = _f(120.0, "on Ctrl-C/SIGTERM: seconds the workers get to write a final checkpoint "
+                                      "before they are killed")
+
+    def validate(self) -> None:
+        _choice("cluster.placement_strategy", self.placement_strategy,
+                ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+        if self.num_workers <= 0:
+            raise ConfigError(f"cluster.num_workers must be positive, got {self.num_workers}")
+        for name in ("cpus_per_worker", "gpus_per_worker", "memory_per_worker_gb", "stop_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"cluster.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_failures < -1:
+            raise ConfigError(f"cluster.max_failures must be >= -1, got {self.max_failures}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -224,6 +257,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -318,6 +352,7 @@ def _nest(path: list[str], value: Any) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- overrides, then validation. Raises ConfigError naming the key."""
     cfg = Config()
+    values: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -328,11 +363,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        _apply(cfg, values, "")
-    for item in overrides:
-        keys, value = parse_override(item)
+    parsed = [parse_override(item) for item in overrides]
+    preset = next((v for k, v in reversed(parsed) if k == ["cluster", "preset"]), None)
+    if preset is None and isinstance(values.get("cluster"), dict):
+        preset = values["cluster"].get("preset")
+    if preset:  # lowest precedence: the file's and the overrides' cluster keys win
+        _apply(cfg, {"cluster": cluster_preset_values(str(preset))}, "")
+    _apply(cfg, values, "")
+    for keys, value in parsed:
         _apply(cfg, _nest(keys, value), "")
     return cfg.validate()
+
+
+CLUSTER_PRESETS = Path(__file__).resolve().parents[1] / "configs" / "cluster"
+
+
+def cluster_preset_values(preset: str) -> dict:
+    """The cluster keys of ``configs/cluster/<preset>.yaml`` (or of a YAML file path): a flat mapping."""
+    path = Path(preset) if preset.endswith((".yaml", ".yml")) else CLUSTER_PRESETS / f"{preset}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CLUSTER_PRESETS.glob("*.yaml"))
+        raise ConfigError(f"cluster.preset {preset!r}: no file {path} (presets: {known})")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict) or "preset" in values:
+        raise ConfigError(f"{path}: must be a flat mapping of cluster keys (no 'preset')")
+    return values
 
 
 def config_from_dict(values: dict) -> Config:

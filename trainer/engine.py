@@ -44,6 +44,9 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     """Join (or create, for a lone process) the process group: torchrun, Ray Train and a bare
     ``python`` all end here. gloo on CPU, nccl on CUDA."""
     import deepspeed
+    if "RANK" not in os.environ and dist.is_initialized():  # a launcher made the group without env vars
+        os.environ.update(RANK=str(dist.get_rank()), WORLD_SIZE=str(dist.get_world_size()),
+                          LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
     if "RANK" not in os.environ:  # a single process without a launcher: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))

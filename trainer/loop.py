@@ -292,6 +292,14 @@ def run_shapes_eval(engine: Engine, data: DataBundle, cfg: Config, step: int, ra
 
 
 # ----------------------------------------------------------------------------- loop
+def stop_agreed(local: bool, device: torch.device) -> bool:
+    """True on every rank when any rank asks to stop (one small all-reduce, at logging steps only)."""
+    flag = torch.tensor([1.0 if local else 0.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 class StepStats:
     """Loss sums kept on the device between logging intervals (no host sync per step)."""
 
@@ -317,12 +325,14 @@ class StepStats:
         return {("loss" if k == "total" else k): float(v) for k, v in zip(keys, vec.tolist())}
 
 
-def train(cfg: Config, on_checkpoint=None, resume_from: Path | None = None) -> dict:
+def train(cfg: Config, on_checkpoint=None, resume_from: Path | None = None, should_stop=None) -> dict:
     """Train per ``cfg`` as this process's rank; returns a summary (rank 0 writes summary.json).
 
     on_checkpoint(step, checkpoint_dir, last_metrics): called on every rank after each complete
         checkpoint (e.g. to report it to Ray Train); it observes, it must not change training.
     resume_from: a checkpoint directory to resume from, overriding ``train.resume``.
+    should_stop(): polled at each logging step (e.g. a launcher's Ctrl-C); when any rank says True,
+        all stop together, write a final checkpoint and return with ``summary["stopped"]``.
     """
     info = init_distributed(cfg.train.device)
     rank, world, device = info.rank, info.world_size, info.device
@@ -359,6 +369,7 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | None = None) -> d
     history: list[dict] = []
     stats, skipped_total, skipped_in_row = StepStats(), 0, 0
     seen_captions: list[str] = []
+    stopped = False
 
     module.train()
     try:
@@ -419,19 +430,25 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | None = None) -> d
                 metrics.log_image(grid, step)
             if eval_shapes and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
                 metrics.log({"step": step, **run_shapes_eval(engine, data, cfg, step, rank)})
+            if should_stop is not None and step % cfg.train.log_every == 0 and step < cfg.train.steps:
+                if stop_agreed(should_stop(), device):
+                    stopped = True
+                    break
 
         final = save_checkpoint(engine, data.stream, cfg, step, rank)
         if on_checkpoint is not None:
             on_checkpoint(step, final, history[-1] if history else {})
         grid = out_dir / "samples" / "final.png"
-        write_samples(engine, data, cfg, grid, rank, seen_captions)
-        metrics.log_image(grid, step)
-        scores = run_shapes_eval(engine, data, cfg, step, rank) if eval_shapes else {}
+        if not stopped:  # a stop request wants the checkpoint, not the minutes of sampling
+            write_samples(engine, data, cfg, grid, rank, seen_captions)
+            metrics.log_image(grid, step)
+        scores = run_shapes_eval(engine, data, cfg, step, rank) if eval_shapes and not stopped else {}
         if scores:
             metrics.log({"step": step, **scores})
     finally:
         metrics.close()
-    summary = {"steps": step, "checkpoint": str(final), "samples": str(grid), "skipped_steps": skipped_total,
+    summary = {"steps": step, "stopped": stopped, "checkpoint": str(final), "samples": str(grid),
+               "skipped_steps": skipped_total,
                "first_loss": history[0]["loss"] if history else None,
                "final_loss": history[-1]["loss"] if history else None,
                "metrics": str(out_dir / "metrics.jsonl"), **scores}

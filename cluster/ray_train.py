@@ -1,0 +1,252 @@
+"""Ray Train around ``trainer.loop.train``: one TorchTrainer worker = one DeepSpeed rank.
+
+``run_training(cfg)`` is what ``crossflow train`` calls by default. It joins the cluster named by
+``cluster.address`` / ``RAY_ADDRESS``, or starts an embedded local one (no dashboard), builds
+ScalingConfig / FailureConfig / CheckpointConfig from ``cfg.cluster`` and runs ``train_worker``
+on every worker. Ray Train makes the process group (gloo on CPU, nccl on GPU) and sets RANK,
+WORLD_SIZE, LOCAL_RANK; ``trainer.engine.init_distributed`` joins it.
+
+Checkpoints: the loop writes ``<out_dir>/checkpoints/step_XXXXXXXX`` collectively; after each one,
+every rank reports the files it wrote (its ZeRO shards, RNG, EMA partition; rank 0 also the
+shared files) and Ray merges them into ``<storage_path>/<name>/step_XXXXXXXX``: the same flat
+layout, so ``trainer.loop.load_checkpoint`` reads Ray's copy directly.
+
+Failures: when a worker dies, Ray restarts the group (``cluster.max_failures``); the new workers
+get the last reported checkpoint from ``ray.train.get_checkpoint()`` and resume from it (weights,
+optimizer, step, data position, RNG), so at most one ``train.ckpt_every`` interval is redone.
+Each launch has an id written into its checkpoints: a checkpoint of an earlier launch of the same
+run name is resumed only with ``train.resume=auto``.
+
+Shutdown: the first Ctrl-C / SIGTERM on the driver asks the workers to stop; they agree at the
+next logging step, write a final checkpoint and return. A second signal, or
+``cluster.stop_timeout_s`` later, ends the workers at once.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.v2.api.config import LoggingConfig
+from ray.train.torch import TorchTrainer
+
+from trainer.checkpoint import tmp_tag
+from trainer.config import Config, config_from_dict
+
+LAUNCH_FILE = "ray_launch.json"  # in rank 0's part of every reported checkpoint
+PID_DIR = "ray_workers"  # <out_dir>/ray_workers/rank{r}.pid: each worker's process id
+# Files a rank writes for itself; everything else in a checkpoint is written by rank 0.
+RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|(?:rng|ema)_rank(\d+)\.pt$")
+
+
+# ----------------------------------------------------------------------------- configs
+def storage_path(cfg: Config) -> str:
+    """Where Ray persists checkpoints: ``cluster.storage_path`` or ``<out_dir>/ray`` (absolute)."""
+    return cfg.cluster.storage_path or str(Path(cfg.train.out_dir).resolve() / "ray")
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.cluster.name or Path(cfg.train.out_dir).resolve().name
+
+
+def scaling_config(cfg: Config) -> ScalingConfig:
+    c = cfg.cluster
+    resources = {"CPU": c.cpus_per_worker}
+    if c.gpus_per_worker:
+        resources["GPU"] = c.gpus_per_worker
+    if c.memory_per_worker_gb:
+        resources["memory"] = int(c.memory_per_worker_gb * 2**30)
+    return ScalingConfig(num_workers=c.num_workers, use_gpu=c.gpus_per_worker > 0,
+                         resources_per_worker=resources, placement_strategy=c.placement_strategy)
+
+
+def ray_run_config(cfg: Config) -> RunConfig:
+    threads = str(max(1, int(cfg.cluster.cpus_per_worker)))
+    return RunConfig(
+        name=run_name(cfg), storage_path=storage_path(cfg),
+        failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
+        # ERROR: without a dashboard Ray Train's state-API probes warn every few seconds
+        logging_config=LoggingConfig(log_level="ERROR"),
+        worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}})
+
+
+# ----------------------------------------------------------------------------- worker side
+def rank_files(ckpt_dir: Path, rank: int) -> list[Path]:
+    """The files of a checkpoint that ``rank`` wrote (rank 0: also those no rank is named in)."""
+    out = []
+    for path in sorted(ckpt_dir.iterdir()):
+        m = RANK_FILE.search(path.name)
+        owner = int(m.group(1) or m.group(2)) if m else 0
+        if owner == rank:
+            out.append(path)
+    return out
+
+
+def stage_rank_files(ckpt_dir: Path, step: int, rank: int, staging: Path, launch_id: str) -> Path:
+    """Hard links (copies across file systems) of this rank's files, in a directory to report.
+    Without a shared out_dir a non-zero rank finds its files still in the temporary directory."""
+    src = ckpt_dir if ckpt_dir.is_dir() else ckpt_dir.parent / tmp_tag(step)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    for path in rank_files(src, rank):
+        if path.is_dir():
+            shutil.copytree(path, staging / path.name)
+            continue
+        try:
+            os.link(path, staging / path.name)
+        except OSError:
+            shutil.copy2(path, staging / path.name)
+    if rank == 0:
+        (staging / LAUNCH_FILE).write_text(json.dumps({"launch_id": launch_id, "step": step}))
+    return staging
+
+
+class CheckpointReporter:
+    """``on_checkpoint`` for ``trainer.loop.train``: every rank reports its part to Ray Train."""
+
+    def __init__(self, out_dir: Path, rank: int, launch_id: str):
+        self.staging_root = out_dir / "ray_staging" / f"rank{rank}"
+        self.rank, self.launch_id = rank, launch_id
+
+    def __call__(self, step: int, ckpt_dir: Path, last_metrics: dict) -> None:
+        staging = stage_rank_files(Path(ckpt_dir), step, self.rank, self.staging_root / Path(ckpt_dir).name,
+                                   self.launch_id)
+        metrics = {k: v for k, v in last_metrics.items() if isinstance(v, (int, float))}
+        metrics["step"] = step
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
+                         checkpoint_dir_name=Path(ckpt_dir).name)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@ray.remote(num_cpus=0)
+class RunControl:
+    """Between the driver and the workers: the stop request (set by the driver on Ctrl-C /
+    SIGTERM, polled by the workers at each logging step) and rank 0's summary at the end."""
+
+    def __init__(self):
+        self.stop, self.summary = False, None
+
+    def set(self) -> None:
+        self.stop = True
+
+    def is_set(self) -> bool:
+        return self.stop
+
+    def put_summary(self, summary: dict) -> None:
+        self.summary = summary
+
+    def get_summary(self) -> dict | None:
+        return self.summary
+
+
+def _resume_dir_for(checkpoint_dir: Path, launch_id: str, resume: str) -> Path | None:
+    """Ray's checkpoint is resumed when this launch wrote it (a worker restart), or with resume=auto."""
+    launch = checkpoint_dir / LAUNCH_FILE
+    same_launch = launch.is_file() and json.loads(launch.read_text()).get("launch_id") == launch_id
+    return checkpoint_dir if same_launch or resume == "auto" else None
+
+
+def train_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: the training loop of one rank, reporting to Ray."""
+    from trainer.loop import train
+    cfg = config_from_dict(config["cfg"])
+    rank = ray.train.get_context().get_world_rank()
+    out_dir = Path(cfg.train.out_dir)
+    (out_dir / PID_DIR).mkdir(parents=True, exist_ok=True)
+    (out_dir / PID_DIR / f"rank{rank}.pid").write_text(f"{os.getpid()}\n")
+    control = config["control"]
+    should_stop = lambda: ray.get(control.is_set.remote())  # noqa: E731
+    reporter = CheckpointReporter(out_dir, rank, config["launch_id"])
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        summary = train(cfg, on_checkpoint=reporter, should_stop=should_stop)
+    else:
+        with checkpoint.as_directory() as local:  # the storage folder itself when storage is local
+            resume = _resume_dir_for(Path(local), config["launch_id"], cfg.train.resume)
+            summary = train(cfg, on_checkpoint=reporter, resume_from=resume, should_stop=should_stop)
+    if rank == 0:
+        ray.get(control.put_summary.remote(summary))
+
+
+# ----------------------------------------------------------------------------- driver side
+def connect(cfg: Config) -> bool:
+    """Join ``cluster.address`` / RAY_ADDRESS, or start an embedded local cluster. Returns True
+    when this process started the cluster (and must shut it down)."""
+    if ray.is_initialized():
+        return False
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    c = cfg.cluster
+    ray.init(num_cpus=max(1, math.ceil(c.num_workers * c.cpus_per_worker)),
+             num_gpus=math.ceil(c.num_workers * c.gpus_per_worker) if c.gpus_per_worker else None,
+             include_dashboard=False, log_to_driver=True)
+    return True
+
+
+class GracefulStop:
+    """First SIGINT/SIGTERM: ask the workers to stop (final checkpoint). Second one, or
+    ``timeout`` seconds later: KeyboardInterrupt in the driver, which ends the workers."""
+
+    def __init__(self, flag, timeout: float):
+        self.flag, self.timeout, self.requested = flag, timeout, False
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"crossflow: {signal.Signals(signum).name}: stopping at the next logging step with a final "
+              f"checkpoint (again to stop now; forced in {self.timeout:.0f} s)", flush=True)
+        self.flag.set.remote()
+        timer = threading.Timer(self.timeout, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.daemon = True
+        timer.start()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def run_training(cfg: Config) -> dict:
+    """Train ``cfg`` on Ray (``cluster.*``); returns rank 0's summary (``trainer.loop.train``'s)."""
+    cfg.train.out_dir = str(Path(cfg.train.out_dir).resolve())  # workers may not share our cwd
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # relative data paths mean the driver's cwd
+    started = connect(cfg)
+    try:
+        control = RunControl.remote()
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"cfg": cfg.to_dict(), "launch_id": uuid.uuid4().hex, "control": control},
+            scaling_config=scaling_config(cfg), run_config=ray_run_config(cfg))
+        t0 = time.perf_counter()
+        with GracefulStop(control, cfg.cluster.stop_timeout_s):
+            result = trainer.fit()
+        summary = ray.get(control.get_summary.remote())
+        summary["ray_wall_s"] = time.perf_counter() - t0
+        summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None
+        return summary
+    finally:
+        if started:
+            ray.shutdown()

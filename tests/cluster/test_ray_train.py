@@ -1,0 +1,98 @@
+"""`crossflow train` on the embedded Ray cluster: 2 DeepSpeed workers, a worker killed mid-run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.ray_train import PID_DIR, rank_files
+from tests.cluster.conftest import REPO, cli, ray_tiny_overrides
+from trainer.checkpoint import latest_checkpoint
+from trainer.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def loss_records(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc {proc.returncode}) before {what}:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_rank_files_partition_a_checkpoint(tmp_path):
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_10_mp_rank_00_model_states.pt",
+             "rng_rank0.pt", "rng_rank1.pt", "ema_rank1.pt", "ema.pt", "trainer.pt", "weights.safetensors",
+             "config.yaml"]
+    for n in names:
+        (tmp_path / n).write_text("")
+    by_rank = {r: {p.name for p in rank_files(tmp_path, r)} for r in (0, 1, 10)}
+    assert by_rank[1] == {"zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_rank1.pt", "ema_rank1.pt"}
+    assert by_rank[10] == {"zero_pp_rank_10_mp_rank_00_model_states.pt"}
+    assert set().union(*by_rank.values()) == set(names) and sum(map(len, by_rank.values())) == len(names)
+
+
+def test_worker_killed_mid_run_resumes_from_last_checkpoint(tmp_path):
+    """SIGKILL rank 1 after the first checkpoint: Ray restarts the group from it, the run ends at
+    the planned step, at most one checkpoint interval is redone and the redone steps see the same
+    data (same losses), and the data position at the end is exactly the planned number of batches."""
+    run, steps, every = tmp_path / "run", 60, 20
+    cmd = cli("train", "--config", "configs/demo.yaml",
+              *ray_tiny_overrides(run, **{"train.steps": steps, "train.ckpt_every": every, "train.log_every": 5,
+                                          "cluster.max_failures": 1}))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # Kill once checkpoint 20 exists and a later step was logged (so some redone steps are logged twice).
+        wait_for(lambda: latest_checkpoint(run) is not None and (run / "metrics.jsonl").is_file()
+                 and any(r["step"] > every for r in loss_records(run)), 240, proc, "a step after checkpoint 20")
+        resume_step = int(latest_checkpoint(run).name.split("_")[1])
+        pid = int((run / PID_DIR / "rank1.pid").read_text())
+        killed_after = max(r["step"] for r in loss_records(run))
+        os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+    assert proc.returncode == 0, out[-4000:]
+    assert f"trained {steps} steps" in out
+    assert f"at step {resume_step}" in out  # "resumed from ... at step N" after the restart
+    assert int((run / PID_DIR / "rank1.pid").read_text()) != pid  # a new worker process
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == steps
+    assert killed_after - resume_step < every + 5  # no more than one interval (plus a logging step) redone
+    records = loss_records(run)
+    assert max(r["step"] for r in records) == steps
+    first, again = {}, {}
+    for r in records:
+        (again if r["step"] in first else first)[r["step"]] = r["loss"]
+    assert again and min(again) > resume_step, (sorted(first), sorted(again))  # the redone logging steps
+    for s, loss in again.items():  # same batches, same noise: the data stream resumed where it was
+        assert loss == pytest.approx(first[s], rel=1e-5), s
+
+    final = torch.load(run / "checkpoints" / f"step_{steps:08d}" / "trainer.pt", weights_only=False)
+    per_epoch = 512 // 2 // 4  # samples / ranks / per-rank batch
+    assert final["step"] == steps
+    assert final["data"]["epoch"] * per_epoch + final["data"]["batch_in_epoch"] == steps  # nothing skipped
+    ray_ckpt = run / "ray" / run.name / f"step_{steps:08d}"  # Ray's merged copy: every rank's files
+    assert {"trainer.pt", "rng_rank0.pt", "rng_rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= {
+        p.name for p in ray_ckpt.iterdir()}
