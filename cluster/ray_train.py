@@ -192,7 +192,8 @@ def connect(cfg: Config) -> bool:
         ray.init(address=address, log_to_driver=True)
         return False
     c = cfg.cluster
-    ray.init(num_cpus=max(1, math.ceil(c.num_workers * c.cpus_per_worker)),
+    ray.init(address="local",  # a new cluster, even when `ray start` left one (or its address file) behind
+             num_cpus=max(1, math.ceil(c.num_workers * c.cpus_per_worker)),
              num_gpus=math.ceil(c.num_workers * c.gpus_per_worker) if c.gpus_per_worker else None,
              include_dashboard=False, log_to_driver=True)
     return True
@@ -229,6 +230,25 @@ class GracefulStop:
         return False
 
 
+def fit_in_thread(trainer: TorchTrainer):
+    """``trainer.fit()`` off the main thread, so that Ray Train's own SIGINT handler (abort at once,
+    no checkpoint) is not installed and ours (``GracefulStop``) keeps the signals."""
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # re-raised in the main thread
+            outcome["error"] = e
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def run_training(cfg: Config) -> dict:
     """Train ``cfg`` on Ray (``cluster.*``); returns rank 0's summary (``trainer.loop.train``'s)."""
     cfg.train.out_dir = str(Path(cfg.train.out_dir).resolve())  # workers may not share our cwd
@@ -242,7 +262,7 @@ def run_training(cfg: Config) -> dict:
             scaling_config=scaling_config(cfg), run_config=ray_run_config(cfg))
         t0 = time.perf_counter()
         with GracefulStop(control, cfg.cluster.stop_timeout_s):
-            result = trainer.fit()
+            result = fit_in_thread(trainer)
         summary = ray.get(control.get_summary.remote())
         summary["ray_wall_s"] = time.perf_counter() - t0
         summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None

@@ -59,6 +59,9 @@ def ray_head():
         _, alive = psutil.wait_procs(procs, timeout=15)
         for p in alive:
             p.kill()
+        current = Path("/tmp/ray/ray_current_cluster")  # what `ray stop` would remove: ours only
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 def test_entrypoint_needs_the_config_inside_the_working_dir(tmp_path):

@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -96,3 +97,27 @@ def test_worker_killed_mid_run_resumes_from_last_checkpoint(tmp_path):
     ray_ckpt = run / "ray" / run.name / f"step_{steps:08d}"  # Ray's merged copy: every rank's files
     assert {"trainer.pt", "rng_rank0.pt", "rng_rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= {
         p.name for p in ray_ckpt.iterdir()}
+
+
+def test_ctrl_c_stops_every_worker_with_a_final_checkpoint(tmp_path):
+    """The first SIGINT to the driver: the workers stop together at the next logging step, write a
+    final checkpoint there, and every worker process is gone when the command returns."""
+    run = tmp_path / "run"
+    cmd = cli("train", "--config", "configs/demo.yaml",
+              *ray_tiny_overrides(run, **{"train.steps": 1000, "train.log_every": 5}))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: (run / "metrics.jsonl").is_file() and loss_records(run), 240, proc, "the first logging step")
+        pids = [int((run / PID_DIR / f"rank{r}.pid").read_text()) for r in (0, 1)]
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    stopped = int(out.split("stopped at step ")[1].split(":")[0])
+    assert 0 < stopped < 1000 and stopped % 5 == 0
+    assert latest_checkpoint(run).name == f"step_{stopped:08d}"
+    assert json.loads((run / "summary.json").read_text())["stopped"] is True
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
