@@ -292,6 +292,22 @@ def _make_mds_dataset_class():
                     self.prepare_shard(shard_id)
             raise BadDataError(f"{self._where(shard_id, idx)}: shard file keeps disappearing (cache_limit too low?)")
 
+        # streaming's epoch end (_Iterator.exit) waits for its three loops to report their exit;
+        # a background thread that raises never does, and the epoch would hang. Report it anyway.
+        def _prepare_thread(self, it) -> None:
+            try:
+                super()._prepare_thread(it)
+            except BaseException:
+                it.on_exit()
+                raise
+
+        def _ready_thread(self, it) -> None:
+            try:
+                super()._ready_thread(it)
+            except BaseException:
+                it.on_exit()
+                raise
+
         def on_exception(self, future) -> None:
             if future.exception() is not None and self._background_error is None:
                 self._background_error = future.exception()
