@@ -30,7 +30,7 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 def test_cli_train_then_sample(tmp_path):
     run = tmp_path / "run"
-    out = run_cli("train", "--config", "configs/demo.yaml",
+    out = run_cli("train", "--no-ray", "--config", "configs/demo.yaml",
                   *tiny_overrides(run, **{"data.text_encoder": "minilm", "data.max_tokens": 16, "train.steps": 6}))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "trained 6 steps" in out.stdout
@@ -46,7 +46,7 @@ def test_cli_train_then_sample(tmp_path):
 
 
 def test_cli_bad_config_names_the_key(tmp_path):
-    out = run_cli("train", "--config", "configs/demo.yaml", "optim.lrr=1", f"train.out_dir={tmp_path}")
+    out = run_cli("train", "--config", "configs/demo.yaml", "optim.lrr=1", f"train.out_dir={tmp_path}")  # before Ray starts
     assert out.returncode == 2 and "optim.lrr" in out.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
 

@@ -21,13 +21,26 @@ def _train(args: argparse.Namespace) -> int:
 
     from trainer.config import load_config
     cfg = load_config(args.config, args.overrides)  # fail on a bad config before any worker starts
-    if args.nproc > 1 and "RANK" not in os.environ:
+    if cfg.cluster.use_ray and not args.no_ray and "RANK" not in os.environ:
+        from cluster.ray_train import run_training  # Ray Train: embedded cluster unless an address is given
+        cfg.cluster.address = args.address or cfg.cluster.address
+        cfg.cluster.num_workers = args.nproc or cfg.cluster.num_workers
+        summary = run_training(cfg)
+    elif (args.nproc or 1) > 1 and "RANK" not in os.environ:
         return launch_torchrun(args.nproc, ["train", "--config", args.config, *args.overrides])
-    from trainer.loop import train
-    summary = train(cfg)
+    else:
+        from trainer.loop import train
+        summary = train(cfg)
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
-    print(f"trained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
+    if summary.get("stopped"):
+        print(f"stopped at step {summary['steps']}: checkpoint {summary['checkpoint']} "
+              f"(continue with train.resume=auto)")
+        return 0
+    if summary["first_loss"] is not None:
+        print(f"trained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
+    else:
+        print(f"nothing to train: already at step {summary['steps']}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"samples:    {summary['samples']}")
     if "shapes_eval/overall" in summary:
@@ -107,6 +120,13 @@ def _ode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
+def _export(args: argparse.Namespace) -> int:
+    from trainer.export import export_checkpoint
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from trainer.config import describe, load_config
     print(describe(load_config(args.config, args.overrides)))
@@ -122,8 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a YAML config",
                        description="Train CrossFlow. Values: dataclass defaults <- --config YAML <- overrides.")
     p.add_argument("--config", default="configs/demo.yaml", help="YAML config file (default: configs/demo.yaml)")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="processes on this node (torchrun; one per GPU, or CPU workers on gloo); default 1")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="training processes (one per GPU, or CPU workers on gloo): Ray workers "
+                        "(cluster.num_workers), or with --no-ray torchrun processes on this node")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (auto, host:port); default: RAY_ADDRESS, else an embedded local cluster")
+    p.add_argument("--no-ray", action="store_true",
+                   help="debugging: train in this process (or under torchrun with --nproc), without Ray")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=_train)
 
@@ -162,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     _ode_args(p)
     p.set_defaults(func=_arithmetic)
 
+    p = sub.add_parser("export", help="one consolidated safetensors file (model + EMA) from a checkpoint",
+                       description="Consolidate a DeepSpeed checkpoint (any ZeRO stage) into one safetensors file "
+                                   "holding the live weights (model.*) and the EMA (ema.*), with the model args and "
+                                   "config as metadata. `crossflow sample --checkpoint FILE` loads it without DeepSpeed.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.set_defaults(func=_export)
+
     p = sub.add_parser("config", help="print every config key with its value and help",
                        description="Resolve a config (file + overrides), validate it, print it with help texts.")
     p.add_argument("--config", default=None, help="YAML config file (default: built-in defaults)")
@@ -174,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_commands(sub)
     from trainer.sweep_cli import add_sweep_commands  # `crossflow sweep analyze`
     add_sweep_commands(sub)
+    from cluster.cli import add_cluster_commands  # `crossflow submit`, `crossflow jobs ...` (Ray imported lazily)
+    add_cluster_commands(sub)
     return parser
 
 

@@ -42,21 +42,30 @@ def _free_port() -> int:
 
 def init_distributed(device_name: str = "auto") -> DistInfo:
     """Join (or create, for a lone process) the process group: torchrun, Ray Train and a bare
-    ``python`` all end here. gloo on CPU, nccl on CUDA."""
+    ``python`` all end here. gloo on CPU, nccl on CUDA. A lone process gets a world of one on a
+    free loopback port and leaves the environment alone (a subprocess it starts must not
+    inherit a RANK or a MASTER_PORT)."""
     import deepspeed
-    if "RANK" not in os.environ and dist.is_initialized():  # a launcher made the group without env vars
-        os.environ.update(RANK=str(dist.get_rank()), WORLD_SIZE=str(dist.get_world_size()),
-                          LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
-    if "RANK" not in os.environ:  # a single process without a launcher: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    env = os.environ
+    if dist.is_initialized():  # a launcher (Ray Train) made the group, perhaps without env vars
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(env.get("LOCAL_RANK", 0))
+    elif "RANK" in env:  # torchrun / Ray: the rendezvous is in the environment
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    else:
+        rank, world, local = 0, 1, 0
     device = resolve_device(device_name, local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+        if "RANK" in env:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            env.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it; harmless to a child (no RANK)
+    if not deepspeed.comm.is_initialized():  # DeepSpeed's comm layer wraps the existing group
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return DistInfo(rank, world, local, device)
 
 

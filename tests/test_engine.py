@@ -1,0 +1,181 @@
+"""The DeepSpeed engine on CPU: 2 processes on gloo (torchrun), ZeRO 1/2/3, exact resume after a
+kill, atomic saves under a kill, export, the NaN guard and W&B offline files."""
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_overrides
+from trainer.checkpoint import latest_checkpoint
+from trainer.config import load_config
+from trainer.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 12
+COMMON = {"train.steps": STEPS, "train.global_batch_size": 16, "data.num_samples": 160,
+          "optim.schedule": "constant", "eval.shapes": False, "sample.num_prompts": 1,
+          "objective.uncond_prob": 0.25}
+
+
+def overrides(out_dir, **extra) -> list[str]:
+    return tiny_overrides(out_dir, **{**COMMON, **extra})
+
+
+def config(out_dir, **extra):
+    """The same config the torchrun runs get (the CLI's default configs/demo.yaml + overrides)."""
+    return load_config(REPO / "configs" / "demo.yaml", overrides(out_dir, **extra))
+
+
+def torchrun(out_dir, nproc: int = 2, env: dict | None = None, **extra) -> subprocess.Popen:
+    """2 ranks on gloo, each running `crossflow train` in-process (RANK set by torchrun)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "trainer.cli", "train", *overrides(out_dir, **extra)]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "trainer.cli", "train", "--no-ray", *overrides(out_dir, **extra)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    log = open(Path(out_dir) / f"launch-{time.time_ns()}.log", "w")  # a file, not a pipe: never blocks
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    proc.log_path = log.name
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    return Path(proc.log_path).read_text()[-4000:]
+
+
+def finish(proc: subprocess.Popen, timeout: int = 400) -> str:
+    proc.wait(timeout=timeout)
+    assert proc.returncode == 0, output(proc)
+    return output(proc)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step; the last record wins (a killed run's steps are redone after resume)."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None and ckpt.name == f"step_{step:08d}":
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        assert proc.poll() is None, output(proc)
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"no checkpoint of step {step} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One single-process run and 2-process runs of ZeRO 1, 2 and 3 (shared by several tests)."""
+    from trainer.loop import train
+    root = tmp_path_factory.mktemp("engine")
+    train(config(root / "single", **{"train.zero_stage": 2}))
+    for stage in (1, 2, 3):
+        finish(torchrun(root / f"zero{stage}", **{"train.zero_stage": stage}))
+    yield root
+    for f in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
+        with __import__("contextlib").suppress(OSError):
+            os.remove(f)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_matches_single_process(runs, stage):
+    single, dist = losses(runs / "single"), losses(runs / f"zero{stage}")
+    assert sorted(dist) == list(range(1, STEPS + 1))
+    assert dist[1] == pytest.approx(single[1], rel=1e-6)  # same global batch, same noise: same loss
+    for step in range(2, STEPS + 1):  # then the curves track (reduction order differs slightly)
+        assert dist[step] == pytest.approx(single[step], rel=1e-3), step
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_after_kill_is_exact(runs, tmp_path, stage):
+    run = tmp_path / "run"
+    proc = torchrun(run, **{"train.zero_stage": stage, "train.ckpt_every": 6})
+    kill_after_checkpoint(proc, run, 6)
+    finish(torchrun(run, **{"train.zero_stage": stage, "train.ckpt_every": 6, "train.resume": "auto"}))
+    straight, resumed = losses(runs / f"zero{stage}"), losses(run)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7), step
+
+
+def test_kill_during_save_leaves_a_loadable_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = torchrun(run, nproc=1, env={"CROSSFLOW_FAULT_KILL_IN_SAVE": "8"},
+                    **{"train.ckpt_every": 4, "train.steps": 12})
+    proc.wait(timeout=400)
+    assert proc.returncode == -signal.SIGKILL, output(proc)  # killed inside the save of step 8
+    assert latest_checkpoint(run).name == "step_00000004"
+    assert (run / "checkpoints" / ".tmp-step_00000008").is_dir()  # the half-written save
+    finish(torchrun(run, nproc=1, **{"train.ckpt_every": 4, "train.steps": 12, "train.resume": "auto"}))
+    assert latest_checkpoint(run).name == "step_00000012"
+    assert not (run / "checkpoints" / ".tmp-step_00000008").exists()
+    assert sorted(losses(run)) == list(range(1, 13))
+
+
+def test_export_loads_into_a_plain_model_and_samples(runs, tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer.export import export_checkpoint
+    from trainer.inference import load_generator
+    from trainer.models.families import model_from_args
+    from trainer.checkpoint import load_weights
+
+    out = export_checkpoint(runs / "zero3", tmp_path / "model.safetensors")
+    tensors = load_file(str(out))
+    _, args, _ = load_weights(out)
+    args["latent_shape"] = tuple(args["latent_shape"])
+    model = model_from_args(args)
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+    assert set(ema) == set(model.state_dict())
+    assert any(not torch.equal(ema[k], v) for k, v in model.state_dict().items())  # EMA != live weights
+    gen = load_generator(out)
+    images = gen.generate(["two small red squares on the left"], seed=0, steps=3)
+    assert images[0].shape == (32, 32, 3)
+
+
+def test_nan_steps_are_skipped_and_counted(tmp_path):
+    from trainer.loop import NonFiniteLossError, train
+    summary = train(config(tmp_path / "a", **{"train.steps": 6,
+                                                                    "train.inject_nan_steps": "[3]"}))
+    assert summary["skipped_steps"] == 1
+    records = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
+    assert records[-1]["skipped_steps"] == 1 and all(r["loss"] == r["loss"] for r in records)  # finite
+
+    run = tmp_path / "b"
+    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row"):
+        train(config(run, **{"train.steps": 10, "train.ckpt_every": 2,
+                                                  "train.inject_nan_steps": "[3, 4, 5]",
+                                                  "train.max_nonfinite_steps": 3}))
+    good = latest_checkpoint(run)
+    assert good.name == "step_00000004"  # saved during the streak: the skipped steps changed nothing
+    summary = train(config(run, **{"train.steps": 8, "train.resume": "auto"}))
+    assert summary["steps"] == 8 and summary["skipped_steps"] == 0
+
+
+def test_wandb_offline_run_holds_metrics_and_samples(tmp_path):
+    from trainer.loop import train
+    train(config(tmp_path, **{"train.steps": 4, "train.sample_every": 2,
+                                                   "log.wandb": "offline", "log.wandb_group": "g1"}))
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    assert len(runs) == 1
+    images = glob.glob(os.path.join(runs[0], "files", "media", "images", "*.png"))
+    assert images, "no sample image in the W&B run"
+    blob = b"".join(Path(p).read_bytes() for p in glob.glob(os.path.join(runs[0], "*.wandb")))
+    assert b"flow_matching" in blob and b"samples_per_s" in blob
+    assert (tmp_path / "metrics.jsonl").is_file()  # the JSONL log stays
