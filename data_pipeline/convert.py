@@ -147,7 +147,8 @@ def add_features(src: str, out: str, *, fmt: str | None = None, featurizer: Feat
                  shard_bytes: int = DEFAULT_SHARD_BYTES, compression: str | None = None,
                  cache_dir: str | None = None, progress: bool = True) -> ConvertSummary:
     """Read every record of ``src`` (MDS or WebDataset), add features, write ``out`` (same
-    format unless ``fmt`` says otherwise). Existing feature columns are recomputed."""
+    format unless ``fmt`` says otherwise). Columns of the encoders given are (re)computed;
+    feature columns already stored for the others are carried over unchanged."""
     from data_pipeline.readers import read_records
     from data_pipeline.writers import detect_format
     src_fmt = detect_format(src)
