@@ -60,11 +60,28 @@ def test_per_rank_batch():
         per_rank_batch_size(10, 4)
 
 
-@pytest.mark.parametrize("path", sorted(p.relative_to(REPO) for p in (REPO / "configs").rglob("*.yaml")),
-                         ids=str)
+TRAINING_CONFIGS = sorted(p.relative_to(REPO) for p in (REPO / "configs").rglob("*.yaml")
+                          if p.parent.name not in ("cluster", "sweeps"))
+
+
+@pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=str)
 def test_every_shipped_config_parses(path):
     """Through the real entry point, so a stale config fails CI."""
     assert main(["config", "--config", str(REPO / path)]) == 0
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "configs" / "cluster").glob("*.yaml")))
+def test_every_cluster_preset_parses(preset):
+    assert main(["config", f"cluster.preset={preset}"]) == 0
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_sweep_expands_to_valid_configs(path, monkeypatch):
+    from cluster.sweep import expand, load_sweep
+    monkeypatch.chdir(REPO)
+    spec = load_sweep(path)
+    runs = expand(spec)  # validates every run's config
+    assert len(runs) == __import__("math").prod(len(v) for v in spec.grid.values())
 
 
 def test_cli_reports_bad_key(capsys):

@@ -206,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     from trainer.eval.cli import add_eval_commands  # `crossflow eval shapes|fid|clip`
     add_eval_commands(sub)
     from trainer.sweep_cli import add_sweep_commands  # `crossflow sweep analyze`
-    add_sweep_commands(sub)
+    sweep_sub = add_sweep_commands(sub)
+    from cluster.sweep import add_sweep_run_command  # `crossflow sweep run` (Ray imported lazily)
+    add_sweep_run_command(sweep_sub)
     from cluster.cli import add_cluster_commands  # `crossflow submit`, `crossflow jobs ...` (Ray imported lazily)
     add_cluster_commands(sub)
     return parser

@@ -56,8 +56,10 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.close()
         if self.wandb_run is not None:
+            import wandb
             self.wandb_run.finish()
             self.wandb_run = None
+            wandb.teardown()  # stop the wandb-core service now, not at interpreter exit (Ray kills that)
 
 
 def _init_wandb(out_dir: Path, log_cfg, config: dict):
