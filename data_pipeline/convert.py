@@ -6,16 +6,14 @@ reads them instead of running the text encoder and the autoencoder every step.
 """
 from __future__ import annotations
 
-import io
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
-from PIL import Image
 
-from data_pipeline.sources import RawSample, Skipped, SourceItem
+from data_pipeline.sources import RawSample, Skipped, SourceItem, decode_rgb
 from data_pipeline.writers import DEFAULT_SHARD_BYTES, WriteSummary, open_writer
 
 ON_ERROR = ("skip", "raise")
@@ -59,18 +57,6 @@ def parse_size(text: str | int) -> int:
     return int(t)
 
 
-def _rgb(image: bytes, resolution: int | None) -> np.ndarray:
-    """(H, W, 3) uint8, center-cropped and resized to ``resolution`` when given."""
-    with Image.open(io.BytesIO(image)) as im:
-        im = im.convert("RGB")
-        if resolution is not None and im.size != (resolution, resolution):
-            w, h = im.size
-            s = min(w, h)
-            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            im = im.resize((resolution, resolution), Image.BICUBIC)
-        return np.asarray(im, dtype=np.uint8)
-
-
 class Featurizer:
     """Adds ``text_emb``/``text_mask`` and/or ``latent`` to a batch of records."""
 
@@ -84,7 +70,7 @@ class Featurizer:
             for r, e, m in zip(records, emb, mask):
                 r["text_emb"], r["text_mask"] = e.astype(np.float16), m.astype(bool)
         if self.image_encoder is not None:
-            images = [_rgb(r["image"], self.resolution) for r in records]
+            images = [decode_rgb(r["image"], self.resolution) for r in records]
             if len({im.shape for im in images}) > 1:
                 raise ValueError(f"images of different sizes {sorted({im.shape for im in images})}: "
                                  f"give a resolution to resize them before the autoencoder")

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from data_pipeline.s3 import check_bucket, is_remote, s3_filesystem, sync_endpoint_env
 from data_pipeline.shapes import image_to_tensor_array
+from data_pipeline.sources import decode_rgb
 from data_pipeline.writers import FEATURE_COLUMNS, MDS_INDEX, WDS_INDEX, detect_format, npy_load
 
 log = logging.getLogger(__name__)
@@ -88,14 +89,7 @@ def record_from_wds(key: str, members: dict[str, bytes], where: str) -> dict:
 
 def decode_image(data: bytes, resolution: int | None) -> np.ndarray:
     """Encoded image -> (3, H, W) float32 in [-1, 1]; center-crop and resize to ``resolution``."""
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        if resolution is not None and im.size != (resolution, resolution):
-            w, h = im.size
-            s = min(w, h)
-            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            im = im.resize((resolution, resolution), Image.BICUBIC)
-        return image_to_tensor_array(np.asarray(im, dtype=np.uint8))
+    return image_to_tensor_array(decode_rgb(data, resolution))
 
 
 def record_to_sample(rec: dict, resolution: int | None = None) -> dict:

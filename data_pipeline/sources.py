@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Union
 
+import numpy as np
 from PIL import Image
 
 from data_pipeline.shapes import ShapesGenerator
@@ -234,3 +235,15 @@ def open_source(kind: str, path: str | None = None, *, num_samples: int = 1000, 
     if kind == "table":
         return table_source(path, image_column, caption_column)
     return wds_source(path)
+
+
+def decode_rgb(image: bytes, resolution: int | None = None) -> np.ndarray:
+    """Encoded image -> (H, W, 3) uint8, center-cropped and resized to ``resolution`` when given."""
+    with Image.open(io.BytesIO(image)) as im:
+        im = im.convert("RGB")
+        if resolution is not None and im.size != (resolution, resolution):
+            w, h = im.size
+            s = min(w, h)
+            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            im = im.resize((resolution, resolution), Image.BICUBIC)
+        return np.asarray(im, dtype=np.uint8)
