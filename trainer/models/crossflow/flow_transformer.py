@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trainer.models.crossflow.layers import TORCH_OPS, Attention, Mlp, TimestepEmbedder, sincos_2d
+from trainer.models.crossflow.layers import (TORCH_OPS, Attention, Mlp, TimestepEmbedder, init_dit_weights,
+                                             register_pos_embed)
 
 CONDITIONAL, UNCONDITIONAL = 1, 0
 
@@ -52,12 +53,7 @@ class FlowTransformer(nn.Module):
         self.latent_shape, self.patch_size, self.hidden_size = tuple(latent_shape), patch_size, hidden_size
         self.grid = H // patch_size
         self.patch_embed = nn.Conv2d(C, hidden_size, kernel_size=patch_size, stride=patch_size)
-        if pos_embed == "sincos":
-            self.register_buffer("pos_embed", sincos_2d(hidden_size, self.grid)[None], persistent=False)
-        elif pos_embed == "learned":
-            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, hidden_size))
-        else:
-            raise ValueError(f"pos_embed must be sincos or learned, got {pos_embed!r}")
+        register_pos_embed(self, pos_embed, hidden_size, self.grid)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.indicator = nn.Parameter(torch.zeros(2, hidden_size))  # [unconditional, conditional]
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, head_dim, mlp_ratio) for _ in range(depth))
@@ -65,28 +61,8 @@ class FlowTransformer(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        def xavier(m: nn.Module) -> None:
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        self.apply(xavier)
-        w = self.patch_embed.weight.data  # like nn.Linear, as in DiT
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        if isinstance(self.pos_embed, nn.Parameter):
-            self.pos_embed.data.copy_(sincos_2d(self.hidden_size, self.grid)[None])
+        init_dit_weights(self)
         nn.init.normal_(self.indicator, std=0.02)
-        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(lin.weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity, the output as zero velocity.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, p*p*C) -> (B, C, H, W)."""

@@ -76,3 +76,40 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
         return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (T, dim/2)
 
     return torch.cat([embed(yy), embed(xx)], dim=1).float()  # (T, dim)
+
+
+def register_pos_embed(module: nn.Module, kind: str, dim: int, grid: int) -> None:
+    """``module.pos_embed`` (1, grid*grid, dim): a fixed sin-cos buffer, or a parameter that starts there."""
+    if kind == "sincos":
+        module.register_buffer("pos_embed", sincos_2d(dim, grid)[None], persistent=False)
+    elif kind == "learned":
+        module.pos_embed = nn.Parameter(sincos_2d(dim, grid)[None].clone())
+    else:
+        raise ValueError(f"pos_embed must be sincos or learned, got {kind!r}")
+
+
+def init_dit_weights(model: nn.Module) -> None:
+    """DiT's initialization, shared by the flow networks: xavier Linears, the patch embedding like
+    a Linear, N(0, 0.02) time embedder, and adaLN-Zero: every block's modulation and the final
+    layer start at zero, so each block is the identity and the velocity starts at zero."""
+    def xavier(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    model.apply(xavier)
+    w = model.patch_embed.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.patch_embed.bias)
+    if isinstance(model.pos_embed, nn.Parameter):
+        grid, dim = int(model.pos_embed.shape[1] ** 0.5), model.pos_embed.shape[2]
+        model.pos_embed.data.copy_(sincos_2d(dim, grid)[None])
+    for lin in (model.t_embedder.mlp[0], model.t_embedder.mlp[2]):
+        nn.init.normal_(lin.weight, std=0.02)
+    for block in model.blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    nn.init.zeros_(model.final_layer.adaLN_modulation[-1].weight)
+    nn.init.zeros_(model.final_layer.adaLN_modulation[-1].bias)
+    nn.init.zeros_(model.final_layer.linear.weight)
+    nn.init.zeros_(model.final_layer.linear.bias)

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from kernels import reference
 from trainer.models.crossflow.flow_transformer import UNCONDITIONAL, FinalLayer
-from trainer.models.crossflow.layers import Attention, Mlp, TimestepEmbedder, sincos_2d
+from trainer.models.crossflow.layers import Attention, Mlp, TimestepEmbedder, init_dit_weights, register_pos_embed
 from trainer.models.crossflow.presets import PRESETS
 
 __all__ = ["CrossAttentionFM", "CrossAttentionFMArgs", "TextCondition", "resolve_baseline_args"]
@@ -136,12 +136,7 @@ class CrossAttentionFM(nn.Module):
         D = args.hidden_size
         self.grid = H // args.patch_size
         self.patch_embed = nn.Conv2d(C, D, kernel_size=args.patch_size, stride=args.patch_size)
-        if args.pos_embed == "sincos":
-            self.register_buffer("pos_embed", sincos_2d(D, self.grid)[None], persistent=False)
-        elif args.pos_embed == "learned":
-            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, D))
-        else:
-            raise ValueError(f"pos_embed must be sincos or learned, got {args.pos_embed!r}")
+        register_pos_embed(self, args.pos_embed, D, self.grid)
         self.t_embedder = TimestepEmbedder(D)
         self.text_norm = nn.LayerNorm(args.text_dim, eps=1e-6)
         # What unconditional rows attend to; 1-D, so the engine does not weight-decay it.
@@ -152,31 +147,11 @@ class CrossAttentionFM(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        def xavier(m: nn.Module) -> None:
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        self.apply(xavier)
-        w = self.patch_embed.weight.data  # like nn.Linear, as in DiT
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        if isinstance(self.pos_embed, nn.Parameter):
-            self.pos_embed.data.copy_(sincos_2d(self.args.hidden_size, self.grid)[None])
+        init_dit_weights(self)  # adaLN-Zero: blocks start as the identity, the velocity at zero
         nn.init.normal_(self.null_text, std=0.02)
-        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(lin.weight, std=0.02)
-        # adaLN-Zero and a zero cross-attention output: every block starts as the identity,
-        # the output as zero velocity.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for block in self.blocks:  # and a zero cross-attention output
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
 
     # ------------------------------------------------------------------ the shared interface
     def encode_text(self, emb: torch.Tensor, mask: torch.Tensor, *, use_mean: bool = False,
