@@ -135,3 +135,15 @@ def test_triton_kernels_train_like_torch(tiny_config, tmp_path):
         curves[backend] = losses(tmp_path / backend)
     for step in (1, 2, 3):
         assert curves["triton"][step] == pytest.approx(curves["torch"][step], rel=1e-4), step
+
+
+def test_sample_grid_from_a_prompts_file(tmp_path, tiny_config):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a small red circle on the left\n\nthree large blue squares at the top\n")
+    train(tiny_config(**{"train.steps": 2, "train.out_dir": tmp_path / "run", "sample.prompts_file": prompts,
+                         "eval.shapes": False}))
+    rows = (tmp_path / "run" / "samples" / "final.txt").read_text().splitlines()
+    assert rows == ["row 0: a small red circle on the left", "row 1: three large blue squares at the top"]
+    from trainer.config import ConfigError
+    with pytest.raises(ConfigError, match="sample.prompts_file"):
+        tiny_config(**{"sample.prompts_file": tmp_path / "missing.txt"})

@@ -181,11 +181,15 @@ class SampleConfig:
     cfg_scale: float = _f(3.0, "classifier-free guidance scale s: v = v_u + s (v_c - v_u); 1 = no guidance")
     use_mean: bool = _f(False, "start from the VE mean instead of mu + sigma * eps")
     num_prompts: int = _f(16, "held-out prompts in the sample grid written by training")
+    prompts_file: str = _f("", "a text file of prompts (one per line) for training's sample grids; default: held-out "
+                               "shapes prompts, or the first captions seen for shard data")
 
     def validate(self) -> None:
         _choice("sample.solver", self.solver, ("euler", "heun"))
         if self.steps <= 0 or self.num_prompts <= 0:
             raise ConfigError("sample.steps and sample.num_prompts must be positive")
+        if self.prompts_file and not Path(self.prompts_file).is_file():
+            raise ConfigError(f"sample.prompts_file not found: {self.prompts_file}")
 
 
 @dataclass

@@ -257,9 +257,13 @@ def sample_grid_rows(gen: Generator, prompts: list[str], references: list | None
 
 def write_samples(engine: Engine, data: DataBundle, cfg: Config, path: Path, rank: int,
                   fallback_prompts: list[str]) -> None:
-    """One row per held-out prompt: the generator's own rendering (shapes), then 4 EMA samples.
+    """One row per prompt (``sample.prompts_file``, else held-out shapes scenes with the generator's own
+    rendering first, else captions seen in training), then 4 EMA samples.
     Collective under ZeRO-3 (every rank runs the forward passes); rank 0 writes."""
-    if cfg.data.source == "shapes":
+    if cfg.sample.prompts_file:
+        lines = Path(cfg.sample.prompts_file).read_text().splitlines()
+        prompts, refs = [line.strip() for line in lines if line.strip()][:cfg.sample.num_prompts], None
+    elif cfg.data.source == "shapes":
         scenes = heldout_prompts(cfg, cfg.sample.num_prompts)
         prompts = [scene_caption(s) for s in scenes]
         refs = [render(s, cfg.data.resolution) for s in scenes]
