@@ -24,7 +24,7 @@ def test_sweep_runs_resumes_and_analyzes(tmp_path):
                       "optim.warmup_steps=20", "eval.shapes=false", "sample.num_prompts=1", "sample.steps=2",
                       "log.wandb=offline", "train.threads=1"],
         "grid": {"model.hidden_size": [64, 128, 192], "model.depth": [2]},
-        "resources": {"cpus": 1, "gpus": 0}, "max_concurrent": 2}))
+        "resources": {"cpus": 1, "gpus": 0}, "max_concurrent": 2}, sort_keys=False))
     first = run(cli("sweep", "run", "--config", str(sweep_file)), timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     state = json.loads((out / "sweep_state.json").read_text())
