@@ -58,7 +58,6 @@ def _sample(args: argparse.Namespace) -> int:
         prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     if not prompts:
         raise SystemExit("crossflow sample: give --prompt TEXT (repeatable) or --prompts FILE")
-    rows = []
     kw = dict(steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale)
     per_seed = [gen.generate(prompts, seed=args.seed + k, **kw) for k in range(args.per_prompt)]
     rows = [[per_seed[k][i] for k in range(args.per_prompt)] for i in range(len(prompts))]
@@ -154,17 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate an image grid from prompts",
                        description="Sample a trained checkpoint with the EMA weights and classifier-free guidance.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     p.add_argument("--prompts", help="a text file with one prompt per line")
     p.add_argument("--out", default="samples.png", help="output PNG (one row per prompt)")
-    p.add_argument("--per-prompt", type=int, default=4, help="samples per prompt (different seeds)")
-    p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the config's)")
-    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the config's)")
-    p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver (default: the config's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first sample of each prompt")
-    p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the grid")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--per-prompt", type=int, default=4, help="samples per prompt (seeds seed, seed+1, ...)")
+    _ode_args(p)
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("interpolate", help="image strip along the z0 line between two prompts",

@@ -8,7 +8,6 @@ baseline, same interface, returns the tokens there and reads them in ``velocity`
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
