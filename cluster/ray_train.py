@@ -23,6 +23,7 @@ next logging step, write a final checkpoint and return. A second signal, or
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,11 +41,13 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.v2.api.config import LoggingConfig
 from ray.train.torch import TorchTrainer
 
-from trainer.checkpoint import tmp_tag
+from trainer.checkpoint import atomic_write_text, tmp_tag
 from trainer.config import Config, config_from_dict
 
 LAUNCH_FILE = "ray_launch.json"  # in rank 0's part of every reported checkpoint
-PID_DIR = "ray_workers"  # <out_dir>/ray_workers/rank{r}.pid: each worker's process id
+# Fault injection for the restart test: "RANK:STEP" SIGKILLs that rank before it reports that checkpoint.
+KILL_BEFORE_REPORT_ENV = "CROSSFLOW_FAULT_KILL_BEFORE_REPORT"
+PID_DIR = "ray_workers"  # <out_dir>/ray_workers/rank{r}.pid and .checkpoint.json: pid, last checkpoint saved
 # Files a rank writes for itself; everything else in a checkpoint is written by rank 0.
 RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|(?:rng|ema)_rank(\d+)\.pt$")
 
@@ -118,16 +121,36 @@ class CheckpointReporter:
 
     def __init__(self, out_dir: Path, rank: int, launch_id: str):
         self.staging_root = out_dir / "ray_staging" / f"rank{rank}"
-        self.rank, self.launch_id = rank, launch_id
+        self.out_dir, self.rank, self.launch_id = out_dir, rank, launch_id
 
     def __call__(self, step: int, ckpt_dir: Path, last_metrics: dict) -> None:
         staging = stage_rank_files(Path(ckpt_dir), step, self.rank, self.staging_root / Path(ckpt_dir).name,
                                    self.launch_id)
         metrics = {k: v for k, v in last_metrics.items() if isinstance(v, (int, float))}
         metrics["step"] = step
+        # Ray registers a report only when its controller next polls the workers (every 2 s): a
+        # worker that dies before that loses it. This rank's own record of the (complete) checkpoint
+        # lets a restart resume from the run's copy instead.
+        atomic_write_text(launch_record(self.out_dir, self.rank),
+                          json.dumps({"launch_id": self.launch_id, "checkpoint": str(Path(ckpt_dir).resolve())}))
+        if os.environ.get(KILL_BEFORE_REPORT_ENV) == f"{self.rank}:{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
                          checkpoint_dir_name=Path(ckpt_dir).name)
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def launch_record(out_dir: Path, rank: int) -> Path:
+    return out_dir / PID_DIR / f"rank{rank}.checkpoint.json"
+
+
+def own_checkpoint(out_dir: Path, rank: int, launch_id: str) -> Path | None:
+    """The checkpoint in out_dir that this rank last saved during this launch (None before one)."""
+    record = launch_record(out_dir, rank)
+    if not record.is_file():
+        return None
+    saved = json.loads(record.read_text())
+    return Path(saved["checkpoint"]) if saved.get("launch_id") == launch_id else None
 
 
 @ray.remote(num_cpus=0)
@@ -170,13 +193,17 @@ def train_worker(config: dict) -> None:
     should_stop = lambda: ray.get(control.is_set.remote())  # noqa: E731
     reporter = CheckpointReporter(out_dir, rank, config["launch_id"])
 
+    # A restart resumes from the newest checkpoint of this launch that every rank can read: Ray's
+    # registered one, or the run's own newer copy when Ray lost the last report with the worker.
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        summary = train(cfg, on_checkpoint=reporter, should_stop=should_stop)
-    else:
-        with checkpoint.as_directory() as local:  # the storage folder itself when storage is local
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as local:
+        candidates = []
+        if local is not None:  # the storage folder itself when storage is local
             resume = _resume_dir_for(Path(local), config["launch_id"], cfg.train.resume)
-            summary = train(cfg, on_checkpoint=reporter, resume_from=resume, should_stop=should_stop)
+            candidates += [resume] if resume else []
+        own = own_checkpoint(out_dir, rank, config["launch_id"])
+        candidates += [own] if own else []
+        summary = train(cfg, on_checkpoint=reporter, resume_from=candidates, should_stop=should_stop)
     if rank == 0:
         ray.get(control.put_summary.remote(summary))
 
@@ -195,8 +222,16 @@ def connect(cfg: Config) -> bool:
     ray.init(address="local",  # a new cluster, even when `ray start` left one (or its address file) behind
              num_cpus=max(1, math.ceil(c.num_workers * c.cpus_per_worker)),
              num_gpus=math.ceil(c.num_workers * c.gpus_per_worker) if c.gpus_per_worker else None,
-             include_dashboard=False, log_to_driver=True)
+             include_dashboard=False, log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": "cluster.ray_train.quiet_state_api_probes"})
     return True
+
+
+def quiet_state_api_probes() -> None:
+    """Every worker of the embedded cluster: it has no dashboard, hence no state API, and Ray
+    Train's placement-group cleaner would warn that it cannot reach it every second."""
+    import logging
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 class GracefulStop:

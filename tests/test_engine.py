@@ -190,3 +190,35 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
         curves[ac] = losses(run)
     for step in (1, 2, 3):
         assert curves[True][step] == pytest.approx(curves[False][step], rel=1e-5), step
+
+
+def _agree_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    import torch.distributed as dist
+    from trainer.loop import agree_on_resume
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    root_path = Path(root)
+    # rank 0 sees step 20 (Ray's copy) and step 40 (the run's own); rank 1's node lacks its step-40 file
+    candidates = [root_path / "ray" / "step_00000020", root_path / "own" / "step_00000040",
+                  root_path / "own" / "step_00000020"]
+    chosen = agree_on_resume(candidates, rank)
+    Path(out, f"rank{rank}.txt").write_text(str(chosen))
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_newest_checkpoint_all_can_read(tmp_path):
+    """A restart's candidates differ per rank: the ranks resume from the newest step every rank has
+    (its trainer.pt and that rank's RNG file), and a tie goes to the earlier candidate."""
+    import socket
+    import torch.multiprocessing as mp
+    for where, step, ranks in (("ray", 20, (0, 1)), ("own", 20, (0, 1)), ("own", 40, (0,))):
+        ckpt = tmp_path / where / f"step_{step:08d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer.pt").write_text("")
+        for r in ranks:
+            (ckpt / f"rng_rank{r}.pt").write_text("")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_agree_worker, args=(2, port, str(tmp_path), str(tmp_path)), nprocs=2)
+    for r in (0, 1):
+        assert (tmp_path / f"rank{r}.txt").read_text() == str(tmp_path / "ray" / "step_00000020")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -329,12 +330,34 @@ class StepStats:
         return {("loss" if k == "total" else k): float(v) for k, v in zip(keys, vec.tolist())}
 
 
-def train(cfg: Config, on_checkpoint=None, resume_from: Path | None = None, should_stop=None) -> dict:
+def checkpoint_step(ckpt: Path) -> int:
+    """The step a checkpoint directory holds: from its ``step_N`` name, else from its trainer.pt."""
+    m = re.fullmatch(r"step_(\d+)", ckpt.name)
+    return int(m.group(1)) if m else int(load_file(ckpt, "trainer.pt")["step"])
+
+
+def agree_on_resume(candidates: list[Path], rank: int) -> Path | None:
+    """Collective: of the candidate checkpoints, the newest one that every rank can read (its
+    trainer.pt and this rank's RNG file present); this rank's path to it, or None when the ranks
+    share none. Candidates may differ per rank (a node-local copy, Ray's downloaded one)."""
+    mine: dict[int, Path] = {}
+    for ckpt in candidates:
+        if (ckpt / "trainer.pt").is_file() and (ckpt / f"rng_rank{rank}.pt").is_file():
+            mine.setdefault(checkpoint_step(ckpt), ckpt)  # earlier candidates win a tie
+    views: list = [None] * dist.get_world_size()
+    dist.all_gather_object(views, sorted(mine))
+    common = set.intersection(*(set(v) for v in views))
+    return mine[max(common)] if common else None
+
+
+def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None = None,
+          should_stop=None) -> dict:
     """Train per ``cfg`` as this process's rank; returns a summary (rank 0 writes summary.json).
 
     on_checkpoint(step, checkpoint_dir, last_metrics): called on every rank after each complete
         checkpoint (e.g. to report it to Ray Train); it observes, it must not change training.
-    resume_from: a checkpoint directory to resume from, overriding ``train.resume``.
+    resume_from: a checkpoint directory to resume from, overriding ``train.resume``; or a list of
+        candidates (a launcher's restart), of which the ranks agree on the newest all can read.
     should_stop(): polled at each logging step (e.g. a launcher's Ctrl-C); when any rank says True,
         all stop together, write a final checkpoint and return with ``summary["stopped"]``.
     """
@@ -354,6 +377,8 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | None = None, shou
     module = engine.module
 
     step = 0
+    if isinstance(resume_from, list):
+        resume_from = agree_on_resume(resume_from, rank)  # every rank calls it, even with none
     resume_from = resume_from or resolve_resume(cfg.train.resume, out_dir)
     if resume_from is not None:
         step = load_checkpoint(engine, data.stream, resume_from, rank)

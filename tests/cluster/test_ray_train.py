@@ -12,8 +12,8 @@ import psutil
 import pytest
 import torch
 
-from cluster.ray_train import PID_DIR, rank_files
-from tests.cluster.conftest import REPO, cli, ray_tiny_overrides
+from cluster.ray_train import KILL_BEFORE_REPORT_ENV, PID_DIR, rank_files
+from tests.cluster.conftest import REPO, cli, ray_tiny_overrides, run as run_cli
 from trainer.checkpoint import latest_checkpoint
 from trainer.metrics import read_metrics
 
@@ -58,7 +58,9 @@ def test_worker_killed_mid_run_resumes_from_last_checkpoint(tmp_path):
     cmd = cli("train", "--config", "configs/demo.yaml",
               *ray_tiny_overrides(run, **{"train.steps": steps, "train.ckpt_every": every, "train.log_every": 5,
                                           "cluster.max_failures": 1}))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # Ray's controller polls every 0.5 s (default 2 s), so it has registered checkpoint 20 when the kill
+    # comes; a report lost with the worker is the next test's case.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # Kill once checkpoint 20 exists and a later step was logged (so some redone steps are logged twice).
@@ -97,6 +99,25 @@ def test_worker_killed_mid_run_resumes_from_last_checkpoint(tmp_path):
     ray_ckpt = run / "ray" / run.name / f"step_{steps:08d}"  # Ray's merged copy: every rank's files
     assert {"trainer.pt", "rng_rank0.pt", "rng_rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= {
         p.name for p in ray_ckpt.iterdir()}
+
+
+def test_worker_lost_before_reporting_resumes_from_the_runs_own_copy(tmp_path):
+    """Rank 1 dies after checkpoint 20 is complete but before Ray heard of it: Ray has no checkpoint
+    (or an older one) to hand the restarted group, which resumes from the run's own copy of step 20
+    instead of starting over, and the data position at the end is exactly the planned one."""
+    run, steps = tmp_path / "run", 30
+    cmd = cli("train", "--config", "configs/demo.yaml",
+              *ray_tiny_overrides(run, **{"train.steps": steps, "train.ckpt_every": 10, "train.log_every": 5,
+                                          "cluster.max_failures": 1}))
+    out = run_cli(cmd, env={KILL_BEFORE_REPORT_ENV: "1:20"}, timeout=400)
+    assert out.returncode == 0, out.stdout[-4000:]
+    assert f"resumed from {run / 'checkpoints' / 'step_00000020'} at step 20" in out.stdout
+    final = torch.load(run / "checkpoints" / f"step_{steps:08d}" / "trainer.pt", weights_only=False)
+    per_epoch = 512 // 2 // 4
+    assert final["step"] == steps
+    assert final["data"]["epoch"] * per_epoch + final["data"]["batch_in_epoch"] == steps
+    steps_logged = [r["step"] for r in loss_records(run)]
+    assert steps_logged == [5, 10, 15, 20, 25, 30]  # nothing redone, nothing skipped
 
 
 def test_ctrl_c_stops_every_worker_with_a_final_checkpoint(tmp_path):
