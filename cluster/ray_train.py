@@ -81,7 +81,9 @@ def ray_run_config(cfg: Config) -> RunConfig:
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
         # ERROR: without a dashboard Ray Train's state-API probes warn every few seconds
         logging_config=LoggingConfig(log_level="ERROR"),
-        worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}})
+        # no print patch: with stdout wrapped (DeepSpeed, W&B) it printed every line of ours twice
+        worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                                         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
 
 
 # ----------------------------------------------------------------------------- worker side
