@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] != "--help":
+        argv.insert(1, "run")  # `crossflow sweep --config X` is `crossflow sweep run --config X`
     args = build_parser().parse_args(argv)
     from trainer.config import ConfigError
     try:

@@ -23,8 +23,10 @@ def _analyze(args: argparse.Namespace) -> int:
 def add_sweep_commands(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Register ``sweep analyze`` on the main parser's subparsers; returns the ``sweep`` parser's
     subparsers, so other commands (``sweep run``) join the same parser. Each leaf sets ``func``."""
-    sweep = subparsers.add_parser("sweep", help="scaling-law sweeps: analyze a sweep directory",
-                                  description="Sweeps over model sizes (and steps, batch, LR).")
+    sweep = subparsers.add_parser("sweep", help="scaling-law sweeps: run a grid on Ray, analyze a sweep directory",
+                                  description="Sweeps over model sizes (and steps, batch, LR). "
+                                              "`crossflow sweep --config FILE` is short for `crossflow sweep run "
+                                              "--config FILE`.")
     sub = sweep.add_subparsers(dest="sweep_command", required=True, metavar="SUBCOMMAND")
 
     p = sub.add_parser("analyze", help="table, fitted scaling laws and plots of a sweep's runs",

@@ -38,8 +38,8 @@ def test_sweep_runs_resumes_and_analyzes(tmp_path):
     blobs = glob.glob(str(out / "*" / "wandb" / "offline-run-*" / "*.wandb"))
     assert len(blobs) == 3 and all(b"ci_sizes" in Path(b).read_bytes() for b in blobs)
 
-    # resumable: a finished sweep runs nothing again
-    again = run(cli("sweep", "run", "--config", str(sweep_file)), timeout=300)
+    # resumable: a finished sweep runs nothing again (`sweep --config` is short for `sweep run --config`)
+    again = run(cli("sweep", "--config", str(sweep_file)), timeout=300)
     assert again.returncode == 0 and "starting" not in again.stdout
 
     analysis = run(cli("sweep", "analyze", str(out)), timeout=300)
