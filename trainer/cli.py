@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from trainer.cli_args import add_sampling_args
+
 OVERRIDES_HELP = "config overrides as section.key=value (e.g. optim.lr=3e-4 train.steps=200)"
 
 
@@ -110,13 +112,8 @@ def _arithmetic(args: argparse.Namespace) -> int:
 
 
 def _ode_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest)")
-    p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the config's)")
-    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the config's)")
-    p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver (default: the config's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of z0 = mu + sigma * eps")
+    add_sampling_args(p)
     p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the output")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
 def _export(args: argparse.Namespace) -> int:

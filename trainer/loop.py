@@ -159,6 +159,10 @@ def build_dataloader(cfg: Config, micro_batch: int, rank: int, world_size: int) 
     if text_dim != encoder.dim:
         raise ValueError(f"shards at {cfg.data.path} hold {text_dim}-d text features but data.text_encoder="
                          f"{cfg.data.text_encoder} gives {encoder.dim}-d: sampling prompts would not match")
+    if shapes["text_emb"] and shapes["text_emb"][0] != cfg.data.max_tokens:
+        raise ValueError(f"shards at {cfg.data.path} hold {shapes['text_emb'][0]} text tokens per caption but "
+                         f"data.max_tokens={cfg.data.max_tokens}: set data.max_tokens={shapes['text_emb'][0]} "
+                         f"(the Text VE is built for a fixed token count)")
     loader = shard_loader_from_config(cfg.data, micro_batch, rank=rank, world_size=world_size,
                                       seed=cfg.train.seed, out_dir=cfg.train.out_dir)
     return DataBundle(ShardStream(loader), captions, tuple(latent_shape), text_dim)

@@ -91,3 +91,21 @@ def test_missing_dataset_and_bad_option(tmp_path):
         build_shard_loader(str(tmp_path / "empty"), "auto", 4)
     with pytest.raises(ValueError, match="on_error"):
         build_shard_loader(str(tmp_path / "empty"), "mds", 4, on_error="ignore")
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_shards_with_another_token_count_are_refused_by_name(shapes_shards, tmp_path, fmt):
+    """Shards featurized with 20 tokens per caption against data.max_tokens=12: the trainer says
+    which key to set instead of failing on a shape inside the Text VE."""
+    from data_pipeline.convert import Featurizer
+    from data_pipeline.features import load_text_encoder
+    from tests.conftest import tiny_overrides
+    from trainer.config import load_config
+    from trainer.loop import build_dataloader
+
+    records = Featurizer(load_text_encoder("hashed-words-32"), max_tokens=20)(shapes_records(8))
+    path = shapes_shards(fmt, records=records)
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"data.source": fmt, "data.path": path}))
+    with pytest.raises(ValueError, match=r"20 text tokens per caption but data.max_tokens=12: "
+                                         r"set data.max_tokens=20"):
+        build_dataloader(cfg, 4, 0, 1)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.cli_args import add_sampling_args
 from trainer.eval.shapes_eval import ShapesEvalReport, evaluate, prompt_suite, render_suite
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -114,14 +115,8 @@ def _eval_clip(args: argparse.Namespace) -> int:
 
 
 def _sampling_args(p: argparse.ArgumentParser, checkpoint_required: bool) -> None:
-    p.add_argument("--checkpoint", required=checkpoint_required,
-                   help="checkpoint directory, or a run directory (its latest)")
+    add_sampling_args(p, checkpoint_required, seed_help="seed of the first image of each prompt")
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (seeds seed, seed+1, ...)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image of each prompt")
-    p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the config's)")
-    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the config's)")
-    p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver (default: the config's)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
 def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -1,0 +1,17 @@
+"""Arguments shared by the commands that sample a checkpoint (``crossflow sample``, ``interpolate``,
+``arithmetic``, ``eval ...``): one definition, one help text."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_sampling_args(p: argparse.ArgumentParser, checkpoint_required: bool = True, seed_help: str = "") -> None:
+    """--checkpoint, the ODE's --cfg-scale/--steps/--solver (defaulting to the checkpoint's config),
+    --seed and --device."""
+    p.add_argument("--checkpoint", required=checkpoint_required,
+                   help="checkpoint directory, or a run directory (its latest)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the config's)")
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the config's)")
+    p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver (default: the config's)")
+    p.add_argument("--seed", type=int, default=0, help=seed_help or "seed of z0 = mu + sigma * eps")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
