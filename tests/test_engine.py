@@ -101,6 +101,18 @@ def test_zero_stage_matches_single_process(runs, stage):
         assert dist[step] == pytest.approx(single[step], rel=1e-3), step
 
 
+def test_optimizer_offload_trains_like_the_resident_optimizer(runs, tmp_path):
+    """ZeRO-2 on 2 ranks with the optimizer state in CPU memory (DeepSpeed's CPU Adam, JIT-built on
+    first use) follows the same loss curve as the resident optimizer, and checkpoints."""
+    run = tmp_path / "offload"
+    finish(torchrun(run, **{"train.zero_stage": 2, "train.offload_optimizer": True, "train.ckpt_every": STEPS}))
+    offload, resident = losses(run), losses(runs / "zero2")
+    assert sorted(offload) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert offload[step] == pytest.approx(resident[step], rel=1e-5), step
+    assert latest_checkpoint(run).name == f"step_{STEPS:08d}"
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resume_after_kill_is_exact(runs, tmp_path, stage):
     run = tmp_path / "run"
