@@ -41,6 +41,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.v2.api.config import LoggingConfig
 from ray.train.torch import TorchTrainer
 
+from data_pipeline.s3 import is_remote, shareable_s3_env, sync_endpoint_env
 from trainer.checkpoint import atomic_write_text, tmp_tag
 from trainer.config import Config, config_from_dict
 
@@ -62,6 +63,10 @@ def run_name(cfg: Config) -> str:
     return cfg.cluster.name or Path(cfg.train.out_dir).resolve().name
 
 
+def uses_s3(cfg: Config) -> bool:
+    return is_remote(storage_path(cfg)) or is_remote(cfg.data.path)
+
+
 def scaling_config(cfg: Config) -> ScalingConfig:
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker}
@@ -75,6 +80,8 @@ def scaling_config(cfg: Config) -> ScalingConfig:
 
 def ray_run_config(cfg: Config) -> RunConfig:
     threads = str(max(1, int(cfg.cluster.cpus_per_worker)))
+    # workers on other nodes reach the same S3 server (credentials stay with each node)
+    s3_env = shareable_s3_env() if uses_s3(cfg) else {}
     return RunConfig(
         name=run_name(cfg), storage_path=storage_path(cfg),
         failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
@@ -83,7 +90,7 @@ def ray_run_config(cfg: Config) -> RunConfig:
         logging_config=LoggingConfig(log_level="ERROR"),
         # no print patch: with stdout wrapped (DeepSpeed, W&B) it printed every line of ours twice
         worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-                                         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+                                         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **s3_env}})
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -290,6 +297,8 @@ def run_training(cfg: Config) -> dict:
     """Train ``cfg`` on Ray (``cluster.*``); returns rank 0's summary (``trainer.loop.train``'s)."""
     cfg.train.out_dir = str(Path(cfg.train.out_dir).resolve())  # workers may not share our cwd
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # relative data paths mean the driver's cwd
+    if uses_s3(cfg):
+        sync_endpoint_env()  # before the embedded cluster starts: its processes inherit it
     started = connect(cfg)
     try:
         control = RunControl.remote()

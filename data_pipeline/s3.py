@@ -38,13 +38,33 @@ def split_s3_url(url: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
+# S3-compatible servers (Ceph RGW among them) refuse the streamed ("aws-chunked") uploads that the
+# AWS SDKs now checksum by default: Arrow's S3 client, which Ray Train persists checkpoints with,
+# failed against RGW with HTTP 411 MissingContentLength. With a custom endpoint, checksums are
+# computed only where the API requires them, unless the user set these variables.
+CHECKSUM_ENV = {"AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+                "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
+# What a process on another node needs to reach the same S3 server; no credential among them.
+SHAREABLE_ENV = ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", *CHECKSUM_ENV)
+
+
 def sync_endpoint_env() -> str | None:
-    """Make ``S3_ENDPOINT_URL`` and ``AWS_ENDPOINT_URL`` agree; return the endpoint (or None: AWS)."""
+    """Make ``S3_ENDPOINT_URL`` and ``AWS_ENDPOINT_URL`` agree (and, for such a custom endpoint,
+    default the checksum policy to ``when_required``); return the endpoint (or None: AWS)."""
     endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         os.environ.setdefault("S3_ENDPOINT_URL", endpoint)
         os.environ.setdefault("AWS_ENDPOINT_URL", endpoint)
+        for name, value in CHECKSUM_ENV.items():
+            os.environ.setdefault(name, value)
     return endpoint
+
+
+def shareable_s3_env() -> dict[str, str]:
+    """The endpoint, region and checksum settings of this environment (never a credential), for
+    the environment of processes on other nodes."""
+    sync_endpoint_env()
+    return {k: os.environ[k] for k in SHAREABLE_ENV if k in os.environ}
 
 
 def s3_filesystem():

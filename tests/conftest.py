@@ -1,6 +1,7 @@
 """Shared test setup: no network, W&B offline, small CPU thread counts, and a tiny config."""
 from __future__ import annotations
 
+import itertools
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,6 +11,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from data_pipeline.s3 import LocalRGW, rgw_unavailable_reason  # noqa: E402
 
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors; set before triton loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -45,3 +48,44 @@ def tiny_config(tmp_path):
     def make(**extra):
         return load_config(None, tiny_overrides(tmp_path / "run", **extra))
     return make
+
+
+# ----------------------------------------------------------------------------- a real S3 server
+_rgw_state: dict = {}
+# The RGW is started once per session on 127.0.0.1 (about 20 s) and stopped, with its temporary
+# directory removed, at the end. Where it cannot be installed or started, every test using it is
+# skipped with the reason (shown by ``pytest -ra``); nothing falls back to a mock.
+
+
+@pytest.fixture(scope="session")
+def rgw():
+    reason = rgw_unavailable_reason()
+    if reason:
+        print(f"\nS3 tests skipped: {reason}")
+        pytest.skip(reason)
+    server = LocalRGW()
+    try:
+        server.start()
+    except Exception as e:  # noqa: BLE001 - any start failure means "no S3 here", reported
+        reason = f"Ceph RGW could not start: {e}"
+        print(f"\nS3 tests skipped: {reason}")
+        pytest.skip(reason)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(rgw, monkeypatch):
+    """The RGW's endpoint and test credentials in the environment (both endpoint variables)."""
+    for k, v in rgw.env.items():
+        monkeypatch.setenv(k, v)
+    return rgw
+
+
+@pytest.fixture
+def bucket(s3_env, request):
+    """A fresh bucket per test: ``s3://cf-<n>``."""
+    n = _rgw_state.setdefault("n", itertools.count())
+    return s3_env.create_bucket(f"cf-test-{next(n)}-{os.getpid()}")
