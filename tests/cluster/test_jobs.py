@@ -14,7 +14,9 @@ import psutil
 import pytest
 
 from cluster.jobs import TERMINAL, build_entrypoint
+from cluster.ray_train import PID_DIR
 from tests.cluster.conftest import REPO, cli, ray_tiny_overrides, run
+from trainer.checkpoint import latest_checkpoint
 from trainer.config import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -72,19 +74,29 @@ def test_entrypoint_needs_the_config_inside_the_working_dir(tmp_path):
         build_entrypoint(str(tmp_path / "c.yaml"), [], REPO)
 
 
-def test_submit_tiny_run_to_a_real_head(ray_head, tmp_path):
-    run_dir = tmp_path / "run"
+def submit(ray_head: str, run_dir: Path, **extra) -> str:
     out = run(cli("submit", "--address", ray_head, "--python", sys.executable, "--config", "configs/demo.yaml",
-                  *ray_tiny_overrides(run_dir)), timeout=120)
+                  *ray_tiny_overrides(run_dir, **extra)), timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    job_id = re.search(r"submitted (\S+) to", out.stdout).group(1)
+    return re.search(r"submitted (\S+) to", out.stdout).group(1)
 
-    deadline, status = time.monotonic() + 300, ""
+
+def wait_terminal(ray_head: str, job_id: str, timeout: float = 300) -> str:
+    deadline, status = time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
         status = run(cli("jobs", "status", job_id, "--address", ray_head), timeout=60).stdout.strip()
         if status in TERMINAL:
             break
         time.sleep(2)
+    return status
+
+
+def test_submit_follow_and_stop_on_a_real_head(ray_head, tmp_path):
+    """A tiny run submitted as a Ray Job succeeds (status, logs, its files); a long one is stopped
+    with `jobs stop`: a final checkpoint at a logging step, and no worker left behind."""
+    run_dir = tmp_path / "run"
+    job_id = submit(ray_head, run_dir)
+    status = wait_terminal(ray_head, job_id)
     logs = run(cli("jobs", "logs", job_id, "--address", ray_head), timeout=60).stdout
     assert status == "SUCCEEDED", logs[-4000:]
     assert "trained 4 steps" in logs
@@ -92,3 +104,20 @@ def test_submit_tiny_run_to_a_real_head(ray_head, tmp_path):
     assert (run_dir / "ray" / "run" / "step_00000004" / "trainer.pt").is_file()
     stop = run(cli("jobs", "stop", job_id, "--address", ray_head), timeout=60)
     assert stop.returncode == 0 and "not running" in stop.stdout
+
+    long_dir = tmp_path / "long"
+    job_id = submit(ray_head, long_dir, **{"train.steps": 100000})
+    deadline = time.monotonic() + 240
+    while not ((long_dir / "metrics.jsonl").is_file() and "loss" in (long_dir / "metrics.jsonl").read_text()):
+        assert time.monotonic() < deadline, "no logged step within 240 s"
+        time.sleep(1)
+    pids = [int((long_dir / PID_DIR / f"rank{r}.pid").read_text()) for r in (0, 1)]
+    stop = run(cli("jobs", "stop", job_id, "--address", ray_head), timeout=60)
+    assert stop.returncode == 0 and "stop requested" in stop.stdout
+    status = wait_terminal(ray_head, job_id, timeout=180)
+    logs = run(cli("jobs", "logs", job_id, "--address", ray_head), timeout=60).stdout
+    assert status == "STOPPED", logs[-4000:]
+    stopped = int(re.search(r"stopped at step (\d+)", logs).group(1))
+    assert 0 < stopped < 100000 and stopped % 2 == 0  # a logging step (log_every=2)
+    assert latest_checkpoint(long_dir).name == f"step_{stopped:08d}"
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
