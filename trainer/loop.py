@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import signal
 import time
 from dataclasses import dataclass
@@ -28,8 +27,8 @@ from data_pipeline.datasets import ShapesTextDataset
 from data_pipeline.features import CaptionCache, load_text_encoder
 from data_pipeline.shapes import ShapesGenerator, caption as scene_caption, render
 from kernels import get_ops
-from trainer.checkpoint import (checkpoint_root, commit_checkpoint, load_file, prepare_checkpoint, resolve_resume,
-                                save_weights, tmp_tag, write_torch)
+from trainer.checkpoint import (STEP_DIR, checkpoint_root, commit_checkpoint, load_file, prepare_checkpoint,
+                                resolve_resume, save_weights, tmp_tag, write_torch)
 from trainer.config import Config, per_rank_batch_size
 from trainer.engine import Engine, init_distributed
 from trainer.inference import Generator, build_codec, image_grid
@@ -336,7 +335,7 @@ class StepStats:
 
 def checkpoint_step(ckpt: Path) -> int:
     """The step a checkpoint directory holds: from its ``step_N`` name, else from its trainer.pt."""
-    m = re.fullmatch(r"step_(\d+)", ckpt.name)
+    m = STEP_DIR.match(ckpt.name)
     return int(m.group(1)) if m else int(load_file(ckpt, "trainer.pt")["step"])
 
 
