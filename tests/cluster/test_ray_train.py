@@ -54,7 +54,7 @@ def test_worker_killed_mid_run_resumes_from_last_checkpoint(tmp_path):
     """SIGKILL rank 1 after the first checkpoint: Ray restarts the group from it, the run ends at
     the planned step, at most one checkpoint interval is redone and the redone steps see the same
     data (same losses), and the data position at the end is exactly the planned number of batches."""
-    run, steps, every = tmp_path / "run", 60, 20
+    run, steps, every = tmp_path / "run", 40, 20
     cmd = cli("train", "--config", "configs/demo.yaml",
               *ray_tiny_overrides(run, **{"train.steps": steps, "train.ckpt_every": every, "train.log_every": 5,
                                           "cluster.max_failures": 1}))

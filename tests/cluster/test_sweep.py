@@ -19,8 +19,8 @@ def test_sweep_runs_resumes_and_analyzes(tmp_path):
     sweep_file.write_text(yaml.safe_dump({
         "name": "ci_sizes", "base_config": "configs/demo.yaml", "out_dir": str(out),
         "overrides": ["model.preset=tiny", "model.kernels=torch", "data.text_encoder=hashed-words-32",
-                      "data.num_samples=2000", "data.max_tokens=12", "train.steps=200",
-                      "train.global_batch_size=16", "train.log_every=20", "train.ckpt_every=100",
+                      "data.num_samples=2000", "data.max_tokens=12", "train.steps=120",
+                      "train.global_batch_size=16", "train.log_every=20", "train.ckpt_every=60",
                       "optim.warmup_steps=20", "eval.shapes=false", "sample.num_prompts=1", "sample.steps=2",
                       "log.wandb=offline", "train.threads=1"],
         "grid": {"model.hidden_size": [64, 128, 192], "model.depth": [2]},
@@ -32,7 +32,7 @@ def test_sweep_runs_resumes_and_analyzes(tmp_path):
     assert set(state.values()) == {"finished"}
     for run_dir in out.iterdir():
         if run_dir.is_dir():
-            assert json.loads((run_dir / "summary.json").read_text())["steps"] == 200
+            assert json.loads((run_dir / "summary.json").read_text())["steps"] == 120
 
     # every run logged to W&B offline in the sweep's group
     blobs = glob.glob(str(out / "*" / "wandb" / "offline-run-*" / "*.wandb"))
