@@ -74,6 +74,14 @@ class DataConfig:
     seed: int = _f(0, "shapes: generator seed (changes every scene)")
     text_encoder: str = _f("minilm", "minilm (packaged all-MiniLM-L6-v2), hashed-words (tests only), or a local transformers model path")
     max_tokens: int = _f(16, "text tokens per caption (padded or truncated); the Text VE flattens this many")
+    text_dim: int = _f(0, "width of the text features (384 MiniLM, 768 CLIP ViT-L/14, 4096 T5-XXL); 0 = from the "
+                          "shards or the text encoder; when set, shards and encoder must agree with it")
+    space: str = _f("auto", "what the flow carries z0 to: pixels (the image), latent (an AutoencoderKL latent stored "
+                            "in the shards) or auto (latent when the shards hold latents, else pixels)")
+    vae: str = _f("", "local diffusers AutoencoderKL folder that decodes latents to images; empty = the one named "
+                      "in the shards' metadata (or the checkpoint's)")
+    latent_channels: int = _f(4, "latent space: channels of the autoencoder's latent (4 for the SD VAE)")
+    latent_downsample: int = _f(8, "latent space: image pixels per latent pixel (8 for the SD VAE)")
     num_workers: int = _f(0, "DataLoader worker processes per rank")
 
     def validate(self) -> None:
@@ -84,6 +92,15 @@ class DataConfig:
         if self.path.startswith("s3://") and len(self.path) <= len("s3://"):
             raise ConfigError(f"data.path {self.path!r} names no bucket")
         _choice("data.max_groups", self.max_groups, (1, 2))
+        _choice("data.space", self.space, ("auto", "pixels", "latent"))
+        if self.source == "shapes" and self.space == "latent":
+            raise ConfigError("data.space=latent needs latent shards (data.source mds or wds, made by "
+                              "`crossflow data features --vae ...`); the shapes generator yields pixels")
+        for name in ("latent_channels", "latent_downsample"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.text_dim < 0:
+            raise ConfigError(f"data.text_dim must be >= 0, got {self.text_dim}")
         for name in ("resolution", "num_samples", "max_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")

@@ -1,0 +1,112 @@
+"""The one place that decides what the model is built for: the target's shape (pixels or an
+autoencoder latent), the text features' width and token count.
+
+The training loop, inference, ``crossflow plan``, the meta-device builds of shipped configs and
+the sweep analysis all call it. ``declared_model_input(cfg)`` needs neither shards nor weights
+(it is what a config *says*); ``resolve_model_input(cfg, shards=..., metadata=..., encoder_dim=...)``
+checks that against what the data *is* and fails naming both values when they disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from data_pipeline.metadata import FeatureMetadata, LatentSpec
+
+# Widths of text encoders known without loading them (anything else: set data.text_dim or load it).
+KNOWN_TEXT_DIMS = {"minilm": 384}
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    space: str  # "pixels" or "latent"
+    latent_shape: tuple[int, int, int]  # z1: (C, h, w); (3, H, W) in pixel space
+    text_dim: int  # d of the text token embeddings
+    max_tokens: int  # n: tokens per caption, fixed (the Text VE flattens them)
+    resolution: int  # image side in pixels (what samples decode to)
+    latent: LatentSpec | None = None  # how the latents were made (latent space, when known)
+
+    def image_tokens(self, patch_size: int) -> int:
+        """Image tokens of the flow transformer for a patch size p: (h/p)*(w/p) (plus one indicator token)."""
+        _, h, w = self.latent_shape
+        return (h // patch_size) * (w // patch_size)
+
+
+def known_text_dim(spec: str) -> int | None:
+    if spec in KNOWN_TEXT_DIMS:
+        return KNOWN_TEXT_DIMS[spec]
+    if spec.startswith("hashed-words"):
+        return int(spec.rsplit("-", 1)[1]) if spec != "hashed-words" else 32
+    return None
+
+
+def _space(cfg, shards: dict | None) -> str:
+    if cfg.data.space != "auto":
+        return cfg.data.space
+    if cfg.data.source == "shapes":
+        return "pixels"
+    return "latent" if shards and shards.get("latent") else "pixels"
+
+
+def declared_model_input(cfg, encoder_dim: int | None = None) -> ModelInput:
+    """What the config says, with no shards read and no weights loaded. ``data.space=auto`` reads
+    as pixels for shapes and as latent for shard sources (the paper's setting)."""
+    d = cfg.data
+    space = d.space if d.space != "auto" else ("pixels" if d.source == "shapes" else "latent")
+    if space == "latent":
+        if d.resolution % d.latent_downsample:
+            raise ValueError(f"data.resolution={d.resolution} is not a multiple of data.latent_downsample="
+                             f"{d.latent_downsample}")
+        side = d.resolution // d.latent_downsample
+        shape = (d.latent_channels, side, side)
+    else:
+        shape = (3, d.resolution, d.resolution)
+    text_dim = d.text_dim or encoder_dim or known_text_dim(d.text_encoder)
+    if not text_dim:
+        raise ValueError(f"the width of data.text_encoder={d.text_encoder!r} is not known without loading it: "
+                         f"set data.text_dim (768 for CLIP ViT-L/14, 4096 for T5-XXL)")
+    return ModelInput(space, shape, int(text_dim), d.max_tokens, d.resolution)
+
+
+def resolve_model_input(cfg, shards: dict | None = None, metadata: FeatureMetadata | None = None,
+                        encoder_dim: int | None = None) -> ModelInput:
+    """The model input for training on ``cfg``'s data. ``shards``: ``describe_shards`` of
+    data.path (None for the shapes generator); ``metadata``: the shards' feature metadata;
+    ``encoder_dim``: the width of data.text_encoder when it was loaded. Every value stated twice
+    (config, shards, metadata, encoder) must agree; the error names both."""
+    d = cfg.data
+    space = _space(cfg, shards)
+    where = f"shards at {d.path}" if shards is not None else "the data"
+    if space == "latent" and shards is not None and not shards.get("latent"):
+        raise ValueError(f"data.space=latent but {where} hold no latents: add them with "
+                         f"`crossflow data features --in {d.path} --out ... --vae <AutoencoderKL folder>`")
+    latent = metadata.latent if metadata is not None else None
+    resolution = d.resolution
+    if space == "latent":
+        stored = tuple(shards["latent"]) if shards and shards.get("latent") else None
+        if latent is not None and stored is not None and tuple(latent.latent_shape) != stored:
+            raise ValueError(f"{where}: metadata says latents {tuple(latent.latent_shape)} but the stored "
+                             f"samples are {stored}")
+        shape = stored or (latent.latent_shape if latent else None)
+        if latent is not None:
+            resolution = latent.resolution
+        if shape is None:
+            return declared_model_input(cfg, encoder_dim)
+    else:
+        shape = (3, d.resolution, d.resolution)  # the reader resizes stored images to data.resolution
+
+    text_dim = None
+    if shards is not None and shards.get("text_emb"):
+        n, text_dim = shards["text_emb"]
+        if n != d.max_tokens:
+            raise ValueError(f"{where} hold {n} text tokens per caption but data.max_tokens={d.max_tokens}: set "
+                             f"data.max_tokens={n} (the Text VE is built for a fixed token count)")
+    if text_dim is not None and encoder_dim is not None and text_dim != encoder_dim:
+        raise ValueError(f"{where} hold {text_dim}-d text features but data.text_encoder={d.text_encoder} gives "
+                         f"{encoder_dim}-d: sampling prompts would not match")
+    if d.text_dim and (text_dim or encoder_dim) and d.text_dim != (text_dim or encoder_dim):
+        raise ValueError(f"data.text_dim={d.text_dim} but {where if text_dim else 'data.text_encoder'} gives "
+                         f"{text_dim or encoder_dim}-d text features")
+    text_dim = text_dim or encoder_dim or d.text_dim or known_text_dim(d.text_encoder)
+    if not text_dim:
+        raise ValueError("cannot tell the text feature width: set data.text_dim")
+    return ModelInput(space, tuple(int(v) for v in shape), int(text_dim), d.max_tokens, resolution, latent)
