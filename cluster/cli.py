@@ -48,13 +48,18 @@ def add_cluster_commands(subparsers: argparse._SubParsersAction) -> None:
     addr_help = f"Ray dashboard address (default: RAY_ADDRESS, else {DEFAULT_ADDRESS})"
 
     p = subparsers.add_parser("submit", help="submit training to a Ray cluster as a Ray Job",
-                              description="Submit `crossflow train --config CONFIG [overrides]` as a Ray Job: "
-                                          "the working directory (code and configs, minus .gitignore'd files) "
-                                          "travels in the job's runtime_env. Prints the job id.")
+                              description="Submit `crossflow train --config CONFIG [overrides]` as a Ray Job "
+                                          "that runs the shipped code (`python -m trainer.cli train`). "
+                                          "cluster.runtime_env says what the job's runtime_env ships: "
+                                          "working_dir (the working directory minus .git, .venv, runs/, "
+                                          "wandb/, caches, shards, files over cluster.max_file_mb), pip (that "
+                                          "and cluster.requirements or setup.cfg's install_requires), image "
+                                          "(cluster.image) or none. Prints the job id.")
     p.add_argument("--address", default=None, help=addr_help)
     p.add_argument("--config", default="configs/demo.yaml", help="YAML config inside the working directory")
-    p.add_argument("--working-dir", default=".", help="directory shipped to the cluster (default: .)")
-    p.add_argument("--python", default="python", help="Python on the cluster that has crossflow's dependencies")
+    p.add_argument("--working-dir", default=".", help="the repository shipped to the cluster; --config must lie inside it (default: .)")
+    p.add_argument("--python", default="python", help="the Python that runs the job on the cluster (default: python, the one "
+                                                            "Ray's runtime_env puts first on PATH)")
     p.add_argument("--follow", action="store_true", help="print the job's log until it ends")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=_submit)

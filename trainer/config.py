@@ -255,6 +255,20 @@ class ClusterConfig:
                        "train.resume=auto continues it")
     stop_timeout_s: float = _f(120.0, "on Ctrl-C/SIGTERM: seconds the workers get to write a final checkpoint "
                                       "before they are killed")
+    runtime_env: str = _f("working_dir", "what crossflow submit ships (cluster/runtime_env.py): working_dir (the "
+                                         "repo; nodes have the dependencies), pip (the repo + pip requirements), "
+                                         "image (cluster.image), none (a shared file system)")
+    image: str = _f("", "container image for cluster.runtime_env=image (Ray's image_uri): the repo at "
+                        "cluster.image_workdir, its dependencies installed")
+    image_workdir: str = _f("/workspace/crossflow", "where cluster.image holds the repository; the job runs from there")
+    requirements: str = _f("", "cluster.runtime_env=pip: a requirements file inside the working dir; empty = "
+                               "setup.cfg's install_requires")
+    working_dir_excludes: list[str] = _f([], "more gitignore patterns left out of the shipped working dir (besides "
+                                             ".git, .venv, runs/, wandb/, caches, shard folders)")
+    max_file_mb: float = _f(10.0, "files in the working dir larger than this (MiB) are not shipped (data and weights "
+                                  "go on s3:// or shared storage)")
+    env_vars: list[str] = _f([], "names of more variables copied from the submitting shell into the job (credentials "
+                                 "such as AWS_SECRET_ACCESS_KEY go only when named here)")
 
     def validate(self) -> None:
         _choice("cluster.placement_strategy", self.placement_strategy,
@@ -266,6 +280,17 @@ class ClusterConfig:
                 raise ConfigError(f"cluster.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_failures < -1:
             raise ConfigError(f"cluster.max_failures must be >= -1, got {self.max_failures}")
+        _choice("cluster.runtime_env", self.runtime_env, ("working_dir", "pip", "image", "none"))
+        if self.runtime_env == "image" and not self.image:
+            raise ConfigError("cluster.runtime_env=image needs cluster.image (a container image name)")
+        if self.image and self.runtime_env != "image":
+            raise ConfigError(f"cluster.image={self.image!r} is set but cluster.runtime_env={self.runtime_env!r}: "
+                              f"set cluster.runtime_env=image, or leave cluster.image empty")
+        if self.requirements and self.runtime_env != "pip":
+            raise ConfigError(f"cluster.requirements={self.requirements!r} is set but "
+                              f"cluster.runtime_env={self.runtime_env!r}: requirements are installed only with pip")
+        if self.max_file_mb <= 0:
+            raise ConfigError(f"cluster.max_file_mb must be positive, got {self.max_file_mb}")
 
 
 @dataclass
