@@ -9,7 +9,8 @@ Kinds:
     shapes  the synthetic generator (PNG-encoded renders, caption, the scene as metadata)
     folder  a directory of images, each with a caption sidecar ``<stem>.txt`` or ``<stem>.json``
     table   a JSONL or Parquet table of (image path, caption); relative paths are from the table's folder
-    wds     WebDataset tars in the img2dataset layout (``<key>.jpg``, ``<key>.txt``, ``<key>.json``)
+    wds     WebDataset tars in the img2dataset layout (``<key>.jpg``, ``<key>.txt``, ``<key>.json``):
+            a tar, a folder of tars or a glob, local or ``s3://`` (read through s3fs, streamed)
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Iterator, Union
 import numpy as np
 from PIL import Image
 
+from data_pipeline.s3 import check_bucket, is_remote, s3_filesystem
 from data_pipeline.shapes import ShapesGenerator
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif")
@@ -178,25 +180,55 @@ def _tar_groups(fileobj, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, group
 
 
-def list_tars(spec: str | Path) -> list[str]:
-    """A tar, a folder of tars, or a glob -> sorted tar paths."""
-    p = Path(spec)
-    if p.is_dir():
-        tars = sorted(str(t) for t in p.glob("*.tar"))
-    elif p.is_file():
-        tars = [str(p)]
+def _is_glob(spec: str) -> bool:
+    return any(c in spec for c in "*?[")
+
+
+def _list_s3_tars(url: str) -> list[str]:
+    """``s3://`` tar, folder of tars or glob -> sorted ``s3://`` tar URLs (the bucket checked first)."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"remote tar sources must be s3:// URLs, got {url!r}")
+    check_bucket(url)
+    fs = s3_filesystem()
+    path = url[len("s3://"):].rstrip("/")
+    if _is_glob(path):
+        found = fs.glob(path)
+    elif fs.isfile(path):
+        found = [path]
+    elif fs.isdir(path):
+        found = fs.ls(path, detail=False)
     else:
-        tars = sorted(str(t) for t in Path("/").glob(str(p).lstrip("/"))) if any(c in str(p) for c in "*?[") else []
+        found = []
+    return sorted(f"s3://{p}" for p in found if p.endswith(".tar"))
+
+
+def list_tars(spec: str | Path) -> list[str]:
+    """A tar, a folder of tars, or a glob (local or ``s3://``) -> sorted tar paths."""
+    if is_remote(str(spec)):
+        tars = _list_s3_tars(str(spec))
+    else:
+        p = Path(spec)
+        if p.is_dir():
+            tars = sorted(str(t) for t in p.glob("*.tar"))
+        elif p.is_file():
+            tars = [str(p)]
+        else:
+            tars = sorted(str(t) for t in Path("/").glob(str(p).lstrip("/"))) if _is_glob(str(p)) else []
     if not tars:
         raise FileNotFoundError(f"no .tar shards found at {spec}")
     return tars
 
 
+def _open_tar(path: str):
+    """A binary file object of a local or ``s3://`` tar (read front to back by ``_tar_groups``)."""
+    return s3_filesystem().open(path, "rb") if is_remote(path) else open(path, "rb")
+
+
 def wds_source(spec: str | Path) -> Iterator[SourceItem]:
     for tar_path in list_tars(spec):
-        shard = Path(tar_path).name
+        shard = tar_path.rsplit("/", 1)[-1]
         try:
-            with open(tar_path, "rb") as f:
+            with _open_tar(tar_path) as f:
                 for key, group in _tar_groups(f, tar_path):
                     ext = next((e for e in IMAGE_EXTS if e in group), None)
                     meta = {}
