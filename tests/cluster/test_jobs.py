@@ -1,9 +1,12 @@
-"""`crossflow submit` / `crossflow jobs` against a real Ray head started on loopback by the test."""
+"""`crossflow submit` / `crossflow jobs`: the runtime environment built from a config (unit), and
+jobs against a real Ray head started on loopback by the test."""
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
+import zipfile
 import subprocess
 import sys
 import time
@@ -15,11 +18,11 @@ import pytest
 
 from cluster.jobs import TERMINAL, build_entrypoint
 from cluster.ray_train import PID_DIR
+from cluster.runtime_env import DEFAULT_EXCLUDES, build_runtime_env, job_env_vars, shipped_files
+from data_pipeline.s3 import CHECKSUM_ENV
 from tests.cluster.conftest import REPO, cli, ray_tiny_overrides, run
 from trainer.checkpoint import latest_checkpoint
-from trainer.config import ConfigError
-
-pytestmark = pytest.mark.slow
+from trainer.config import ConfigError, load_config
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -74,9 +77,104 @@ def test_entrypoint_needs_the_config_inside_the_working_dir(tmp_path):
         build_entrypoint(str(tmp_path / "c.yaml"), [], REPO)
 
 
-def submit(ray_head: str, run_dir: Path, **extra) -> str:
-    out = run(cli("submit", "--address", ray_head, "--python", sys.executable, "--config", "configs/demo.yaml",
-                  *ray_tiny_overrides(run_dir, **extra)), timeout=120)
+SETUP_CFG = """[options]
+install_requires =
+    torch>=2.4  # a comment
+    numpy>=1.24,<2.2
+    ray[default,train]>=2.40
+
+    s3fs>=2025.1
+"""
+
+
+def _project(root: Path) -> Path:
+    """A working dir with what must travel (code, configs, setup.cfg) and what must not."""
+    files = {"setup.cfg": SETUP_CFG, "trainer/cli.py": "print('hi')\n", "configs/a.yaml": "train: {steps: 3}\n",
+             ".gitignore": "secret_notes.txt\n", "secret_notes.txt": "x", ".git/HEAD": "ref",
+             ".venv/lib/x.py": "", "runs/r/metrics.jsonl": "{}", "wandb/offline-run/x": "",
+             "trainer/__pycache__/cli.cpython-311.pyc": "", "data/mds/index.json": "{}",
+             "data/mds/shard.00000.mds": "m", "imgs/00000.tar": "t", "reqs/gpu.txt": "torch>=2.4\n# note\nray>=2\n"}
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (root / "weights.bin").write_bytes(b"\0" * (2 << 20))  # 2 MiB: over max_file_mb=1
+    return root
+
+
+def _ray_zip_names(working_dir: Path, excludes: list[str], tmp: Path) -> set[str]:
+    """The files Ray's own packer puts in the working_dir package for these excludes."""
+    from ray._private.runtime_env.packaging import create_package
+    create_package(str(working_dir), tmp / "pkg.zip", include_gitignore=True, excludes=excludes)
+    return {n for n in zipfile.ZipFile(tmp / "pkg.zip").namelist() if not n.endswith("/")}
+
+
+def test_runtime_env_from_config(tmp_path, monkeypatch, capsys):
+    """working_dir: Ray's own packer ships the code and configs only; pip: the list derived from
+    setup.cfg or a requirements file (its installation needs a network, so only the list is checked,
+    and that Ray accepts the runtime_env); image: Ray's image_uri, the job run from the image's copy;
+    env vars: endpoint, checksum policy and W&B mode travel, a credential only when named."""
+    from ray.runtime_env import RuntimeEnv
+    wd = _project(tmp_path / "proj")
+    for name in ("S3_ENDPOINT_URL", *CHECKSUM_ENV):  # unset, and restored after: job_env_vars fills them in
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3.internal:7480")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-ship")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = load_config(None, ["cluster.max_file_mb=1"]).cluster
+    env = build_runtime_env(cfg, wd, job_env_vars(cfg))
+    assert env["working_dir"] == str(wd.resolve()) and "pip" not in env
+    assert _ray_zip_names(wd, env["excludes"], tmp_path) == {"setup.cfg", "trainer/cli.py", "configs/a.yaml",
+                                                             ".gitignore", "reqs/gpu.txt"}
+    assert "weights.bin (2.0 MiB > cluster.max_file_mb=1) stays behind" in capsys.readouterr().out
+    assert env["env_vars"]["S3_ENDPOINT_URL"] == "http://s3.internal:7480"
+    assert env["env_vars"]["AWS_REQUEST_CHECKSUM_CALCULATION"] == "when_required"
+    assert env["env_vars"]["WANDB_MODE"] == "offline"
+    assert "do-not-ship" not in str(env)
+    named = load_config(None, ["cluster.env_vars=[AWS_SECRET_ACCESS_KEY]"]).cluster
+    assert job_env_vars(named)["AWS_SECRET_ACCESS_KEY"] == "do-not-ship"
+    with pytest.raises(ConfigError, match="NOT_SET_HERE"):
+        job_env_vars(load_config(None, ["cluster.env_vars=[NOT_SET_HERE]"]).cluster)
+
+    pip = build_runtime_env(load_config(None, ["cluster.runtime_env=pip"]).cluster, wd, {})
+    assert pip["pip"]["packages"] == ["torch>=2.4", "numpy>=1.24,<2.2", "s3fs>=2025.1"]  # the cluster's Ray runs it
+    req = build_runtime_env(load_config(None, ["cluster.runtime_env=pip", "cluster.requirements=reqs/gpu.txt"]).cluster,
+                            wd, {})
+    assert req["pip"]["packages"] == ["torch>=2.4"]
+    with pytest.raises(ConfigError, match="no file .*nope.txt"):
+        build_runtime_env(load_config(None, ["cluster.runtime_env=pip", "cluster.requirements=nope.txt"]).cluster, wd, {})
+    RuntimeEnv(**pip)  # Ray's own validation of every field
+
+    image_cfg = load_config(None, ["cluster.runtime_env=image", "cluster.image=registry.example/crossflow:1"]).cluster
+    image = build_runtime_env(image_cfg, wd, {"WANDB_MODE": "offline"})
+    assert image == {"image_uri": "registry.example/crossflow:1", "env_vars": {"WANDB_MODE": "offline"}}
+    RuntimeEnv(**image)
+    assert build_entrypoint(str(wd / "configs/a.yaml"), ["train.steps=2"], wd, cluster=image_cfg) == \
+        "cd /workspace/crossflow && python -m trainer.cli train --config configs/a.yaml train.steps=2"
+    with pytest.raises(ConfigError, match="cluster.image='x' is set but cluster.runtime_env='pip'"):
+        load_config(None, ["cluster.runtime_env=pip", "cluster.image=x"])
+
+    with pytest.raises(ConfigError, match=r"over Ray's working_dir limit of 1 MiB; largest files: weights.bin"):
+        build_runtime_env(load_config(None, ["cluster.max_file_mb=4"]).cluster, wd, {}, limit_bytes=1 << 20)
+
+
+def shipped_copy(dest: Path, marker_dir: Path) -> Path:
+    """The repository's shipped files copied to ``dest``, its ``trainer`` package changed to record,
+    in ``marker_dir``, the path every process imported it from."""
+    files, _ = shipped_files(REPO, DEFAULT_EXCLUDES)
+    for rel, _ in files:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dest / rel)
+    with (dest / "trainer" / "__init__.py").open("a") as f:
+        f.write(f"import os as _os\nopen(_os.path.join({str(marker_dir)!r}, str(_os.getpid())), 'w')"
+                f".write(__file__)\n")
+    return dest
+
+
+def submit(ray_head: str, run_dir: Path, working_dir: Path = REPO, **extra) -> str:
+    out = run(cli("submit", "--address", ray_head, "--python", sys.executable, "--working-dir", str(working_dir),
+                  "--config", str(working_dir / "configs/demo.yaml"), *ray_tiny_overrides(run_dir, **extra)),
+              timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return re.search(r"submitted (\S+) to", out.stdout).group(1)
 
@@ -91,15 +189,22 @@ def wait_terminal(ray_head: str, job_id: str, timeout: float = 300) -> str:
     return status
 
 
+@pytest.mark.slow
 def test_submit_follow_and_stop_on_a_real_head(ray_head, tmp_path):
-    """A tiny run submitted as a Ray Job succeeds (status, logs, its files); a long one is stopped
-    with `jobs stop`: a final checkpoint at a logging step, and no worker left behind."""
-    run_dir = tmp_path / "run"
-    job_id = submit(ray_head, run_dir)
+    """A tiny run submitted as a Ray Job from a copy of the repository succeeds (status, logs, its
+    files), and the driver and both workers ran the copy Ray shipped (unpacked in its working_dir
+    cache), not the installed crossflow; a long one is stopped with `jobs stop`: a final checkpoint
+    at a logging step, and no worker left behind."""
+    run_dir, markers = tmp_path / "run", tmp_path / "imported_from"
+    markers.mkdir()
+    job_id = submit(ray_head, run_dir, working_dir=shipped_copy(tmp_path / "copy", markers))
     status = wait_terminal(ray_head, job_id)
     logs = run(cli("jobs", "logs", job_id, "--address", ray_head), timeout=60).stdout
     assert status == "SUCCEEDED", logs[-4000:]
     assert "trained 4 steps" in logs
+    imported_from = {p.read_text() for p in markers.iterdir()}
+    assert len(list(markers.iterdir())) >= 3, imported_from  # the driver and 2 workers (at least)
+    assert all("/runtime_resources/working_dir_files/" in p for p in imported_from), imported_from
     assert (run_dir / "samples" / "final.png").is_file()
     assert (run_dir / "ray" / "run" / "step_00000004" / "trainer.pt").is_file()
     stop = run(cli("jobs", "stop", job_id, "--address", ray_head), timeout=60)

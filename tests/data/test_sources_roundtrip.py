@@ -127,6 +127,39 @@ def test_img2dataset_tars(tmp_path, fmt):
     assert back[0]["meta"]["status"] == "success"
 
 
+def test_img2dataset_tars_from_s3(bucket, tmp_path, capsys):
+    """img2dataset tars in an s3:// folder (beside its stats files) or matched by an s3:// glob give
+    the same samples as the local tars, and `crossflow data convert` turns them into shards on the
+    real S3 server (Ceph RGW); a missing bucket or an empty prefix is named."""
+    from data_pipeline.s3 import s3_filesystem
+    from trainer.cli import main
+    local = tmp_path / "tars"
+    local.mkdir()
+    _img2dataset_tar(local / "00000.tar", 0, 5, bad_caption_at=3)
+    _img2dataset_tar(local / "00001.tar", 5, 4)
+    (local / "00000_stats.json").write_text("{}")  # img2dataset writes these beside its tars
+    s3_filesystem().put(f"{local}/", f"{bucket}/laion/".removeprefix("s3://"), recursive=True)
+
+    expect = list(open_source("wds", str(local)))
+    for spec in (f"{bucket}/laion", f"{bucket}/laion/", f"{bucket}/laion/*.tar"):
+        assert list(open_source("wds", spec)) == expect, spec
+    assert list(open_source("wds", f"{bucket}/laion/00001.tar")) == expect[5:]
+
+    out = f"{bucket}/shards"
+    assert main(["data", "convert", "--source", "wds", "--input", f"{bucket}/laion", "--format", "mds",
+                 "--out", out, "--shard-size", "3000", "--no-progress"]) == 0
+    back = list(read_records(out, "mds", cache_dir=str(tmp_path / "cache")))
+    good = [i for i in expect if isinstance(i, RawSample)]
+    assert [(b["image"], b["caption"]) for b in back] == [(g.image, g.caption) for g in good]
+    printed = capsys.readouterr().out
+    assert "wrote 8 samples" in printed and "skipped 1 samples" in printed and "caption is not text" in printed
+
+    with pytest.raises(FileNotFoundError, match="no .tar shards found at .*/nothing-here"):
+        list(open_source("wds", f"{bucket}/nothing-here"))
+    with pytest.raises(FileNotFoundError, match="no-such-bucket"):
+        list(open_source("wds", "s3://no-such-bucket/laion"))
+
+
 def test_convert_refuses_nonempty_output_and_empty_dataset(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
