@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -12,10 +13,19 @@ def _address(args) -> str:
     return args.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
 
 
+def _unreachable(command: str, address: str, error: Exception) -> int:
+    print(f"crossflow {command}: no Ray dashboard answers at {address} ({str(error).splitlines()[0]}); start "
+          f"one with `ray start --head`, or give its address with --address or RAY_ADDRESS", file=sys.stderr)
+    return 2
+
+
 def _submit(args: argparse.Namespace) -> int:
     from cluster.jobs import follow_logs, submit_job
     address = _address(args)
-    job_id = submit_job(address, args.config, args.overrides, args.working_dir, python=args.python)
+    try:
+        job_id = submit_job(address, args.config, args.overrides, args.working_dir, python=args.python)
+    except ConnectionError as e:
+        return _unreachable("submit", address, e)
     print(f"submitted {job_id} to {address}")
     print(f"follow:  crossflow jobs logs {job_id} --follow --address {address}")
     print(f"status:  crossflow jobs status {job_id} --address {address}")
@@ -28,8 +38,15 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from cluster import jobs
     address = _address(args)
+    try:
+        return _jobs_command(args, address)
+    except ConnectionError as e:
+        return _unreachable(f"jobs {args.jobs_command}", address, e)
+
+
+def _jobs_command(args: argparse.Namespace, address: str) -> int:
+    from cluster import jobs
     if args.jobs_command == "status":
         print(jobs.job_status(address, args.job_id))
     elif args.jobs_command == "logs":

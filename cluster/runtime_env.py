@@ -100,6 +100,7 @@ def working_dir_excludes(working_dir: Path, cluster: ClusterConfig, limit_bytes:
         raise ConfigError(f"the working directory {working_dir} ships {total / 2**20:.1f} MiB, over Ray's working_dir "
                           f"limit of {limit / 2**20:.0f} MiB; largest files: {biggest}. Leave them out with "
                           f"cluster.working_dir_excludes=[...] or a .rayignore, or lower cluster.max_file_mb")
+    print(f"crossflow submit: shipping {working_dir} ({len(kept)} files, {total / 2**20:.1f} MiB)")
     return excludes
 
 
@@ -167,6 +168,8 @@ def build_runtime_env(cluster: ClusterConfig, working_dir: str | Path, env_vars:
            "env_vars": env_vars}
     if kind == "pip":
         env["pip"] = {"packages": pip_requirements(working_dir, cluster), "pip_check": False}
+        print(f"crossflow submit: Ray pip-installs {len(env['pip']['packages'])} requirements on each node "
+              f"(from {cluster.requirements or 'setup.cfg'}; packages a node has are kept)")
     return env
 
 

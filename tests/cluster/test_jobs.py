@@ -158,6 +158,13 @@ def test_runtime_env_from_config(tmp_path, monkeypatch, capsys):
         build_runtime_env(load_config(None, ["cluster.max_file_mb=4"]).cluster, wd, {}, limit_bytes=1 << 20)
 
 
+def test_submit_names_an_unreachable_dashboard(capsys):
+    from trainer.cli import main
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    assert main(["submit", "--address", address, "--config", str(REPO / "configs/demo.yaml")]) == 2
+    assert f"no Ray dashboard answers at {address}" in capsys.readouterr().err
+
+
 def shipped_copy(dest: Path, marker_dir: Path) -> Path:
     """The repository's shipped files copied to ``dest``, its ``trainer`` package changed to record,
     in ``marker_dir``, the path every process imported it from."""
