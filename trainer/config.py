@@ -182,6 +182,13 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "recompute each transformer block's activations in backward (saves memory; "
                                                  "the blocks the model family names)")
     compile: bool = _f(False, "torch.compile each transformer block the model family names")
+    init_from: str = _f("", "start a new run from this checkpoint's weights (directory or weights.safetensors): "
+                            "position embeddings and latent-sized heads resized to this run's latent (e.g. 512 px "
+                            "from a 256 px run); optimizer, step and data position start fresh")
+    memory_check: bool = _f(True, "crossflow train: refuse a GPU run whose `crossflow plan` memory estimate exceeds "
+                                  "the GPU memory (CPU runs only print the estimate)")
+    gpu_memory_gb: float = _f(0.0, "GPU memory per worker in GiB for the start-up memory check; 0 = the local CUDA "
+                                   "device's, or no check when this machine has none")
     max_nonfinite_steps: int = _f(5, "stop with an error after this many optimizer steps in a row skipped for NaN/Inf")
     inject_nan_steps: list[int] = _f([], "fault injection for tests: make the loss NaN at these steps (1-based)")
 
@@ -192,6 +199,8 @@ class TrainConfig:
         for name in ("steps", "global_batch_size", "log_every", "keep_last", "grad_accum", "max_nonfinite_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.gpu_memory_gb < 0:
+            raise ConfigError(f"train.gpu_memory_gb must be >= 0, got {self.gpu_memory_gb}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
 
