@@ -137,7 +137,8 @@ def activation_bytes_per_sample(stacks: list[BlockStack], act_bytes: int, checkp
 def state_bytes(P: int, world: int, zero_stage: int, weight_bytes: int, offload: bool, ema: bool) -> dict[str, float]:
     """Per-GPU bytes of the model state (see the module docstring); ``host`` is offloaded state."""
     part = P / world
-    bucket = weight_bytes * min(REDUCE_BUCKET_ELEMENTS, P) if zero_stage >= 2 else 0.0
+    # allocated whole on the GPU, however small the model (on CPU only the touched part counts in RSS)
+    bucket = weight_bytes * REDUCE_BUCKET_ELEMENTS if zero_stage >= 2 else 0.0
     fp32_grads = 4 * part
     optimizer = 12 * part
     out = {
