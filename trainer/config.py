@@ -184,7 +184,7 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile each transformer block the model family names")
     init_from: str = _f("", "start a new run from this checkpoint's weights (directory or weights.safetensors): "
                             "position embeddings and latent-sized heads resized to this run's latent (e.g. 512 px "
-                            "from a 256 px run); optimizer, step and data position start fresh")
+                            "from a 256 px run); read by rank 0 only; optimizer, step and data position start fresh")
     memory_check: bool = _f(True, "crossflow train: refuse a GPU run whose `crossflow plan` memory estimate exceeds "
                                   "the GPU memory (CPU runs only print the estimate)")
     gpu_memory_gb: float = _f(0.0, "GPU memory per worker in GiB for the start-up memory check; 0 = the local CUDA "

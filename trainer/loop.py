@@ -377,10 +377,9 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
     data = build_dataloader(cfg, micro, rank, world)
     codec = build_codec(cfg)
     model = build_model(cfg, data.latent_shape, data.text_dim, device)
-    if cfg.train.init_from:  # a new run from another's weights (a resume below overrides them)
-        resized = init_from_checkpoint(model, cfg.train.init_from)
-        if rank == 0:
-            print(f"initialized from {cfg.train.init_from} (resized: {', '.join(resized) or 'none'})", flush=True)
+    if cfg.train.init_from and rank == 0:  # another run's weights (a resume below overrides them); only
+        resized = init_from_checkpoint(model, cfg.train.init_from)  # rank 0 reads: DeepSpeed broadcasts them
+        print(f"initialized from {cfg.train.init_from} (resized: {', '.join(resized) or 'none'})", flush=True)
     engine = Engine(model, cfg.train, cfg.optim, micro, info)
     module = engine.module
 

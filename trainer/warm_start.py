@@ -11,6 +11,10 @@ the same shape are copied. Two kinds follow the latent size and are resized:
   mu and logvar) and the image encoder's last layer (k = 1); bilinear interpolation of the map, so
   the resized layer first outputs the upsampled map of the old one.
 
+The loop calls it on rank 0 only: DeepSpeed broadcasts rank 0's parameters to every rank when it
+wraps the model (before ZeRO partitions them), so on a multi-node cluster the checkpoint need only
+be on rank 0's node.
+
 Anything else that differs (family, width, depth, text width, token count) fails naming the tensor
 and both shapes.
 """
