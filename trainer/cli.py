@@ -26,7 +26,7 @@ def _train(args: argparse.Namespace) -> int:
     if "RANK" not in os.environ:  # the launcher, once: refuse a run that cannot fit the GPU memory
         from trainer.plan import check_memory_at_start
         use_ray = cfg.cluster.use_ray and not args.no_ray
-        check_memory_at_start(cfg, (args.nproc or cfg.cluster.num_workers) if use_ray else (args.nproc or 1))
+        check_memory_at_start(cfg, (args.nproc or cfg.cluster.num_workers) if use_ray else (args.nproc or 1), use_ray)
     if cfg.cluster.use_ray and not args.no_ray and "RANK" not in os.environ:
         from cluster.ray_train import run_training  # Ray Train: embedded cluster unless an address is given
         cfg.cluster.address = args.address or cfg.cluster.address

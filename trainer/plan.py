@@ -263,20 +263,20 @@ def format_plan(p: Plan) -> str:
 
 
 # ----------------------------------------------------------------------------- crossflow train's check
-def is_gpu_run(cfg: Config) -> bool:
-    if cfg.cluster.use_ray:
+def is_gpu_run(cfg: Config, use_ray: bool) -> bool:
+    if use_ray:
         return cfg.cluster.gpus_per_worker > 0
     return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
 
 
-def check_memory_at_start(cfg: Config, world: int) -> None:
+def check_memory_at_start(cfg: Config, world: int, use_ray: bool = True) -> None:
     """``crossflow train``, before any worker starts: refuse (ConfigError with the numbers) a GPU run
     whose estimate exceeds the GPU memory; on CPU runs print the estimate only (the workers share the
     host's memory with everything else, and peak RSS is not what the plan models)."""
     if not cfg.train.memory_check:
         return
     cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, num_workers=world))
-    gpu = is_gpu_run(cfg)
+    gpu = is_gpu_run(cfg, use_ray and cfg.cluster.use_ray)
     gib = cfg.train.gpu_memory_gb
     if gpu and not gib and torch.cuda.is_available():
         gib = torch.cuda.get_device_properties(0).total_memory / GIB
@@ -307,7 +307,10 @@ def check_memory_at_start(cfg: Config, world: int) -> None:
 def _plan_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     hw = Hardware(args.gpu_memory_gb, args.bandwidth_gbps, args.mfu, args.peak_tflops)
-    plan = make_plan(cfg, hw, args.micro_batch, args.config)
+    try:
+        plan = make_plan(cfg, hw, args.micro_batch, args.config)
+    except ValueError as e:  # e.g. data.text_dim needed: reported like any config error
+        raise ConfigError(str(e)) from e
     print(json.dumps(dataclasses.asdict(plan), indent=2) if args.json else format_plan(plan))
     return 0
 
