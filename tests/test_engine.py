@@ -193,17 +193,6 @@ def test_wandb_offline_run_holds_metrics_and_samples(tmp_path):
     assert (tmp_path / "metrics.jsonl").is_file()  # the JSONL log stays
 
 
-def test_activation_checkpointing_gives_the_same_losses(tmp_path):
-    from trainer.loop import train
-    curves = {}
-    for ac in (False, True):
-        run = tmp_path / f"ac{ac}"
-        train(config(run, **{"train.steps": 3, "train.activation_checkpointing": ac}))
-        curves[ac] = losses(run)
-    for step in (1, 2, 3):
-        assert curves[True][step] == pytest.approx(curves[False][step], rel=1e-5), step
-
-
 def _agree_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     import torch.distributed as dist
     from trainer.loop import agree_on_resume

@@ -23,6 +23,10 @@ def _train(args: argparse.Namespace) -> int:
 
     from trainer.config import load_config
     cfg = load_config(args.config, args.overrides)  # fail on a bad config before any worker starts
+    if "RANK" not in os.environ:  # the launcher, once: refuse a run that cannot fit the GPU memory
+        from trainer.plan import check_memory_at_start
+        use_ray = cfg.cluster.use_ray and not args.no_ray
+        check_memory_at_start(cfg, (args.nproc or cfg.cluster.num_workers) if use_ray else (args.nproc or 1), use_ray)
     if cfg.cluster.use_ray and not args.no_ray and "RANK" not in os.environ:
         from cluster.ray_train import run_training  # Ray Train: embedded cluster unless an address is given
         cfg.cluster.address = args.address or cfg.cluster.address
@@ -191,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=_config)
 
+    from trainer.plan import add_plan_command  # `crossflow plan`
+    add_plan_command(sub)
     from data_pipeline.cli import add_data_commands  # `crossflow data convert|features`
     add_data_commands(sub)
     from trainer.eval.cli import add_eval_commands  # `crossflow eval shapes|fid|clip`

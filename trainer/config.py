@@ -42,6 +42,8 @@ class ModelConfig:
     text_ve_depth: int | None = _f(None, "Text VE transformer layers; overrides the preset when set")
     text_ve_reduced_width: int | None = _f(None, "per-token width after the VE's halving reduction layers; overrides the preset")
     text_ve_dropout: float = _f(0.0, "dropout inside the Text VE transformer (the reimplementation uses 0.1)")
+    text_proj_dim: int = _f(0, "learned MLP projecting the text features to this width before the Text VE (or the "
+                               "baseline's cross-attention); the reimplementation: 1024 for T5-XXL's 4096; 0 = none")
     image_encoder_width: int = _f(32, "base channel count of the contrastive image encoder (a small CNN)")
     kernels: str = _f("auto", "op implementation: auto (Triton on CUDA, PyTorch otherwise), triton, torch")
 
@@ -57,6 +59,8 @@ class ModelConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {v}")
+        if self.text_proj_dim < 0:
+            raise ConfigError(f"model.text_proj_dim must be >= 0 (0 = no projection), got {self.text_proj_dim}")
         if not 0.0 <= self.text_ve_dropout < 1.0:
             raise ConfigError(f"model.text_ve_dropout must be in [0, 1), got {self.text_ve_dropout}")
 
@@ -175,8 +179,16 @@ class TrainConfig:
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage: 1 (optimizer state), 2 (+ gradients), 3 (+ parameters) partitioned")
     offload_optimizer: bool = _f(False, "keep ZeRO optimizer state in CPU memory (DeepSpeed CPU Adam)")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
-    activation_checkpointing: bool = _f(False, "recompute each flow block's activations in backward (saves memory)")
-    compile: bool = _f(False, "torch.compile the flow transformer blocks")
+    activation_checkpointing: bool = _f(False, "recompute each transformer block's activations in backward (saves memory; "
+                                                 "the blocks the model family names)")
+    compile: bool = _f(False, "torch.compile each transformer block the model family names")
+    init_from: str = _f("", "start a new run from this checkpoint's weights (directory or weights.safetensors): "
+                            "position embeddings and latent-sized heads resized to this run's latent (e.g. 512 px "
+                            "from a 256 px run); read by rank 0 only; optimizer, step and data position start fresh")
+    memory_check: bool = _f(True, "crossflow train: refuse a GPU run whose `crossflow plan` memory estimate exceeds "
+                                  "the GPU memory (CPU runs only print the estimate)")
+    gpu_memory_gb: float = _f(0.0, "GPU memory per worker in GiB for the start-up memory check; 0 = the local CUDA "
+                                   "device's, or no check when this machine has none")
     max_nonfinite_steps: int = _f(5, "stop with an error after this many optimizer steps in a row skipped for NaN/Inf")
     inject_nan_steps: list[int] = _f([], "fault injection for tests: make the loss NaN at these steps (1-based)")
 
@@ -187,6 +199,8 @@ class TrainConfig:
         for name in ("steps", "global_batch_size", "log_every", "keep_last", "grad_accum", "max_nonfinite_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.gpu_memory_gb < 0:
+            raise ConfigError(f"train.gpu_memory_gb must be >= 0, got {self.gpu_memory_gb}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
 

@@ -3,7 +3,8 @@
 Model code stays parallelism-free; everything distributed is applied here, from outside:
 process group (gloo on CPU, nccl on CUDA), ``deepspeed.initialize`` with ZeRO stage 1-3 and
 optional CPU offload of optimizer state, bf16 on GPU, gradient accumulation and clipping,
-per-block activation checkpointing, ``torch.compile`` of the flow blocks, AdamW without weight
+per-block activation checkpointing and ``torch.compile`` of the blocks the model's family names
+(``trainer.models.families.wrapped_blocks``: the engine knows no model internals), AdamW without weight
 decay on norms/biases/embeddings/indicator vectors, warm-up then constant or cosine LR.
 
 Non-finite steps: DeepSpeed's ZeRO optimizers compute the global gradient norm at each
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from trainer.models.families import wrapped_blocks
 
 NO_DECAY_NAMES = ("indicator", "pos_embed", "logit_scale")
 
@@ -136,7 +139,7 @@ def deepspeed_config(train_cfg, optim_cfg, micro_batch: int, world_size: int) ->
 
 
 # ----------------------------------------------------------------------------- model transforms
-def enable_activation_checkpointing(blocks: nn.ModuleList) -> None:
+def enable_activation_checkpointing(blocks: list[nn.Module]) -> None:
     """Recompute each block's activations in backward (non-reentrant torch.utils.checkpoint);
     parameter names are unchanged, so checkpoints and exports do not notice."""
     from torch.utils.checkpoint import checkpoint
@@ -145,7 +148,7 @@ def enable_activation_checkpointing(blocks: nn.ModuleList) -> None:
         block.forward = lambda *args, _f=inner: checkpoint(_f, *args, use_reentrant=False)
 
 
-def compile_blocks(blocks: nn.ModuleList) -> None:
+def compile_blocks(blocks: list[nn.Module]) -> None:
     for block in blocks:
         block.compile()
 
@@ -231,10 +234,11 @@ class Engine:
     def __init__(self, model: nn.Module, train_cfg, optim_cfg, micro_batch: int, dist_info: DistInfo):
         import deepspeed
         self.dist = dist_info
+        blocks = wrapped_blocks(model)
         if train_cfg.activation_checkpointing:
-            enable_activation_checkpointing(model.flow.blocks)
+            enable_activation_checkpointing(blocks)
         if train_cfg.compile:
-            compile_blocks(model.flow.blocks)
+            compile_blocks(blocks)
         model.to(dist_info.device)
         ds_config = deepspeed_config(train_cfg, optim_cfg, micro_batch, dist_info.world_size)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(

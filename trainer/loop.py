@@ -36,6 +36,7 @@ from trainer.metrics import MetricsLogger, peak_memory_bytes
 from trainer.models.codecs import PixelCodec, batch_target
 from trainer.models.families import model_from_args, resolve_model_args
 from trainer.objectives import crossflow_losses, draw_noise
+from trainer.warm_start import init_from_checkpoint
 
 # Fault injection for the atomic-save test: SIGKILL this process inside a save of that step.
 KILL_IN_SAVE_ENV = "CROSSFLOW_FAULT_KILL_IN_SAVE"
@@ -376,6 +377,9 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
     data = build_dataloader(cfg, micro, rank, world)
     codec = build_codec(cfg)
     model = build_model(cfg, data.latent_shape, data.text_dim, device)
+    if cfg.train.init_from and rank == 0:  # another run's weights (a resume below overrides them); only
+        resized = init_from_checkpoint(model, cfg.train.init_from)  # rank 0 reads: DeepSpeed broadcasts them
+        print(f"initialized from {cfg.train.init_from} (resized: {', '.join(resized) or 'none'})", flush=True)
     engine = Engine(model, cfg.train, cfg.optim, micro, info)
     module = engine.module
 

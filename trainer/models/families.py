@@ -1,29 +1,111 @@
 """Model families selectable by ``model.family``: the one place that maps a config, or the args
-stored in a checkpoint, to the right class. Every family has CrossFlow's interface:
-``encode_text``, ``text_condition``, ``velocity``, ``flow_params``, ``flops_per_sample``."""
+stored in a checkpoint, to the right class, and that says how the engine and the planner see a
+family from outside (as torchtitan's per-model ``parallelize`` does):
+
+- ``blocks(model)``: the repeated blocks activation checkpointing and ``torch.compile`` wrap;
+- ``block_stacks(args)``: those stacks' shapes (depth, tokens, width, heads, MLP ratio), from
+  which ``crossflow plan`` counts activation memory without building anything;
+- ``param_counts(model)``: parameters per component (flow transformer, Text VE, ...).
+
+Every family has CrossFlow's interface: ``encode_text``, ``text_condition``, ``velocity``,
+``flow_params``, ``flops_per_sample``. The engine knows no model internals.
+"""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import Callable
 
 import torch.nn as nn
 
 from trainer.models.crossflow.baselines import CrossAttentionFM, CrossAttentionFMArgs, resolve_baseline_args
 from trainer.models.crossflow.crossflow import CrossFlow, CrossFlowArgs, resolve_args
 
-# family -> (model class, args class)
-FAMILIES: dict[str, tuple[type[nn.Module], type]] = {
-    "crossflow": (CrossFlow, CrossFlowArgs),
-    "cross_attention_fm": (CrossAttentionFM, CrossAttentionFMArgs),
+
+@dataclass(frozen=True)
+class BlockStack:
+    """A stack of identical transformer blocks as the planner counts it (per sample)."""
+    name: str
+    depth: int
+    tokens: int  # sequence length through the stack
+    width: int
+    heads: int
+    mlp_ratio: float
+    cross_tokens: int = 0  # keys of a cross-attention in every block (the baseline's text), 0 = none
+    checkpointed: bool = True  # wrapped by activation checkpointing when train.activation_checkpointing
+
+
+@dataclass(frozen=True)
+class Family:
+    model_cls: type[nn.Module]
+    args_cls: type
+    resolve_args: Callable  # (model_cfg, latent_shape, text_dim, max_tokens, init_temperature) -> args
+    blocks: Callable[[nn.Module], list[nn.Module]]
+    block_stacks: Callable[[object], list[BlockStack]]
+    param_counts: Callable[[nn.Module], dict[str, int]]
+
+
+def _count(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- CrossFlow
+def _crossflow_blocks(model: CrossFlow) -> list[nn.Module]:
+    return [*model.flow.blocks, *model.text_ve.blocks]
+
+
+def _crossflow_stacks(a: CrossFlowArgs) -> list[BlockStack]:
+    image_tokens = 1 + (a.latent_shape[1] // a.patch_size) * (a.latent_shape[2] // a.patch_size)  # + indicator
+    ve_head_dim = min(64, a.text_ve_width)  # TextVE's default head width
+    return [BlockStack("flow transformer", a.depth, image_tokens, a.hidden_size, a.hidden_size // a.head_dim,
+                       a.mlp_ratio),
+            BlockStack("Text VE", a.text_ve_depth, a.max_tokens, a.text_ve_width, a.text_ve_width // ve_head_dim, 4.0)]
+
+
+def _crossflow_params(model: CrossFlow) -> dict[str, int]:
+    return {"flow transformer": _count(model.flow), "Text VE": _count(model.text_ve),
+            "text down-projection": _count(model.text_proj), "image encoder": _count(model.image_encoder)}
+
+
+# ----------------------------------------------------------------------------- cross-attention baseline
+def _baseline_stacks(a: CrossAttentionFMArgs) -> list[BlockStack]:
+    image_tokens = (a.latent_shape[1] // a.patch_size) * (a.latent_shape[2] // a.patch_size)
+    return [BlockStack("flow transformer", a.depth, image_tokens, a.hidden_size, a.hidden_size // a.head_dim,
+                       a.mlp_ratio, cross_tokens=a.max_tokens)]
+
+
+def _baseline_params(model: CrossAttentionFM) -> dict[str, int]:
+    proj = _count(model.text_proj)
+    return {"flow transformer": _count(model) - proj, "text down-projection": proj}
+
+
+FAMILIES: dict[str, Family] = {
+    "crossflow": Family(CrossFlow, CrossFlowArgs, resolve_args, _crossflow_blocks, _crossflow_stacks,
+                        _crossflow_params),
+    "cross_attention_fm": Family(
+        CrossAttentionFM, CrossAttentionFMArgs,
+        lambda model_cfg, shape, text_dim, tokens, _temperature: resolve_baseline_args(model_cfg, shape, text_dim,
+                                                                                       tokens),
+        lambda model: list(model.blocks), _baseline_stacks, _baseline_params),
 }
+
+
+def family_of(model_or_args) -> Family:
+    """The family of a built model or of its args."""
+    args = getattr(model_or_args, "args", model_or_args)
+    return FAMILIES[args.family]
+
+
+def wrapped_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks activation checkpointing and torch.compile wrap, as the model's family says."""
+    return family_of(model).blocks(model)
 
 
 def resolve_model_args(model_cfg, latent_shape, text_dim: int, max_tokens: int, init_temperature: float = 0.07):
     """The args of ``model_cfg.family`` at its preset, with the config's overrides."""
-    if model_cfg.family == "crossflow":
-        return resolve_args(model_cfg, latent_shape, text_dim, max_tokens, init_temperature)
-    if model_cfg.family == "cross_attention_fm":
-        return resolve_baseline_args(model_cfg, latent_shape, text_dim, max_tokens)
-    raise ValueError(f"model.family must be one of {list(FAMILIES)}, got {model_cfg.family!r}")
+    if model_cfg.family not in FAMILIES:
+        raise ValueError(f"model.family must be one of {list(FAMILIES)}, got {model_cfg.family!r}")
+    return FAMILIES[model_cfg.family].resolve_args(model_cfg, latent_shape, text_dim, max_tokens, init_temperature)
 
 
 def model_from_args(args) -> nn.Module:
@@ -35,5 +117,5 @@ def model_from_args(args) -> nn.Module:
     family = args.setdefault("family", "crossflow")
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; known: {list(FAMILIES)}")
-    model_cls, args_cls = FAMILIES[family]
-    return model_cls(args_cls(**args))
+    f = FAMILIES[family]
+    return f.model_cls(f.args_cls(**args))

@@ -16,7 +16,7 @@ import torch.nn as nn
 from trainer.models.crossflow.flow_transformer import CONDITIONAL, UNCONDITIONAL, FlowTransformer
 from trainer.models.crossflow.image_encoder import ImageEncoder
 from trainer.models.crossflow.presets import PRESETS
-from trainer.models.crossflow.text_ve import TextVE
+from trainer.models.crossflow.text_ve import TextProjection, TextVE
 
 __all__ = ["CrossFlow", "CrossFlowArgs", "resolve_args", "CONDITIONAL", "UNCONDITIONAL"]
 
@@ -39,6 +39,7 @@ class CrossFlowArgs:
     text_ve_dropout: float
     image_encoder_width: int
     init_temperature: float = 0.07
+    text_proj_dim: int = 0  # learned projection of the text features before the Text VE; 0 = none
     family: str = "crossflow"  # model.family; checkpoints without it are CrossFlow
 
 
@@ -57,7 +58,8 @@ def resolve_args(model_cfg, latent_shape, text_dim: int, max_tokens: int,
         patch_size=pick("patch_size"), mlp_ratio=model_cfg.mlp_ratio, pos_embed=model_cfg.pos_embed,
         text_ve_width=pick("text_ve_width"), text_ve_depth=pick("text_ve_depth"),
         text_ve_reduced_width=pick("text_ve_reduced_width"), text_ve_dropout=model_cfg.text_ve_dropout,
-        image_encoder_width=model_cfg.image_encoder_width, init_temperature=init_temperature)
+        image_encoder_width=model_cfg.image_encoder_width, init_temperature=init_temperature,
+        text_proj_dim=model_cfg.text_proj_dim)
 
 
 class CrossFlow(nn.Module):
@@ -68,7 +70,8 @@ class CrossFlow(nn.Module):
         if args.family != "crossflow":
             raise ValueError(f"CrossFlow needs family 'crossflow', got {args.family!r}")
         self.args = args
-        self.text_ve = TextVE(args.text_dim, args.max_tokens, args.latent_shape, args.text_ve_width,
+        self.text_proj = TextProjection(args.text_dim, args.text_proj_dim) if args.text_proj_dim else None
+        self.text_ve = TextVE(args.text_proj_dim or args.text_dim, args.max_tokens, args.latent_shape, args.text_ve_width,
                               args.text_ve_depth, args.text_ve_reduced_width, dropout=args.text_ve_dropout)
         self.flow = FlowTransformer(args.latent_shape, args.hidden_size, args.depth, args.head_dim,
                                     args.patch_size, args.mlp_ratio, args.pos_embed)
@@ -79,6 +82,8 @@ class CrossFlow(nn.Module):
                     eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """emb (B, n, d), mask (B, n) -> z0 = mu + exp(logvar / 2) * eps, mu, logvar; each (B, C, H, W).
         eps is drawn from ``generator`` unless given."""
+        if self.text_proj is not None:
+            emb = self.text_proj(emb)  # (B, n, text_proj_dim)
         mu, logvar = self.text_ve(emb, mask)
         if use_mean:
             return mu, mu, logvar

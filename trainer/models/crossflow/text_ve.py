@@ -30,6 +30,18 @@ class EncoderBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class TextProjection(nn.Module):
+    """The reimplementation's learned down-projection of wide language-model features (T5-XXL's
+    4096) before the Text VE: Linear -> GELU -> Linear, per token."""
+
+    def __init__(self, text_dim: int, out_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(text_dim, out_dim), nn.GELU(approximate="tanh"), nn.Linear(out_dim, out_dim))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.mlp(emb)  # (B, n, d) -> (B, n, out_dim)
+
+
 class TextVE(nn.Module):
     def __init__(self, text_dim: int, max_tokens: int, latent_shape: tuple[int, int, int],
                  width: int, depth: int, reduced_width: int, head_dim: int = 64, dropout: float = 0.0):

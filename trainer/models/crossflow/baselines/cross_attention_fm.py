@@ -25,6 +25,7 @@ from kernels import reference
 from trainer.models.crossflow.flow_transformer import UNCONDITIONAL, FinalLayer
 from trainer.models.crossflow.layers import Attention, Mlp, TimestepEmbedder, init_dit_weights, register_pos_embed
 from trainer.models.crossflow.presets import PRESETS
+from trainer.models.crossflow.text_ve import TextProjection
 
 __all__ = ["CrossAttentionFM", "CrossAttentionFMArgs", "TextCondition", "resolve_baseline_args"]
 
@@ -43,6 +44,7 @@ class CrossAttentionFMArgs:
     patch_size: int
     mlp_ratio: float
     pos_embed: str
+    text_proj_dim: int = 0  # learned projection of the text tokens before cross-attention; 0 = none
     family: str = FAMILY
 
 
@@ -58,7 +60,8 @@ def resolve_baseline_args(model_cfg, latent_shape, text_dim: int, max_tokens: in
     return CrossAttentionFMArgs(
         latent_shape=tuple(latent_shape), text_dim=text_dim, max_tokens=max_tokens,
         hidden_size=pick("hidden_size"), depth=pick("depth"), head_dim=pick("head_dim"),
-        patch_size=pick("patch_size"), mlp_ratio=model_cfg.mlp_ratio, pos_embed=model_cfg.pos_embed)
+        patch_size=pick("patch_size"), mlp_ratio=model_cfg.mlp_ratio, pos_embed=model_cfg.pos_embed,
+        text_proj_dim=model_cfg.text_proj_dim)
 
 
 @dataclass
@@ -138,10 +141,12 @@ class CrossAttentionFM(nn.Module):
         self.patch_embed = nn.Conv2d(C, D, kernel_size=args.patch_size, stride=args.patch_size)
         register_pos_embed(self, args.pos_embed, D, self.grid)
         self.t_embedder = TimestepEmbedder(D)
-        self.text_norm = nn.LayerNorm(args.text_dim, eps=1e-6)
+        text_width = args.text_proj_dim or args.text_dim
+        self.text_proj = TextProjection(args.text_dim, args.text_proj_dim) if args.text_proj_dim else None
+        self.text_norm = nn.LayerNorm(text_width, eps=1e-6)
         # What unconditional rows attend to; 1-D, so the engine does not weight-decay it.
-        self.null_text = nn.Parameter(torch.zeros(args.text_dim))
-        self.blocks = nn.ModuleList(CrossDiTBlock(D, args.text_dim, args.head_dim, args.mlp_ratio)
+        self.null_text = nn.Parameter(torch.zeros(text_width))
+        self.blocks = nn.ModuleList(CrossDiTBlock(D, text_width, args.head_dim, args.mlp_ratio)
                                     for _ in range(args.depth))
         self.final_layer = FinalLayer(D, args.patch_size, C)
         self.initialize_weights()
@@ -179,7 +184,10 @@ class CrossAttentionFM(nn.Module):
         if cond is None:
             raise ValueError("the cross-attention baseline needs the text: pass cond=model.text_condition(emb, mask)")
         x = self.patch_embed(x_t).flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D)
-        text = self.text_norm(cond.emb.to(x.dtype))  # (B, n, d)
+        text = cond.emb.to(x.dtype)  # (B, n, d)
+        if self.text_proj is not None:
+            text = self.text_proj(text)  # (B, n, text_proj_dim)
+        text = self.text_norm(text)  # (B, n, d')
         drop = (indicator == UNCONDITIONAL) | ~cond.mask.any(dim=1)  # (B,)
         text = torch.where(drop[:, None, None], self.null_text.to(text.dtype).expand_as(text), text)
         mask = cond.mask | drop[:, None]  # (B, n): the null text is n real tokens
@@ -213,7 +221,8 @@ class CrossAttentionFM(nn.Module):
         T, n, D = self.grid ** 2, a.max_tokens, a.hidden_size
         per_sample = sum(p.numel() for name, p in self.named_parameters()
                          if "adaLN_modulation" in name or name.startswith("t_embedder"))
-        text_side = sum(p.numel() for name, p in self.named_parameters() if ".cross_attn.kv." in name)
+        text_side = sum(p.numel() for name, p in self.named_parameters()  # run on the n text tokens
+                        if ".cross_attn.kv." in name or name.startswith("text_proj."))
         per_token = self.flow_params() - per_sample - text_side
         dense = 6 * (per_token * T + text_side * n + per_sample)
         attention = 6 * 2 * a.depth * (T * T + T * n) * D  # QK^T and AV, self and cross
