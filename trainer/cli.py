@@ -54,7 +54,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from trainer.inference import image_grid, load_generator
-    gen = load_generator(args.checkpoint, args.device)
+    gen = load_generator(args.checkpoint, args.device, vae=args.vae)
     prompts = list(args.prompt)
     if args.prompts:
         prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
@@ -97,7 +97,7 @@ def _strip(args: argparse.Namespace, images) -> None:
 
 def _interpolate(args: argparse.Namespace) -> int:
     from trainer.inference import load_generator
-    gen = load_generator(args.checkpoint, args.device)
+    gen = load_generator(args.checkpoint, args.device, vae=args.vae)
     _strip(args, gen.interpolation(args.a, args.b, args.num, args.seed, steps=args.steps,
                                    solver=args.solver, cfg_scale=args.cfg_scale))
     return 0
@@ -106,7 +106,7 @@ def _interpolate(args: argparse.Namespace) -> int:
 def _arithmetic(args: argparse.Namespace) -> int:
     from trainer.inference import load_generator
     terms = parse_arithmetic(args.terms)
-    gen = load_generator(args.checkpoint, args.device)
+    gen = load_generator(args.checkpoint, args.device, vae=args.vae)
     _strip(args, gen.arithmetic(terms, args.seed, steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale))
     return 0
 
@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("sample", help="generate an image grid from prompts",
-                       description="Sample a trained checkpoint with the EMA weights and classifier-free guidance.")
+                       description="Sample a trained checkpoint with the EMA weights and classifier-free guidance; "
+                                   "latent-space models decode through the autoencoder their checkpoint names "
+                                   "(or --vae).")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     p.add_argument("--prompts", help="a text file with one prompt per line")
     p.add_argument("--out", default="samples.png", help="output PNG (one row per prompt)")
@@ -179,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="one consolidated safetensors file (model + EMA) from a checkpoint",
                        description="Consolidate a DeepSpeed checkpoint (any ZeRO stage) into one safetensors file "
-                                   "holding the live weights (model.*) and the EMA (ema.*), with the model args and "
-                                   "config as metadata. `crossflow sample --checkpoint FILE` loads it without DeepSpeed.")
+                                   "holding the live weights (model.*) and the EMA (ema.*), with the model args, config and "
+                                   "feature metadata (the autoencoder folder) as metadata. `crossflow sample "
+                                   "--checkpoint FILE` loads it without DeepSpeed.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest)")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.set_defaults(func=_export)

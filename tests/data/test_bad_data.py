@@ -102,10 +102,12 @@ def test_shards_with_another_token_count_are_refused_by_name(shapes_shards, tmp_
     from tests.conftest import tiny_overrides
     from trainer.config import load_config
     from trainer.loop import build_dataloader
+    from trainer.model_input import resolve_model_input
 
     records = Featurizer(load_text_encoder("hashed-words-32"), max_tokens=20)(shapes_records(8))
     path = shapes_shards(fmt, records=records)
     cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"data.source": fmt, "data.path": path}))
     with pytest.raises(ValueError, match=r"20 text tokens per caption but data.max_tokens=12: "
                                          r"set data.max_tokens=20"):
-        build_dataloader(cfg, 4, 0, 1)
+        data = build_dataloader(cfg, 4, 0, 1)
+        resolve_model_input(cfg, data.shards, data.metadata, data.encoder_dim)
