@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.metadata import TextSpec
+from data_pipeline.metadata import LatentSpec, TextSpec
 
 TEXT_DTYPE = np.float16  # stored features are 16-bit: half the bytes, ample precision
 
@@ -254,12 +254,14 @@ class ImageLatentEncoder:
     """Latents of a diffusers ``AutoencoderKL`` loaded from a local directory (never downloaded).
 
     ``encode(images)`` takes (B, H, W, 3) uint8 and returns (B, C, H/f, W/f) float16: the
-    posterior mean, shifted and scaled by the model's ``shift_factor``/``scaling_factor`` so the
-    stored latents are what the flow model trains on (deterministic, unlike a posterior sample).
+    posterior mean, shifted and scaled, z = (mean - shift_factor) * scaling_factor, so the stored
+    latents are what the flow model trains on (deterministic, unlike a posterior sample). Both
+    factors come from the model's config unless given (``--scaling-factor`` / ``--shift-factor``).
     """
 
-    def __init__(self, path: str | Path, device: str | torch.device | None = None, batch_size: int = 32):
-        path = Path(path)
+    def __init__(self, path: str | Path, device: str | torch.device | None = None, batch_size: int = 32,
+                 scaling_factor: float | None = None, shift_factor: float | None = None):
+        path = Path(path).expanduser()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"image autoencoder not found at {path}: give a local directory holding a diffusers AutoencoderKL "
@@ -267,21 +269,66 @@ class ImageLatentEncoder:
         from diffusers import AutoencoderKL
         self.device = torch.device(device or default_device())
         self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True).eval().to(self.device)
-        self.scaling = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
-        self.shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        config_scaling = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
+        config_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        self.scaling = config_scaling if scaling_factor is None else float(scaling_factor)
+        self.shift = config_shift if shift_factor is None else float(shift_factor)
         self.batch_size = batch_size
-        self.name = str(path)
+        self.name = str(path.resolve())
 
     @torch.no_grad()
-    def encode(self, images: np.ndarray) -> np.ndarray:
+    def posterior_mean(self, images: np.ndarray) -> np.ndarray:
+        """The unscaled posterior mean, float32 (B, C, h, w)."""
         out = []
         for i in range(0, len(images), self.batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[i:i + self.batch_size])).to(self.device)  # (b, H, W, 3)
             x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (b, 3, H, W) in [-1, 1]
-            mean = self.vae.encode(x).latent_dist.mean  # (b, C, h, w)
-            out.append(((mean - self.shift) * self.scaling).float().cpu().numpy().astype(LATENT_DTYPE))
+            out.append(self.vae.encode(x).latent_dist.mean.float().cpu().numpy())  # (b, C, h, w)
         return np.concatenate(out)
 
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        mean = self.posterior_mean(images)  # (B, C, h, w)
+        return ((mean - self.shift) * self.scaling).astype(LATENT_DTYPE)
 
-def load_image_encoder(path: str | Path, device: str | torch.device | None = None) -> ImageLatentEncoder:
-    return ImageLatentEncoder(path, device)
+    def spec(self, resolution: int, latent_shape, stats: "LatentStats | None" = None) -> LatentSpec:
+        """How this encoder makes ``latent`` columns, for the shards' metadata."""
+        return LatentSpec(autoencoder=self.name, scaling_factor=self.scaling, shift_factor=self.shift,
+                          resolution=int(resolution), latent_shape=tuple(latent_shape),
+                          std=stats.std if stats else None, mean=stats.mean if stats else None)
+
+
+class LatentStats:
+    """Running mean and standard deviation over every element of the stored latents (float64 sums,
+    so per-shard parts merge exactly, in any order of completion)."""
+
+    def __init__(self, count: int = 0, total: float = 0.0, total_sq: float = 0.0):
+        self.count, self.total, self.total_sq = int(count), float(total), float(total_sq)
+
+    def add(self, latents: np.ndarray) -> None:
+        x = np.asarray(latents, dtype=np.float64)
+        self.count += x.size
+        self.total += float(x.sum())
+        self.total_sq += float(np.square(x).sum())
+
+    def merge(self, other: "LatentStats") -> None:
+        self.count += other.count
+        self.total += other.total
+        self.total_sq += other.total_sq
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+    @property
+    def std(self) -> float | None:
+        if not self.count:
+            return None
+        return float(np.sqrt(max(self.total_sq / self.count - self.mean ** 2, 0.0)))
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, "total": self.total, "total_sq": self.total_sq}
+
+
+def load_image_encoder(path: str | Path, device: str | torch.device | None = None, batch_size: int = 32,
+                       scaling_factor: float | None = None, shift_factor: float | None = None) -> ImageLatentEncoder:
+    return ImageLatentEncoder(path, device, batch_size, scaling_factor, shift_factor)
