@@ -15,7 +15,9 @@ Input shard ``i`` goes to rank ``i % world``. A part's completion marker is writ
 on S3, a rename locally: atomic either way) only after the part's shards and index are complete.
 The same command run again keeps every marked part, deletes and redoes any unmarked one, so no
 sample is lost or duplicated, and the output equals an uninterrupted run's: a part depends only
-on its input shard and the settings, whichever rank or attempt wrote it. The rank that finishes
+on its input shard and the settings, whichever rank or attempt wrote it (bit for bit on the same
+device kind and process count; on CPU a different ``--num-procs`` changes each process's thread
+count, hence the order of float reductions: values can then differ in their last 16-bit place). The rank that finishes
 last (the parent, with ``--num-procs``) merges the parts' indexes in input order.
 """
 from __future__ import annotations

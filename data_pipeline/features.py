@@ -268,7 +268,7 @@ class ImageLatentEncoder:
                 f"(config.json and weights, as written by save_pretrained); crossflow never downloads weights")
         from diffusers import AutoencoderKL
         self.device = torch.device(device or default_device())
-        self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True).eval().to(self.device)
+        self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False).eval().to(self.device)
         config_scaling = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
         config_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.scaling = config_scaling if scaling_factor is None else float(scaling_factor)
