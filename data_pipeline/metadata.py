@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FEATURES_FILE = "crossflow_features.json"
+DEFAULT_MAX_TOKENS = 77  # text tokens per caption: CLIP's context, the paper's 77; `data features` and training agree
 
 
 @dataclass

@@ -66,8 +66,14 @@ def test_build_codec_picks_pixels_or_the_named_autoencoder(vae_dir, tmp_path):
     # no recorded spec: --vae supplies one with its own scale (shards written before the metadata existed)
     assert build_codec(dataclasses.replace(latent, latent=None), vae=vae_dir).spec.scaling_factor == 0.5
     other = save_tiny_vae(tmp_path / "sdxl-like", scaling_factor=0.13025)
-    with pytest.raises(ValueError, match=r"scaling_factor=0.13025.*scaling_factor=0.5"):
+    with pytest.raises(ValueError, match=r"--vae=.*sdxl-like has scaling_factor=0.13025.* autoencoder .* has "
+                                         r"scaling_factor=0.5"):
         build_codec(latent, vae=other)
+    # a copy of the same autoencoder elsewhere decodes latents scaled by a measured factor (data features
+    # --scaling-factor auto) with that factor
+    copy = save_tiny_vae(tmp_path / "copy", scaling_factor=0.5)
+    measured = dataclasses.replace(latent, latent=spec_of(vae_dir, scaling_factor=0.9))
+    assert build_codec(measured, vae=copy).spec == spec_of(copy, scaling_factor=0.9)
 
 
 def test_resolve_model_input_reads_the_latents_and_their_autoencoder(vae_dir, tiny_config):
@@ -92,7 +98,7 @@ def test_disagreements_fail_naming_both_values(vae_dir, tmp_path, tiny_config):
     with pytest.raises(ValueError, match=r"metadata says latents \(4, 8, 8\) but the stored samples are \(4, 4, 4\)"):
         resolve_model_input(tiny_config(**shards, **{"data.resolution": 64}), latent_shards((4, 4, 4)), meta, 32)
     other = save_tiny_vae(tmp_path / "other", scaling_factor=0.18215)
-    with pytest.raises(ValueError, match=r"data.vae=.*other has scaling_factor=0.18215.* made by .* "
+    with pytest.raises(ValueError, match=r"data.vae=.*other has scaling_factor=0.18215.* autoencoder .* has "
                                          r"scaling_factor=0.5"):
         resolve_model_input(tiny_config(**shards, **{"data.resolution": 64, "data.vae": other}),
                             latent_shards(), meta, 32)

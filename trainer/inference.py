@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.features import CaptionCache, load_text_encoder
+from data_pipeline.features import CaptionCache, text_encoder_from_config
 from trainer.checkpoint import load_features, load_weights, resolve_weights
 from trainer.config import Config, config_from_dict
 from trainer.model_input import checkpoint_model_input
@@ -88,7 +88,7 @@ def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu",
     model = model_from_args(args)  # the class its model.family names
     model.load_state_dict(state)
     model.to(device).eval()
-    encoder = load_text_encoder(text_encoder or cfg.data.text_encoder)
+    encoder = text_encoder_from_config(cfg.data, spec=text_encoder)
     return Generator(model, codec, CaptionCache(encoder, cfg.data.max_tokens), cfg, device)
 
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from data_pipeline.datasets import ShapesTextDataset
-from data_pipeline.features import CaptionCache, load_text_encoder
+from data_pipeline.features import CaptionCache, text_encoder_from_config
 from data_pipeline.metadata import FeatureMetadata, read_feature_metadata, write_feature_metadata
 from data_pipeline.shapes import ShapesGenerator, caption as scene_caption, render
 from kernels import get_ops
@@ -154,7 +154,7 @@ class DataBundle:
 def build_dataloader(cfg: Config, micro_batch: int, rank: int, world_size: int) -> DataBundle:
     """The batch stream of ``data.source`` (same batch dict for every source), a description of the
     data (stored shapes, feature metadata, encoder width) and a caption cache for sampling."""
-    encoder = load_text_encoder(cfg.data.text_encoder)
+    encoder = text_encoder_from_config(cfg.data)
     captions = CaptionCache(encoder, cfg.data.max_tokens)
     if cfg.data.source == "shapes":
         gen = ShapesGenerator(cfg.data.resolution, cfg.data.max_groups, "train", cfg.data.seed)

@@ -82,15 +82,19 @@ def check_autoencoder(folder: str, config: dict, spec: LatentSpec, where: str) -
 
 
 def override_autoencoder(spec: LatentSpec, folder: str, what: str) -> LatentSpec:
-    """``spec`` decoded by another folder (``data.vae``, ``--vae``): the same kind of autoencoder
-    (channels, downsampling, scaling and shift factor) or an error naming both values."""
+    """``spec`` decoded by another folder (``data.vae``, ``--vae``): an autoencoder that can decode the
+    latents (channels, downsampling) and, when the folder that made them is readable here, the same
+    kind (its config's scaling and shift factor; the applied ones may differ, ``data features
+    --scaling-factor``). Mismatches fail naming both values. Decoding uses ``spec``'s factors."""
     config = autoencoder_config(folder, what)
     check_autoencoder(folder, config, spec, f"the latents (made by {spec.autoencoder})")
-    scale, shift = _scale_and_shift(config)
-    if (scale, shift) != (spec.scaling_factor, spec.shift_factor):
-        raise ValueError(f"{what}={folder} has scaling_factor={scale}, shift_factor={shift} but the latents were "
-                         f"made by {spec.autoencoder} with scaling_factor={spec.scaling_factor}, "
-                         f"shift_factor={spec.shift_factor}: another autoencoder would decode them wrongly")
+    if (Path(spec.autoencoder) / "config.json").is_file():
+        made_by = _scale_and_shift(autoencoder_config(spec.autoencoder))
+        if _scale_and_shift(config) != made_by:
+            (scale, shift), (made_scale, made_shift) = _scale_and_shift(config), made_by
+            raise ValueError(f"{what}={folder} has scaling_factor={scale}, shift_factor={shift} but the latents' "
+                             f"autoencoder {spec.autoencoder} has scaling_factor={made_scale}, shift_factor="
+                             f"{made_shift}: a different autoencoder would decode them wrongly")
     return dataclasses.replace(spec, autoencoder=str(folder))
 
 
