@@ -170,15 +170,26 @@ def load_weights(path: str | Path) -> tuple[dict, dict, dict]:
     return state, json.loads(meta["model_args"]), json.loads(meta["config"])
 
 
-def load_features(path: str | Path):
-    """The feature metadata (``data_pipeline.metadata.FeatureMetadata``) a weights file or export
-    carries; empty for files written before it existed."""
+def read_weights_metadata(path: str | Path) -> tuple[dict, dict, "FeatureMetadata"]:
+    """(model_args, config, feature metadata) of a weights file or export, without reading its
+    tensors; the feature metadata is empty for files written before it existed."""
     from safetensors import safe_open
 
     from data_pipeline.metadata import FeatureMetadata
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    return FeatureMetadata.from_dict(json.loads(meta.get("features") or "{}"))
+    if "model_args" not in meta:
+        raise CheckpointError(f"{path} has no crossflow model_args metadata: not a crossflow export")
+    features = FeatureMetadata.from_dict(json.loads(meta.get("features") or "{}"))
+    return json.loads(meta["model_args"]), json.loads(meta["config"]), features
+
+
+def load_features(path: str | Path):
+    """The feature metadata (``data_pipeline.metadata.FeatureMetadata``) a weights file or export carries."""
+    return read_weights_metadata(path)[2]
 
 
 def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:

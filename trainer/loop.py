@@ -32,15 +32,14 @@ from data_pipeline.features import CaptionCache, text_encoder_from_config
 from data_pipeline.metadata import FeatureMetadata, read_feature_metadata, write_feature_metadata
 from data_pipeline.shapes import ShapesGenerator, caption as scene_caption, render
 from kernels import get_ops
-from trainer.checkpoint import (STEP_DIR, WEIGHTS_FILE, checkpoint_root, commit_checkpoint, load_features,
-                                load_file, load_weights, prepare_checkpoint, resolve_resume, save_weights, tmp_tag,
-                                write_torch)
-from trainer.config import Config, config_from_dict, per_rank_batch_size
+from trainer.checkpoint import (STEP_DIR, WEIGHTS_FILE, checkpoint_root, commit_checkpoint, load_file,
+                                prepare_checkpoint, resolve_resume, save_weights, tmp_tag, write_torch)
+from trainer.config import Config, per_rank_batch_size
 from trainer.engine import Engine, init_distributed
 from trainer.inference import Generator, image_grid
 from trainer.metrics import MetricsLogger, peak_memory_bytes
-from trainer.model_input import (ModelInput, check_same_latents, checkpoint_model_input, resolve_model_input,
-                                 resolved_config)
+from trainer.model_input import (ModelInput, check_same_latents, resolve_model_input, resolved_config,
+                                 saved_model_input)
 from trainer.models.codecs import batch_target, build_codec
 from trainer.models.families import model_from_args, resolve_model_args
 from trainer.objectives import crossflow_losses, draw_noise
@@ -375,12 +374,8 @@ class StepStats:
 
 def check_same_input(ckpt: Path, current: ModelInput) -> None:
     """A checkpoint trained on other latents (or pixels) than this run's data is refused, naming both."""
-    weights = Path(ckpt) / WEIGHTS_FILE
-    if not weights.is_file():
-        return  # load_checkpoint names the missing file
-    _, args, config = load_weights(weights)
-    saved = checkpoint_model_input(config_from_dict(config), args, load_features(weights))
-    check_same_latents(saved, current, str(ckpt))
+    if (Path(ckpt) / WEIGHTS_FILE).is_file():  # else load_checkpoint names what is missing
+        check_same_latents(saved_model_input(ckpt), current, str(ckpt))
 
 
 def checkpoint_step(ckpt: Path) -> int:

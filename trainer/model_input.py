@@ -154,6 +154,15 @@ def checkpoint_model_input(config, model_args: dict, features: FeatureMetadata |
                       d.resolution, latent)
 
 
+def saved_model_input(checkpoint) -> ModelInput:
+    """What the checkpoint at ``checkpoint`` (an export, a checkpoint or run directory) was trained on,
+    from its weights file's metadata alone (no tensors read)."""
+    from trainer.checkpoint import read_weights_metadata, resolve_weights
+    from trainer.config import config_from_dict
+    args, config, features = read_weights_metadata(resolve_weights(checkpoint))
+    return checkpoint_model_input(config_from_dict(config), args, features)
+
+
 def check_same_latents(saved: ModelInput, current: ModelInput, checkpoint: str) -> None:
     """Resuming (or initializing) from ``checkpoint`` trained on ``saved``'s input: the same latent
     space and the same latents (shape, resolution, scaling and shift), or an error naming both."""

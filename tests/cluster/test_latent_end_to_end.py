@@ -55,7 +55,8 @@ def test_latent_shards_train_on_ray_and_every_image_is_decoded(tmp_path, capsys)
     assert read_feature_metadata(str(ckpt)).latent == meta.latent
 
     ode = ["--checkpoint", str(out), "--steps", "2", "--scale", "1"]
-    assert main(["sample", *ode, "--prompt", "a red circle", "--per-prompt", "2", "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["sample", *ode, "--prompt", "a red circle", "--per-prompt", "2",
+                 "--out", str(tmp_path / "s.png")]) == 0
     assert_rgb(tmp_path / "s.png", grid_size(1, 2))
     assert main(["interpolate", "a red circle", "a blue square", "--num", "3", *ode,
                  "--out", str(tmp_path / "i.png")]) == 0
