@@ -23,6 +23,13 @@ def _train(args: argparse.Namespace) -> int:
 
     from trainer.config import load_config
     cfg = load_config(args.config, args.overrides)  # fail on a bad config before any worker starts
+    if (cfg.cluster.use_ray and not args.no_ray or (args.nproc or 1) > 1) and "RANK" not in os.environ:
+        from trainer.loop import check_data_before_launch
+        try:  # shards, metadata, config and autoencoder that disagree fail here, not in every worker
+            check_data_before_launch(cfg)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"crossflow: data error: {e}", file=sys.stderr)
+            return 2
     if cfg.cluster.use_ray and not args.no_ray and "RANK" not in os.environ:
         from cluster.ray_train import run_training  # Ray Train: embedded cluster unless an address is given
         cfg.cluster.address = args.address or cfg.cluster.address

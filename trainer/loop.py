@@ -40,7 +40,7 @@ from trainer.inference import Generator, image_grid
 from trainer.metrics import MetricsLogger, peak_memory_bytes
 from trainer.model_input import (ModelInput, check_same_latents, resolve_model_input, resolved_config,
                                  saved_model_input)
-from trainer.models.codecs import batch_target, build_codec
+from trainer.models.codecs import batch_target, build_codec, codec_spec
 from trainer.models.families import model_from_args, resolve_model_args
 from trainer.objectives import crossflow_losses, draw_noise
 
@@ -166,6 +166,20 @@ def build_dataloader(cfg: Config, micro_batch: int, rank: int, world_size: int) 
     loader = shard_loader_from_config(cfg.data, micro_batch, rank=rank, world_size=world_size,
                                       seed=cfg.train.seed, out_dir=cfg.train.out_dir)
     return DataBundle(ShardStream(loader), captions, shards, metadata, encoder.dim)
+
+
+def check_data_before_launch(cfg: Config) -> ModelInput | None:
+    """Before workers start (Ray, torchrun): the shards' stored shapes and feature metadata checked
+    against the config and the autoencoder folder found, so a mismatch fails once, here, naming both
+    values (the text encoder's width is checked by the workers, which load it)."""
+    remote = cfg.data.path.startswith("s3://")
+    if cfg.data.source == "shapes" or not (remote or Path(cfg.data.path).exists()):
+        return None  # a folder only the workers see: they check it
+    from data_pipeline.readers import describe_shards
+    shards = describe_shards(cfg.data.path, cfg.data.source, cfg.data.cache_dir)
+    model_input = resolve_model_input(cfg, shards, read_feature_metadata(cfg.data.path))
+    codec_spec(model_input)
+    return model_input
 
 
 def heldout_prompts(cfg: Config, n: int) -> list:

@@ -141,11 +141,11 @@ class LatentCodec:
         return torch.cat(out).to(z.device)
 
 
-def build_codec(model_input, vae: str = "", device: str | torch.device = "cpu") -> PixelCodec | LatentCodec:
-    """The codec of a resolved ``trainer.model_input.ModelInput``: pixels, or the autoencoder its
-    ``latent`` spec names; ``vae`` (``--vae``) replaces that folder with a compatible one."""
+def codec_spec(model_input, vae: str = "") -> LatentSpec | None:
+    """The LatentSpec that decodes ``model_input`` (None in pixel space), its autoencoder folder
+    checked (``vae`` replaces it) but no weights loaded."""
     if model_input.space == "pixels":
-        return PixelCodec(model_input.resolution)
+        return None
     spec = model_input.latent
     if spec is None:
         if not vae:
@@ -157,7 +157,15 @@ def build_codec(model_input, vae: str = "", device: str | torch.device = "cpu") 
     if tuple(spec.latent_shape) != tuple(model_input.latent_shape):
         raise ValueError(f"the model works on {tuple(model_input.latent_shape)} latents but its autoencoder "
                          f"spec says {tuple(spec.latent_shape)}")
-    return LatentCodec(spec, device)
+    check_autoencoder(spec.autoencoder, autoencoder_config(spec.autoencoder), spec, "the latents")
+    return spec
+
+
+def build_codec(model_input, vae: str = "", device: str | torch.device = "cpu") -> PixelCodec | LatentCodec:
+    """The codec of a resolved ``trainer.model_input.ModelInput``: pixels, or the autoencoder its
+    ``latent`` spec names; ``vae`` (``--vae``) replaces that folder with a compatible one."""
+    spec = codec_spec(model_input, vae)
+    return PixelCodec(model_input.resolution) if spec is None else LatentCodec(spec, device)
 
 
 def batch_target(batch: dict, codec) -> torch.Tensor:
