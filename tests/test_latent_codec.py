@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from data_pipeline.metadata import FeatureMetadata, LatentSpec
+from data_pipeline.metadata import FeatureMetadata, LatentSpec, TextSpec
 from tests.support.tiny_models import save_tiny_vae
 from trainer.model_input import ModelInput, check_same_latents, resolve_model_input
 from trainer.models.codecs import LatentCodec, PixelCodec, build_codec
@@ -125,3 +125,17 @@ def test_a_checkpoint_on_other_latents_is_refused(vae_dir):
                            "ckpt")
     with pytest.raises(ValueError, match=r"trained on latents .* are pixels \(3, 32, 32\)"):
         check_same_latents(saved, ModelInput("pixels", (3, 32, 32), 32, 12, 32), "ckpt")
+
+
+def test_text_features_made_otherwise_than_the_config_says_are_refused(tiny_config):
+    cfg = tiny_config(**{"data.source": "mds", "data.path": "/shards", "data.resolution": 64})
+    shards = latent_shards()
+    made = TextSpec("hashed-words-32", 12, 32)
+    resolve_model_input(cfg, shards, FeatureMetadata(text=made), 32)
+    with pytest.raises(ValueError, match=r"text features of minilm but data.text_encoder=hashed-words-32"):
+        resolve_model_input(cfg, shards, FeatureMetadata(text=dataclasses.replace(made, encoder="minilm")), 32)
+    with pytest.raises(ValueError, match=r"hidden_layer=-2 but data.text_hidden_layer=-1: .*set "
+                                         r"data.text_hidden_layer=-2"):
+        resolve_model_input(cfg, shards, FeatureMetadata(text=dataclasses.replace(made, hidden_layer=-2)), 32)
+    with pytest.raises(ValueError, match=r"multiplier=10.0 but data.text_multiplier=1.0"):
+        resolve_model_input(cfg, shards, FeatureMetadata(text=dataclasses.replace(made, multiplier=10.0)), 32)

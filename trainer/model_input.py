@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from data_pipeline.metadata import FeatureMetadata, LatentSpec
+from data_pipeline.metadata import FeatureMetadata, LatentSpec, TextSpec
 
 # Widths of text encoders known without loading them (anything else: set data.text_dim or load it).
 KNOWN_TEXT_DIMS = {"minilm": 384}
@@ -92,7 +92,27 @@ def resolve_model_input(cfg, shards: dict | None = None, metadata: FeatureMetada
         shape, latent = _latent_input(cfg, shards, latent, where)
     else:
         shape = (3, d.resolution, d.resolution)  # the reader resizes stored images to data.resolution
+    if metadata is not None and metadata.text is not None:
+        _check_text_spec(cfg, metadata.text, where)
     return ModelInput(space, shape, _text_dim(cfg, shards, encoder_dim, where), d.max_tokens, d.resolution, latent)
+
+
+def _is_folder(spec: str) -> bool:
+    return spec != "minilm" and not spec.startswith("hashed-words")
+
+
+def _check_text_spec(cfg, text: TextSpec, where: str) -> None:
+    """Prompts embedded at sample time (data.text_encoder, its layer and multiplier) must match how the
+    shards' text features were made. Two different folders pass (the same model may have moved)."""
+    d = cfg.data
+    if text.encoder != d.text_encoder and not (_is_folder(text.encoder) and _is_folder(d.text_encoder)):
+        raise ValueError(f"{where} hold text features of {text.encoder} but data.text_encoder={d.text_encoder}: "
+                         f"sampling prompts would not match; set data.text_encoder={text.encoder}")
+    for key, made, configured in (("text_hidden_layer", text.hidden_layer, d.text_hidden_layer),
+                                  ("text_multiplier", text.multiplier, d.text_multiplier)):
+        if made != configured:
+            raise ValueError(f"{where} hold text features made with {key.replace('text_', '')}={made} but "
+                             f"data.{key}={configured}: sampling prompts would not match; set data.{key}={made}")
 
 
 def _latent_input(cfg, shards: dict | None, latent: LatentSpec | None, where: str):
