@@ -5,6 +5,10 @@ The training loop, inference, ``crossflow plan``, the meta-device builds of ship
 the sweep analysis all call it. ``declared_model_input(cfg)`` needs neither shards nor weights
 (it is what a config *says*); ``resolve_model_input(cfg, shards=..., metadata=..., encoder_dim=...)``
 checks that against what the data *is* and fails naming both values when they disagree.
+
+Checkpoints: ``resolved_config`` writes what training resolved into the config it saves;
+``checkpoint_model_input`` / ``saved_model_input`` read a checkpoint's input back (sampling builds
+its codec from it); ``check_same_latents`` refuses resuming or initializing from other latents.
 """
 from __future__ import annotations
 
@@ -32,11 +36,11 @@ class ModelInput:
 
 
 def known_text_dim(spec: str) -> int | None:
+    """The width of a text encoder without loading its weights: its name, or its folder's config.json."""
     if spec in KNOWN_TEXT_DIMS:
         return KNOWN_TEXT_DIMS[spec]
-    if spec.startswith("hashed-words"):
-        return int(spec.rsplit("-", 1)[1]) if spec != "hashed-words" else 32
-    return None
+    from data_pipeline.features import text_encoder_dim
+    return text_encoder_dim(spec)
 
 
 def _space(cfg, shards: dict | None) -> str:
