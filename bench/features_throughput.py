@@ -69,13 +69,19 @@ def main(argv=None) -> int:
               f"{args.batch_size}, tiny VAE + tiny CLIP text (77 tokens)")
         print("| procs | torch threads per proc | wall (s) | samples/s | first shard done after (s) |\n"
               "|---|---|---|---|---|")
-        for procs in args.procs:
-            out = root / f"out-{procs}"
+        default_threads = torch.get_num_threads()
+        runs = [(p, default_threads if p == 1 else max(1, (os.cpu_count() or 1) // p)) for p in args.procs]
+        if 1 in args.procs and default_threads > 1:
+            runs.insert(args.procs.index(1) + 1, (1, 1))  # one process, one thread: the per-core baseline
+        for procs, threads in runs:
+            out = root / f"out-{procs}-{threads}"
+            if procs == 1:
+                torch.set_num_threads(threads)
             t0_wall, t0 = time.time(), time.perf_counter()
             summary = run_features(src, str(out), settings, num_procs=procs, device="cpu", progress=False)
             wall = time.perf_counter() - t0
+            torch.set_num_threads(default_threads)
             assert summary is not None and summary.samples == args.samples, summary
-            threads = torch.get_num_threads() if procs == 1 else max(1, (os.cpu_count() or 1) // procs)
             print(f"| {procs} | {threads} | {wall:.1f} | {args.samples / wall:.1f} | "
                   f"{first_part_seconds(out, t0_wall):.1f} |", flush=True)
     finally:
