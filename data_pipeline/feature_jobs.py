@@ -262,6 +262,10 @@ def measure_latent_scale(records: Iterator[dict], vae: str, device, n: int, reso
         taken += len(batch)
         if taken >= n:
             break
+    del encoder
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the --num-procs parent keeps no autoencoder memory on GPU 0
     if not taken or not stats.std:
         raise ValueError("cannot measure the latent scale: no image, or latents with zero variance")
     return {"std": stats.std, "mean": stats.mean, "samples": taken}
