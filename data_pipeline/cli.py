@@ -129,7 +129,7 @@ def _features(args) -> int:
     summary = run_features(args.inp, args.out, settings, num_procs=args.num_procs, device=args.device,
                            cache_dir=args.cache_dir, progress=not args.no_progress)
     if summary is None:
-        print("this rank's input shards are done; the rank that finishes last merges the index")
+        print("this rank's input shards are done; rank 0 merges the index")
     else:
         print(summary.text(args.out))
     return 0

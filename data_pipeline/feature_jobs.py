@@ -17,8 +17,9 @@ The same command run again keeps every marked part, deletes and redoes any unmar
 sample is lost or duplicated, and the output equals an uninterrupted run's: a part depends only
 on its input shard and the settings, whichever rank or attempt wrote it (bit for bit on the same
 device kind and process count; on CPU a different ``--num-procs`` changes each process's thread
-count, hence the order of float reductions: values can then differ in their last 16-bit place). The rank that finishes
-last (the parent, with ``--num-procs``) merges the parts' indexes in input order.
+count, hence the order of float reductions: values can then differ in their last 16-bit place).
+Rank 0 (the parent, with ``--num-procs``) merges the parts' indexes in input order once all
+are done.
 """
 from __future__ import annotations
 
@@ -83,14 +84,15 @@ class FeaturesSummary:
     bytes: int
     parts: int
     resumed_parts: int  # parts found complete from an earlier attempt
-    seconds: float
+    processed: int  # samples featurized by this attempt
+    seconds: float  # this attempt, start-up and merge included
     metadata: FeatureMetadata
 
     def text(self, out: str) -> str:
-        rate = self.samples / self.seconds if self.seconds > 0 else float("nan")
+        rate = self.processed / self.seconds if self.seconds > 0 else float("nan")
         lines = [f"wrote {self.samples} samples in {self.shards} shards ({self.bytes / 2**20:.2f} MiB) to {out}",
                  f"{self.parts} input shards, {self.resumed_parts} already done by an earlier run; "
-                 f"{self.seconds:.1f} s ({rate:.1f} samples/s)"]
+                 f"{self.processed} samples featurized in {self.seconds:.1f} s ({rate:.1f} samples/s)"]
         return "\n".join(lines + feature_report(self.metadata))
 
 
@@ -260,6 +262,10 @@ def measure_latent_scale(records: Iterator[dict], vae: str, device, n: int, reso
         taken += len(batch)
         if taken >= n:
             break
+    del encoder
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the --num-procs parent keeps no autoencoder memory on GPU 0
     if not taken or not stats.std:
         raise ValueError("cannot measure the latent scale: no image, or latents with zero variance")
     return {"std": stats.std, "mean": stats.mean, "samples": taken}
@@ -316,6 +322,17 @@ def _wait_for_plan(store: _Store, rank: int) -> dict:
     return store.read_json(PLAN_FILE)
 
 
+def _wait_for_other_ranks(plan: dict, store: _Store) -> None:
+    """Rank 0 under torchrun: wait for the parts of the other ranks (torchrun stops every rank when
+    one fails, so this ends)."""
+    announced = False
+    while left := pending_parts(plan, store):
+        if not announced:
+            print(f"rank 0: waiting for {len(left)} input shards of the other ranks", file=sys.stderr)
+            announced = True
+        time.sleep(1.0)
+
+
 def _scaling_of(plan: dict) -> float | None:
     s = plan["settings"]["scaling_factor"]
     if s == "auto":
@@ -340,8 +357,12 @@ def build_featurizer(plan: dict, device):
     return Featurizer(text, s["max_tokens"], image, s["latent_resolution"])
 
 
+class Stopped(Exception):
+    """``keep_going()`` turned false mid-part: the part is left unmarked, for a later run to redo."""
+
+
 def featurize_part(plan: dict, i: int, reader: _ShardReader, featurizer, store: _Store,
-                   on_batch: Callable[[int], None]) -> None:
+                   on_batch: Callable[[int], None], keep_going: Callable[[], bool] = lambda: True) -> None:
     """Input shard ``i`` -> ``part-<i>`` + its completion marker (written last)."""
     from data_pipeline.features import LatentStats
     s, part = plan["settings"], part_name(i)
@@ -349,6 +370,8 @@ def featurize_part(plan: dict, i: int, reader: _ShardReader, featurizer, store: 
     featurizer.latent_stats = LatentStats()
     writer = open_writer(plan["format"], store.path(part), s["shard_bytes"], s["compression"])
     for batch in _batched(reader.records(i, plan["shards"][i]), s["batch_size"]):
+        if not keep_going():
+            raise Stopped(part)
         for rec in featurizer(batch):
             writer.write(rec)
         on_batch(len(batch))
@@ -369,14 +392,29 @@ def run_rank(plan: dict, store: _Store, rank: int, world: int, device, cache_dir
         return
     featurizer = build_featurizer(plan, device)
     reader = _ShardReader(plan["input"], plan["input_format"], cache_dir)
-    for i in todo:
-        if not keep_going():
-            return
-        featurize_part(plan, i, reader, featurizer, store, on_batch)
+    try:
+        for i in todo:
+            featurize_part(plan, i, reader, featurizer, store, on_batch, keep_going)
+    except Stopped:
+        return
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel SIGKILLs this process when its parent dies, so a killed ``--num-procs``
+    run leaves no worker writing a part that the resumed run redoes."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass  # elsewhere: keep_going() below still stops the worker between batches
 
 
 def _child_main(plan: dict, root: str, rank: int, world: int, device, cache_dir, queue, parent_pid: int) -> None:
-    """One ``--num-procs`` worker. Stops between batches if its parent is gone (killed)."""
+    """One ``--num-procs`` worker. Ends with its parent (killed or not)."""
+    _die_with_parent()
+    if os.getppid() != parent_pid:
+        return
     import torch
     if device is None or str(device) == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -485,8 +523,7 @@ def _progress_bar(total: int, desc: str, position: int = 0):
 def run_features(src: str, out: str, settings: FeatureSettings, *, num_procs: int = 1, device=None,
                  cache_dir: str | None = None, progress: bool = True) -> FeaturesSummary | None:
     """Featurize every input shard of ``src`` into ``out`` (see the module docstring). Returns the
-    summary once the merged index is written; None on a torchrun rank that left the merge to the
-    rank finishing last."""
+    summary once the merged index is written; None on torchrun ranks other than 0 (rank 0 merges)."""
     start = time.monotonic()
     src = str(src).rstrip("/")
     if is_remote(src):
@@ -506,7 +543,8 @@ def run_features(src: str, out: str, settings: FeatureSettings, *, num_procs: in
                                "format": settings.format or plan["input_format"], "shards": plan["shards"],
                                "settings": dataclasses.asdict(settings)}, store.root)
     n = len(plan["shards"])
-    resumed = n - len(pending_parts(plan, store))
+    pending = pending_parts(plan, store)
+    resumed, processed = n - len(pending), sum(plan["shards"][i]["samples"] for i in pending)
     mine = pending_parts(plan, store, 0 if num_procs > 1 else rank, 1 if num_procs > 1 else world)
     total = sum(plan["shards"][i]["samples"] for i in mine)
     bar = _progress_bar(total, "features" if world == 1 else f"features rank {rank}", rank) if progress else None
@@ -519,8 +557,9 @@ def run_features(src: str, out: str, settings: FeatureSettings, *, num_procs: in
     finally:
         if bar is not None:
             bar.close()
-    if pending_parts(plan, store):
-        return None  # other torchrun ranks are still working; the last to finish merges
+    if rank != 0:
+        return None  # rank 0 merges once every rank's parts are done
+    _wait_for_other_ranks(plan, store)
     meta, totals = merge_parts(plan, store)
-    return FeaturesSummary(totals["samples"], totals["shards"], totals["bytes"], n, resumed,
+    return FeaturesSummary(totals["samples"], totals["shards"], totals["bytes"], n, resumed, processed,
                            time.monotonic() - start, meta)

@@ -706,9 +706,12 @@ def shard_loader_from_config(data_cfg, batch_size: int, *, rank: int, world_size
                              out_dir: str):
     """``build_shard_loader`` from a ``trainer.config.DataConfig`` (source mds or wds): the one
     mapping of config keys to loader arguments. Shards without stored text features are
-    featurized with ``data.text_encoder`` (its hidden layer and multiplier too); images are
-    resized to ``data.resolution``."""
+    featurized with ``data.text_encoder`` (its hidden layer and multiplier too); shards whose
+    crossflow_features.json names other text settings fail here; images are resized to
+    ``data.resolution``."""
     from data_pipeline.features import text_encoder_from_config
+    from data_pipeline.metadata import check_text_settings, read_feature_metadata
+    check_text_settings(data_cfg, read_feature_metadata(data_cfg.path).text, f"shards at {data_cfg.path}")
     cache_dir = data_cfg.cache_dir or (os.path.join(out_dir, "shard_cache") if is_remote(data_cfg.path) else None)
     return build_shard_loader(data_cfg.path, data_cfg.source, batch_size, rank=rank, world_size=world_size,
                               num_workers=data_cfg.num_workers, shuffle=data_cfg.shuffle, seed=seed,

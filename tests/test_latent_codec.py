@@ -134,8 +134,8 @@ def test_text_features_made_otherwise_than_the_config_says_are_refused(tiny_conf
     resolve_model_input(cfg, shards, FeatureMetadata(text=made), 32)
     with pytest.raises(ValueError, match=r"text features of minilm but data.text_encoder=hashed-words-32"):
         resolve_model_input(cfg, shards, FeatureMetadata(text=dataclasses.replace(made, encoder="minilm")), 32)
-    with pytest.raises(ValueError, match=r"hidden_layer=-2 but data.text_hidden_layer=-1: .*set "
-                                         r"data.text_hidden_layer=-2"):
+    with pytest.raises(ValueError, match=r"text_hidden_layer=-2 \(crossflow_features.json\) but "
+                                         r"data.text_hidden_layer=-1: set data.text_hidden_layer=-2"):
         resolve_model_input(cfg, shards, FeatureMetadata(text=dataclasses.replace(made, hidden_layer=-2)), 32)
-    with pytest.raises(ValueError, match=r"multiplier=10.0 but data.text_multiplier=1.0"):
+    with pytest.raises(ValueError, match=r"text_multiplier=10.0 .* but data.text_multiplier=1.0"):
         resolve_model_input(cfg, shards, FeatureMetadata(text=dataclasses.replace(made, multiplier=10.0)), 32)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from data_pipeline.metadata import FeatureMetadata, LatentSpec, TextSpec
+from data_pipeline.metadata import FeatureMetadata, LatentSpec, TextSpec, check_text_settings
 
 # Widths of text encoders known without loading them (anything else: set data.text_dim or load it).
 KNOWN_TEXT_DIMS = {"minilm": 384}
@@ -106,17 +106,13 @@ def _is_folder(spec: str) -> bool:
 
 
 def _check_text_spec(cfg, text: TextSpec, where: str) -> None:
-    """Prompts embedded at sample time (data.text_encoder, its layer and multiplier) must match how the
-    shards' text features were made. Two different folders pass (the same model may have moved)."""
+    """Prompts embedded at sample time (data.text_encoder, its tokens, layer and multiplier) must match
+    how the shards' text features were made. Two different folders pass (the same model may have moved)."""
     d = cfg.data
     if text.encoder != d.text_encoder and not (_is_folder(text.encoder) and _is_folder(d.text_encoder)):
         raise ValueError(f"{where} hold text features of {text.encoder} but data.text_encoder={d.text_encoder}: "
                          f"sampling prompts would not match; set data.text_encoder={text.encoder}")
-    for key, made, configured in (("text_hidden_layer", text.hidden_layer, d.text_hidden_layer),
-                                  ("text_multiplier", text.multiplier, d.text_multiplier)):
-        if made != configured:
-            raise ValueError(f"{where} hold text features made with {key.replace('text_', '')}={made} but "
-                             f"data.{key}={configured}: sampling prompts would not match; set data.{key}={made}")
+    check_text_settings(d, text, where)
 
 
 def _latent_input(cfg, shards: dict | None, latent: LatentSpec | None, where: str):

@@ -4,6 +4,10 @@ shards (local and s3://), the measured latent scale."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,3 +69,46 @@ def test_killed_run_resumes_to_the_same_shards(tmp_path, models, capsys):
 
     with pytest.raises(ValueError, match=r"made with text_hidden_layer=-2; this command gives text_hidden_layer=-1"):
         main(command(out) + ["--text-hidden-layer", "-1"])
+
+
+def test_s3_in_and_out(bucket, tmp_path, models, capsys):
+    """zstd MDS shards on s3:// -> features -> MDS on s3://: per-shard reads of compressed remote
+    shards, the parts' indexes merged on the server, crossflow_features.json beside them; the
+    same samples as from a local copy."""
+    from data_pipeline.writers import open_writer
+    records = shapes_records(12, resolution=64)
+    for root in (f"{bucket}/raw", str(tmp_path / "raw")):
+        w = open_writer("mds", root, 2_000, "zstd")
+        for r in records:
+            w.write(dict(r))
+        w.close()
+    assert main(_features(f"{bucket}/raw", f"{bucket}/feat", models)) == 0
+    assert main(_features(tmp_path / "raw", tmp_path / "feat", models)) == 0
+    assert "wrote 12 samples" in capsys.readouterr().out
+    assert _stored(f"{bucket}/feat") == _stored(tmp_path / "feat")
+    meta = read_feature_metadata(f"{bucket}/feat")
+    assert meta == read_feature_metadata(str(tmp_path / "feat"))
+    assert meta.latent.scaling_factor == 0.18215 and meta.latent.autoencoder == models["vae"]
+
+
+def test_torchrun_ranks_split_the_shards(tmp_path, models):
+    """`torchrun --nproc-per-node 2 -m trainer.cli data features ...`: ranks from RANK/WORLD_SIZE, each
+    its own input shards, rank 0 merges; the same samples as one process (torchrun gives each rank
+    one thread, so latents may differ in the last 16-bit place)."""
+    raw = write_records("wds", str(tmp_path / "raw"), shapes_records(12, resolution=64), shard_bytes=2_000)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "trainer.cli",
+                           *_features(raw, tmp_path / "ranks", models)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 0 merges the index" in proc.stdout and "wrote 12 samples" in proc.stdout
+    assert main(_features(raw, tmp_path / "one", models)) == 0
+    ranks, one = list(read_records(str(tmp_path / "ranks"))), list(read_records(str(tmp_path / "one")))
+    assert [(r["key"], r["caption"]) for r in ranks] == [(r["key"], r["caption"]) for r in one]
+    for a, b in zip(ranks, one):
+        np.testing.assert_allclose(a["latent"].astype(np.float32), b["latent"].astype(np.float32), rtol=2e-3, atol=1e-3)
+        np.testing.assert_allclose(a["text_emb"].astype(np.float32), b["text_emb"].astype(np.float32), rtol=2e-3,
+                                   atol=1e-3)
+    done = json.loads((tmp_path / "ranks" / "_features_progress" / "done" / "part-00001.json").read_text())
+    assert done["samples"] > 0
