@@ -10,7 +10,7 @@ import torch
 
 from data_pipeline.metadata import FeatureMetadata, LatentSpec, TextSpec
 from tests.support.tiny_models import save_tiny_vae
-from trainer.model_input import ModelInput, check_same_latents, resolve_model_input
+from trainer.model_input import ModelInput, check_init_latents, check_same_latents, resolve_model_input
 from trainer.models.codecs import LatentCodec, PixelCodec, build_codec
 
 
@@ -139,3 +139,16 @@ def test_text_features_made_otherwise_than_the_config_says_are_refused(tiny_conf
         resolve_model_input(cfg, shards, FeatureMetadata(text=dataclasses.replace(made, hidden_layer=-2)), 32)
     with pytest.raises(ValueError, match=r"text_multiplier=10.0 .* but data.text_multiplier=1.0"):
         resolve_model_input(cfg, shards, FeatureMetadata(text=dataclasses.replace(made, multiplier=10.0)), 32)
+
+
+def test_init_from_allows_another_resolution_but_not_other_latents(vae_dir):
+    at_256 = ModelInput("latent", (4, 32, 32), 32, 12, 256, spec_of(vae_dir, resolution=256, latent_shape=(4, 32, 32)))
+    at_512 = ModelInput("latent", (4, 64, 64), 32, 12, 512, spec_of(vae_dir, resolution=512, latent_shape=(4, 64, 64)))
+    check_init_latents(at_256, at_512, "ckpt")  # the paper's 512 px stage from its 256 px checkpoint
+    with pytest.raises(ValueError, match=r"init_from=ckpt was trained on space=latent, channels=4, "
+                                         r"scaling_factor=0.5.* are space=latent, channels=4, scaling_factor=0.13025"):
+        check_init_latents(at_256, dataclasses.replace(at_512, latent=spec_of(vae_dir, scaling_factor=0.13025,
+                                                                               resolution=512,
+                                                                               latent_shape=(4, 64, 64))), "ckpt")
+    with pytest.raises(ValueError, match=r"space=latent, channels=4.* are space=pixels, channels=3"):
+        check_init_latents(at_256, ModelInput("pixels", (3, 32, 32), 32, 12, 32), "ckpt")

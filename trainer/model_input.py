@@ -202,6 +202,21 @@ def check_same_latents(saved: ModelInput, current: ModelInput, checkpoint: str) 
                          f"{describe(current)}")
 
 
+def check_init_latents(saved: ModelInput, current: ModelInput, checkpoint: str) -> None:
+    """Initializing (``train.init_from``) from ``checkpoint`` trained on ``saved``'s input: the same
+    space and, for latents, the same autoencoder's channels, scaling and shift; the resolution may
+    differ (the paper's 512 px stage from its 256 px checkpoint). The error names both values."""
+    def kind(m: ModelInput) -> tuple:
+        if m.space == "pixels" or m.latent is None:
+            return (m.space, m.latent_shape[0])
+        return (m.space, m.latent_shape[0], m.latent.scaling_factor, m.latent.shift_factor)
+    if kind(saved) != kind(current):
+        names = ("space", "channels", "scaling_factor", "shift_factor")
+        describe = lambda k: ", ".join(f"{n}={v}" for n, v in zip(names, k))  # noqa: E731
+        raise ValueError(f"train.init_from={checkpoint} was trained on {describe(kind(saved))} but this run's data "
+                         f"are {describe(kind(current))}")
+
+
 def resolved_config(cfg, model_input: ModelInput):
     """A copy of ``cfg`` with what training resolved written in (data.space, data.text_dim, data.vae =
     the autoencoder folder): the config.json and checkpoint config that sampling reads."""
