@@ -1,5 +1,7 @@
-"""``crossflow data convert`` and ``crossflow data features``: sources -> shards, shards -> shards
-with precomputed 16-bit features (text token embeddings and mask, image latents).
+"""``crossflow data convert``: sources -> shards, optionally with precomputed 16-bit features
+(text token embeddings and mask, image latents) and their ``crossflow_features.json``.
+``crossflow data features`` (shards -> shards, many processes, resumable) is in
+:mod:`data_pipeline.feature_jobs`.
 
 Features are computed in batches (on a GPU when one is present) and stored once, so training
 reads them instead of running the text encoder and the autoencoder every step.
@@ -13,6 +15,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from data_pipeline.features import LatentStats
+from data_pipeline.metadata import DEFAULT_MAX_TOKENS, FeatureMetadata, write_feature_metadata
 from data_pipeline.sources import RawSample, Skipped, SourceItem, decode_rgb
 from data_pipeline.writers import DEFAULT_SHARD_BYTES, WriteSummary, open_writer
 
@@ -27,6 +31,7 @@ class ConvertSummary:
     skipped: int = 0
     reasons: Counter = field(default_factory=Counter)
     examples: list = field(default_factory=list)
+    features: FeatureMetadata | None = None  # what the featurizer stored (also in crossflow_features.json)
 
     def add_skip(self, item: Skipped) -> None:
         self.skipped += 1
@@ -42,6 +47,9 @@ class ConvertSummary:
                  f"skipped {self.skipped} samples" + (":" if self.skipped else "")]
         lines += [f"  {n:>8}  {reason}" for reason, n in self.reasons.most_common()]
         lines += [f"  e.g. {e}" for e in self.examples]
+        if self.features is not None:
+            from data_pipeline.feature_jobs import feature_report
+            lines += feature_report(self.features)
         return "\n".join(lines)
 
 
@@ -58,11 +66,16 @@ def parse_size(text: str | int) -> int:
 
 
 class Featurizer:
-    """Adds ``text_emb``/``text_mask`` and/or ``latent`` to a batch of records."""
+    """Adds ``text_emb``/``text_mask`` and/or ``latent`` to a batch of records; keeps the stored
+    latents' running statistics and describes what it made (``metadata()``)."""
 
-    def __init__(self, text_encoder=None, max_tokens: int = 77, image_encoder=None, resolution: int | None = None):
+    def __init__(self, text_encoder=None, max_tokens: int = DEFAULT_MAX_TOKENS, image_encoder=None,
+                 resolution: int | None = None):
         self.text_encoder, self.max_tokens = text_encoder, max_tokens
         self.image_encoder, self.resolution = image_encoder, resolution
+        self.latent_stats = LatentStats()
+        self.image_side: int | None = None  # side of the images fed to the autoencoder
+        self.latent_shape: tuple[int, ...] | None = None
 
     def __call__(self, records: list[dict]) -> list[dict]:
         if self.text_encoder is not None:
@@ -74,9 +87,21 @@ class Featurizer:
             if len({im.shape for im in images}) > 1:
                 raise ValueError(f"images of different sizes {sorted({im.shape for im in images})}: "
                                  f"give a resolution to resize them before the autoencoder")
-            for r, lat in zip(records, self.image_encoder.encode(np.stack(images))):
+            latents = self.image_encoder.encode(np.stack(images))  # (B, C, h, w)
+            self.latent_stats.add(latents)
+            self.image_side, self.latent_shape = images[0].shape[0], latents.shape[1:]
+            for r, lat in zip(records, latents):
                 r["latent"] = lat
         return records
+
+    def metadata(self) -> FeatureMetadata:
+        """What this featurizer stored (text and/or latent specs, latent std/mean so far)."""
+        meta = FeatureMetadata()
+        if self.text_encoder is not None:
+            meta.text = self.text_encoder.spec(self.max_tokens)
+        if self.image_encoder is not None and self.latent_shape is not None:
+            meta.latent = self.image_encoder.spec(self.image_side, self.latent_shape, self.latent_stats)
+        return meta
 
 
 def _batched(it: Iterable, n: int) -> Iterator[list]:
@@ -123,32 +148,9 @@ def convert(items: Iterable[SourceItem], fmt: str, out: str, *, shard_bytes: int
             for rec in featurizer(batch) if featurizer else batch:
                 writer.write(rec)
         summary.absorb(writer.close())
-    finally:
-        if bar is not None:
-            bar.close()
-    return summary
-
-
-def add_features(src: str, out: str, *, fmt: str | None = None, featurizer: Featurizer, batch_size: int = 64,
-                 shard_bytes: int = DEFAULT_SHARD_BYTES, compression: str | None = None,
-                 cache_dir: str | None = None, progress: bool = True) -> ConvertSummary:
-    """Read every record of ``src`` (MDS or WebDataset), add features, write ``out`` (same
-    format unless ``fmt`` says otherwise). Columns of the encoders given are (re)computed;
-    feature columns already stored for the others are carried over unchanged."""
-    from data_pipeline.readers import read_records
-    from data_pipeline.writers import detect_format
-    src_fmt = detect_format(src)
-    records = read_records(src, src_fmt, cache_dir)
-    summary = ConvertSummary()
-    writer = open_writer(fmt or src_fmt, out, shard_bytes, compression)
-    bar = _progress(None, "features") if progress else None
-    try:
-        for batch in _batched(records, batch_size):
-            for rec in featurizer(batch):
-                writer.write(rec)
-            if bar is not None:
-                bar.update(len(batch))
-        summary.absorb(writer.close())
+        if featurizer is not None:
+            summary.features = featurizer.metadata()
+            write_feature_metadata(out, summary.features)
     finally:
         if bar is not None:
             bar.close()

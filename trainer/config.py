@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from data_pipeline.metadata import DEFAULT_MAX_TOKENS
+
 
 class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names the key."""
@@ -77,7 +79,9 @@ class DataConfig:
     num_samples: int = _f(50_000, "shapes: number of distinct training scenes (the epoch length)")
     seed: int = _f(0, "shapes: generator seed (changes every scene)")
     text_encoder: str = _f("minilm", "minilm (packaged all-MiniLM-L6-v2), hashed-words (tests only), or a local transformers model path")
-    max_tokens: int = _f(16, "text tokens per caption (padded or truncated); the Text VE flattens this many")
+    max_tokens: int = _f(DEFAULT_MAX_TOKENS, "text tokens per caption (padded or truncated); the Text VE flattens this many")
+    text_hidden_layer: int = _f(-1, "text encoder layer whose states are the features: -1 last (after the final norm), -2 penultimate, ...")
+    text_multiplier: float = _f(1.0, "text features are multiplied by this (the reimplementation's T5-XXL uses 10)")
     text_dim: int = _f(0, "width of the text features (384 MiniLM, 768 CLIP ViT-L/14, 4096 T5-XXL); 0 = from the "
                           "shards or the text encoder; when set, shards and encoder must agree with it")
     space: str = _f("auto", "what the flow carries z0 to: pixels (the image), latent (an AutoencoderKL latent stored "
@@ -103,6 +107,8 @@ class DataConfig:
         for name in ("latent_channels", "latent_downsample"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.text_hidden_layer >= 0:
+            raise ConfigError(f"data.text_hidden_layer counts from the last layer: -1, -2, ...; got {self.text_hidden_layer}")
         if self.text_dim < 0:
             raise ConfigError(f"data.text_dim must be >= 0, got {self.text_dim}")
         for name in ("resolution", "num_samples", "max_tokens"):

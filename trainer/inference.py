@@ -9,10 +9,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.features import CaptionCache, load_text_encoder
-from trainer.checkpoint import load_weights, resolve_weights
+from data_pipeline.features import CaptionCache, text_encoder_from_config
+from trainer.checkpoint import load_features, load_weights, resolve_weights
 from trainer.config import Config, config_from_dict
-from trainer.models.codecs import PixelCodec
+from trainer.model_input import checkpoint_model_input
+from trainer.models.codecs import LatentCodec, PixelCodec, build_codec
 from trainer.models.crossflow.crossflow import CrossFlow
 from trainer.models.families import model_from_args
 from trainer.sampling import encode_prompts, interpolate_z0, solve, z0_arithmetic
@@ -20,9 +21,10 @@ from trainer.sampling import encode_prompts, interpolate_z0, solve, z0_arithmeti
 
 @dataclass
 class Generator:
-    """A model ready to sample: weights (EMA), codec, and a caption-embedding cache."""
+    """A model ready to sample: weights (EMA), codec (pixels or the autoencoder that decodes the
+    model's latents), and a caption-embedding cache."""
     model: CrossFlow
-    codec: PixelCodec
+    codec: PixelCodec | LatentCodec
     captions: CaptionCache
     config: Config
     device: torch.device
@@ -45,8 +47,8 @@ class Generator:
                      s.cfg_scale if cfg_scale is None else cfg_scale, cond)
 
     def images(self, latents: torch.Tensor) -> list[np.ndarray]:
-        """Latents -> (H, W, 3) uint8 images."""
-        x = self.codec.decode(latents).float().cpu()  # (B, 3, H, W) in [-1, 1]
+        """Latents (B, C, h, w) -> (H, W, 3) uint8 images, decoded by the codec."""
+        x = self.codec.decode(latents.to(self.device)).float().cpu()  # (B, 3, H, W) in [-1, 1]
         x = ((x + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         return list(x)
 
@@ -73,22 +75,21 @@ class Generator:
         return self.images(self.solve(torch.cat([z, combined[None]]), **kw))
 
 
-def build_codec(cfg: Config) -> PixelCodec:
-    return PixelCodec(cfg.data.resolution)
-
-
 def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu",
-                   text_encoder: str | None = None) -> Generator:
+                   text_encoder: str | None = None, vae: str | None = None) -> Generator:
     """From an export (.safetensors), a checkpoint directory, or a run directory (its latest):
-    EMA weights, model args and config; no DeepSpeed needed."""
-    state, args, config = load_weights(resolve_weights(checkpoint))
+    EMA weights, model args, config and the autoencoder its feature metadata names (``vae``, a local
+    AutoencoderKL folder, replaces it); no DeepSpeed needed."""
+    path = resolve_weights(checkpoint)
+    state, args, config = load_weights(path)
     cfg = config_from_dict(config)
+    device = torch.device(device)
+    codec = build_codec(checkpoint_model_input(cfg, args, load_features(path)), vae or "", device)
     model = model_from_args(args)  # the class its model.family names
     model.load_state_dict(state)
-    device = torch.device(device)
     model.to(device).eval()
-    encoder = load_text_encoder(text_encoder or cfg.data.text_encoder)
-    return Generator(model, build_codec(cfg), CaptionCache(encoder, cfg.data.max_tokens), cfg, device)
+    encoder = text_encoder_from_config(cfg.data, spec=text_encoder)
+    return Generator(model, codec, CaptionCache(encoder, cfg.data.max_tokens), cfg, device)
 
 
 def image_grid(rows: list[list[np.ndarray]], scale: int = 1, pad: int = 2) -> Image.Image:

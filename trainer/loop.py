@@ -3,6 +3,10 @@
 The same function runs as a lone process, under torchrun, or inside a Ray Train worker: the
 process group comes from the environment (``trainer.engine.init_distributed``).
 
+What the model is built for (pixels or autoencoder latents, text width) is decided once, by
+``trainer.model_input.resolve_model_input`` from the data's description; the codec it implies
+decodes every sample grid.
+
 Each optimizer step: for each of ``grad_accum`` micro-batches: batch -> z1 (codec) -> noise keyed
 by the sample's place in the global batch -> objective (encode_text -> z0 -> x_t -> velocity ->
 losses) -> DeepSpeed backward/step (clip, AdamW, schedule at the boundary) -> EMA. Loss sums stay
@@ -24,16 +28,19 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from data_pipeline.datasets import ShapesTextDataset
-from data_pipeline.features import CaptionCache, load_text_encoder
+from data_pipeline.features import CaptionCache, text_encoder_from_config
+from data_pipeline.metadata import FeatureMetadata, read_feature_metadata, write_feature_metadata
 from data_pipeline.shapes import ShapesGenerator, caption as scene_caption, render
 from kernels import get_ops
-from trainer.checkpoint import (STEP_DIR, checkpoint_root, commit_checkpoint, load_file, prepare_checkpoint,
-                                resolve_resume, save_weights, tmp_tag, write_torch)
+from trainer.checkpoint import (STEP_DIR, WEIGHTS_FILE, checkpoint_root, commit_checkpoint, load_file,
+                                prepare_checkpoint, resolve_resume, save_weights, tmp_tag, write_torch)
 from trainer.config import Config, per_rank_batch_size
 from trainer.engine import Engine, init_distributed
-from trainer.inference import Generator, build_codec, image_grid
+from trainer.inference import Generator, image_grid
 from trainer.metrics import MetricsLogger, peak_memory_bytes
-from trainer.models.codecs import PixelCodec, batch_target
+from trainer.model_input import (ModelInput, check_init_latents, check_same_latents, resolve_model_input,
+                                 resolved_config, saved_model_input)
+from trainer.models.codecs import batch_target, build_codec, codec_spec
 from trainer.models.families import model_from_args, resolve_model_args
 from trainer.objectives import crossflow_losses, draw_noise
 from trainer.warm_start import init_from_checkpoint
@@ -136,36 +143,44 @@ class ShardStream:
 
 @dataclass
 class DataBundle:
+    """What the data is; ``resolve_model_input(cfg, shards, metadata, encoder_dim)`` decides the model."""
     stream: ShapesStream | ShardStream
     captions: CaptionCache  # text features for sampling prompts
-    latent_shape: tuple[int, int, int]
-    text_dim: int
+    shards: dict | None  # describe_shards of data.path; None for the shapes generator
+    metadata: FeatureMetadata  # the shards' crossflow_features.json (empty when absent)
+    encoder_dim: int  # width of data.text_encoder's features
 
 
 def build_dataloader(cfg: Config, micro_batch: int, rank: int, world_size: int) -> DataBundle:
-    """The batch stream of ``data.source`` (same batch dict for every source), plus what the
-    model must be built for (latent shape, text width) and a caption cache for sampling."""
-    encoder = load_text_encoder(cfg.data.text_encoder)
+    """The batch stream of ``data.source`` (same batch dict for every source), a description of the
+    data (stored shapes, feature metadata, encoder width) and a caption cache for sampling."""
+    encoder = text_encoder_from_config(cfg.data)
     captions = CaptionCache(encoder, cfg.data.max_tokens)
     if cfg.data.source == "shapes":
         gen = ShapesGenerator(cfg.data.resolution, cfg.data.max_groups, "train", cfg.data.seed)
         dataset = ShapesTextDataset(gen, cfg.data.num_samples, encoder, cfg.data.max_tokens)
         stream = ShapesStream(dataset, micro_batch, cfg.train.seed, rank, world_size, cfg.data.num_workers)
-        return DataBundle(stream, dataset.cache, PixelCodec(cfg.data.resolution).latent_shape, encoder.dim)
+        return DataBundle(stream, dataset.cache, None, FeatureMetadata(), encoder.dim)
     from data_pipeline.readers import describe_shards, shard_loader_from_config
-    shapes = describe_shards(cfg.data.path, cfg.data.source, cfg.data.cache_dir)
-    latent_shape = shapes["latent"] or PixelCodec(cfg.data.resolution).latent_shape
-    text_dim = shapes["text_emb"][-1] if shapes["text_emb"] else encoder.dim
-    if text_dim != encoder.dim:
-        raise ValueError(f"shards at {cfg.data.path} hold {text_dim}-d text features but data.text_encoder="
-                         f"{cfg.data.text_encoder} gives {encoder.dim}-d: sampling prompts would not match")
-    if shapes["text_emb"] and shapes["text_emb"][0] != cfg.data.max_tokens:
-        raise ValueError(f"shards at {cfg.data.path} hold {shapes['text_emb'][0]} text tokens per caption but "
-                         f"data.max_tokens={cfg.data.max_tokens}: set data.max_tokens={shapes['text_emb'][0]} "
-                         f"(the Text VE is built for a fixed token count)")
+    shards = describe_shards(cfg.data.path, cfg.data.source, cfg.data.cache_dir)
+    metadata = read_feature_metadata(cfg.data.path)
     loader = shard_loader_from_config(cfg.data, micro_batch, rank=rank, world_size=world_size,
                                       seed=cfg.train.seed, out_dir=cfg.train.out_dir)
-    return DataBundle(ShardStream(loader), captions, tuple(latent_shape), text_dim)
+    return DataBundle(ShardStream(loader), captions, shards, metadata, encoder.dim)
+
+
+def check_data_before_launch(cfg: Config) -> ModelInput | None:
+    """Before workers start (Ray, torchrun): the shards' stored shapes and feature metadata checked
+    against the config and the autoencoder folder found, so a mismatch fails once, here, naming both
+    values (the text encoder's width is checked by the workers, which load it)."""
+    remote = cfg.data.path.startswith("s3://")
+    if cfg.data.source == "shapes" or not (remote or Path(cfg.data.path).exists()):
+        return None  # a folder only the workers see: they check it
+    from data_pipeline.readers import describe_shards
+    shards = describe_shards(cfg.data.path, cfg.data.source, cfg.data.cache_dir)
+    model_input = resolve_model_input(cfg, shards, read_feature_metadata(cfg.data.path))
+    codec_spec(model_input)
+    return model_input
 
 
 def heldout_prompts(cfg: Config, n: int) -> list:
@@ -216,8 +231,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(engine: Engine, stream, cfg: Config, step: int, rank: int) -> Path:
-    """Collective: every rank writes its part into a temporary directory; rank 0 commits it."""
+def save_checkpoint(engine: Engine, stream, cfg: Config, step: int, rank: int,
+                    features: FeatureMetadata | None = None) -> Path:
+    """Collective: every rank writes its part into a temporary directory; rank 0 commits it.
+    ``features``: how the training data's latents and text features were made (sampling finds the
+    autoencoder in it)."""
     out_dir = Path(cfg.train.out_dir)
     if rank == 0:
         prepare_checkpoint(out_dir, step)
@@ -233,7 +251,9 @@ def save_checkpoint(engine: Engine, stream, cfg: Config, step: int, rank: int) -
     weights = engine.ema_full_state_dict()  # collective under ZeRO-3
     if rank == 0:
         write_torch(tmp / "trainer.pt", {"step": step, "data": stream.state_dict()})
-        save_weights(tmp / "weights.safetensors", weights, engine.module.args, cfg.to_dict())
+        features = features or FeatureMetadata()
+        save_weights(tmp / WEIGHTS_FILE, weights, engine.module.args, cfg.to_dict(), features=features.to_dict())
+        write_feature_metadata(tmp, features)
     barrier()
     final = checkpoint_root(out_dir) / f"step_{step:08d}"
     if rank == 0:
@@ -254,30 +274,63 @@ def load_checkpoint(engine: Engine, stream, ckpt: Path, rank: int) -> int:
 
 
 # ----------------------------------------------------------------------------- samples & eval
+class SeenSamples:
+    """The first ``limit`` training samples' captions and targets (stored latent or image, on the
+    CPU): prompts and reference column of the sample grids for shard data."""
+
+    def __init__(self, limit: int):
+        self.limit, self.captions, self.targets = limit, [], []
+
+    def add(self, batch: dict) -> None:
+        take = self.limit - len(self.captions)
+        if take <= 0:
+            return
+        self.captions += list(batch["caption"])[:take]
+        target = batch["latent"] if "latent" in batch else batch.get("image")
+        if target is not None:
+            self.targets += list(target[:take].detach().cpu())  # each (C, h, w)
+
+
 def sample_grid_rows(gen: Generator, prompts: list[str], references: list | None, seeds: int = 4) -> list:
     samples = [gen.generate(prompts, seed=k) for k in range(seeds)]  # seeds x B images
     return [([references[i]] if references else []) + [samples[k][i] for k in range(seeds)]
             for i in range(len(prompts))]
 
 
-def write_samples(engine: Engine, data: DataBundle, cfg: Config, path: Path, rank: int,
-                  fallback_prompts: list[str]) -> None:
+def reference_images(gen: Generator, seen: SeenSamples, n: int, side: int) -> list[np.ndarray] | None:
+    """The stored samples behind the first ``n`` seen captions as (side, side, 3) uint8 images: a latent
+    decoded by the codec, an image as it is; resized to the samples' side."""
+    if len(seen.targets) < n:
+        return None
+    from PIL import Image
+    images = gen.images(torch.stack(seen.targets[:n]))  # (n, C, h, w) -> n x (H, W, 3)
+    return [im if im.shape[0] == side else np.asarray(Image.fromarray(im).resize((side, side), Image.BICUBIC))
+            for im in images]
+
+
+def write_samples(engine: Engine, data: DataBundle, cfg: Config, codec, path: Path, rank: int,
+                  seen: SeenSamples) -> None:
     """One row per prompt (``sample.prompts_file``, else held-out shapes scenes with the generator's own
-    rendering first, else captions seen in training), then 4 EMA samples.
-    Collective under ZeRO-3 (every rank runs the forward passes); rank 0 writes."""
+    rendering first, else captions seen in training with their stored sample, decoded, first), then 4
+    EMA samples decoded by ``codec``. Collective under ZeRO-3 (every rank runs the forward passes);
+    rank 0 writes."""
+    refs = None
     if cfg.sample.prompts_file:
         lines = Path(cfg.sample.prompts_file).read_text().splitlines()
-        prompts, refs = [line.strip() for line in lines if line.strip()][:cfg.sample.num_prompts], None
+        prompts = [line.strip() for line in lines if line.strip()][:cfg.sample.num_prompts]
     elif cfg.data.source == "shapes":
         scenes = heldout_prompts(cfg, cfg.sample.num_prompts)
         prompts = [scene_caption(s) for s in scenes]
         refs = [render(s, cfg.data.resolution) for s in scenes]
     else:
-        prompts, refs = fallback_prompts[:cfg.sample.num_prompts], None
+        prompts = seen.captions[:cfg.sample.num_prompts]
     with engine.ema_weights() as model:
         model.eval()
-        gen = Generator(model, build_codec(cfg), data.captions, cfg, engine.device)
+        gen = Generator(model, codec, data.captions, cfg, engine.device)
         rows = sample_grid_rows(gen, prompts, refs)
+        if refs is None and not cfg.sample.prompts_file:
+            refs = reference_images(gen, seen, len(prompts), rows[0][0].shape[0])
+            rows = [[refs[i]] + row for i, row in enumerate(rows)] if refs else rows
         model.train()
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -285,12 +338,12 @@ def write_samples(engine: Engine, data: DataBundle, cfg: Config, path: Path, ran
         path.with_suffix(".txt").write_text("\n".join(f"row {i}: {p}" for i, p in enumerate(prompts)) + "\n")
 
 
-def run_shapes_eval(engine: Engine, data: DataBundle, cfg: Config, step: int, rank: int) -> dict[str, float]:
+def run_shapes_eval(engine: Engine, data: DataBundle, cfg: Config, codec, step: int, rank: int) -> dict[str, float]:
     """ShapesEval of the EMA weights (collective under ZeRO-3); rank 0 writes the table."""
     from trainer.eval.cli import sample_shapes_eval
     with engine.ema_weights() as model:
         model.eval()
-        gen = Generator(model, build_codec(cfg), data.captions, cfg, engine.device)
+        gen = Generator(model, codec, data.captions, cfg, engine.device)
         report = sample_shapes_eval(gen, cfg.data.max_groups, cfg.eval.images_per_prompt)
         model.train()
     if rank == 0:
@@ -334,6 +387,12 @@ class StepStats:
         return {("loss" if k == "total" else k): float(v) for k, v in zip(keys, vec.tolist())}
 
 
+def check_same_input(ckpt: Path, current: ModelInput) -> None:
+    """A checkpoint trained on other latents (or pixels) than this run's data is refused, naming both."""
+    if (Path(ckpt) / WEIGHTS_FILE).is_file():  # else load_checkpoint names what is missing
+        check_same_latents(saved_model_input(ckpt), current, str(ckpt))
+
+
 def checkpoint_step(ckpt: Path) -> int:
     """The step a checkpoint directory holds: from its ``step_N`` name, else from its trainer.pt."""
     m = STEP_DIR.match(ckpt.name)
@@ -375,8 +434,13 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
 
     micro = per_rank_batch_size(cfg.train.global_batch_size, world, cfg.train.grad_accum)
     data = build_dataloader(cfg, micro, rank, world)
-    codec = build_codec(cfg)
-    model = build_model(cfg, data.latent_shape, data.text_dim, device)
+    model_input = resolve_model_input(cfg, data.shards, data.metadata, data.encoder_dim)
+    cfg = resolved_config(cfg, model_input)  # what config.json and checkpoints record
+    features = FeatureMetadata(model_input.latent, data.metadata.text)
+    codec = build_codec(model_input, device=device)  # fails now, not at the first grid, without an autoencoder
+    model = build_model(cfg, model_input.latent_shape, model_input.text_dim, device)
+    if cfg.train.init_from:  # every rank refuses a checkpoint trained on other latents (metadata only)
+        check_init_latents(saved_model_input(cfg.train.init_from), model_input, cfg.train.init_from)
     if cfg.train.init_from and rank == 0:  # another run's weights (a resume below overrides them); only
         resized = init_from_checkpoint(model, cfg.train.init_from)  # rank 0 reads: DeepSpeed broadcasts them
         print(f"initialized from {cfg.train.init_from} (resized: {', '.join(resized) or 'none'})", flush=True)
@@ -388,6 +452,7 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
         resume_from = agree_on_resume(resume_from, rank)  # every rank calls it, even with none
     resume_from = resume_from or resolve_resume(cfg.train.resume, out_dir)
     if resume_from is not None:
+        check_same_input(resume_from, model_input)
         step = load_checkpoint(engine, data.stream, resume_from, rank)
         if rank == 0:
             print(f"resumed from {resume_from} at step {step}", flush=True)
@@ -399,12 +464,12 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
     metrics = MetricsLogger(out_dir, cfg.log, cfg.to_dict(), cfg.train.steps, step, rank)
     ops = build_ops(cfg.model.kernels, device)
     flops_per_sample = module.flops_per_sample()
-    tokens_per_sample = 1 + (data.latent_shape[1] // module.args.patch_size) ** 2
+    tokens_per_sample = 1 + model_input.image_tokens(module.args.patch_size)
     peak = cfg.log.peak_tflops * 1e12 or (989e12 if device.type == "cuda" else 0.0)
     eval_shapes = cfg.eval.shapes and cfg.data.source == "shapes"
     history: list[dict] = []
     stats, skipped_total, skipped_in_row = StepStats(), 0, 0
-    seen_captions: list[str] = []
+    seen = SeenSamples(cfg.sample.num_prompts)
     stopped = False
 
     module.train()
@@ -413,13 +478,12 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
             micro_losses = None
             for k in range(cfg.train.grad_accum):
                 batch = next(data.stream)
-                if len(seen_captions) < cfg.sample.num_prompts:
-                    seen_captions += list(batch["caption"])
+                seen.add(batch)
                 z1 = batch_target(batch, codec).to(device, non_blocking=True)
                 emb = batch["text_emb"].to(device, non_blocking=True)
                 mask = batch["text_mask"].to(device, non_blocking=True)
                 noise = draw_noise(cfg.objective, cfg.train.seed, step, k * micro * world, micro, rank, world,
-                                   data.latent_shape, device)
+                                   model_input.latent_shape, device)
                 with engine.autocast():
                     losses = crossflow_losses(module, z1, emb, mask, cfg.objective, ops, noise)
                 if step + 1 in cfg.train.inject_nan_steps:
@@ -457,28 +521,28 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
                     history.append(record)
                 stats = StepStats()
             if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
-                ckpt = save_checkpoint(engine, data.stream, cfg, step, rank)
+                ckpt = save_checkpoint(engine, data.stream, cfg, step, rank, features)
                 if on_checkpoint is not None:
                     on_checkpoint(step, ckpt, history[-1] if history else {})
             if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.steps:
                 grid = out_dir / "samples" / f"step_{step:08d}.png"
-                write_samples(engine, data, cfg, grid, rank, seen_captions)
+                write_samples(engine, data, cfg, codec, grid, rank, seen)
                 metrics.log_image(grid, step)
             if eval_shapes and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-                metrics.log({"step": step, **run_shapes_eval(engine, data, cfg, step, rank)})
+                metrics.log({"step": step, **run_shapes_eval(engine, data, cfg, codec, step, rank)})
             if should_stop is not None and step % cfg.train.log_every == 0 and step < cfg.train.steps:
                 if stop_agreed(should_stop(), device):
                     stopped = True
                     break
 
-        final = save_checkpoint(engine, data.stream, cfg, step, rank)
+        final = save_checkpoint(engine, data.stream, cfg, step, rank, features)
         if on_checkpoint is not None:
             on_checkpoint(step, final, history[-1] if history else {})
         grid = out_dir / "samples" / "final.png"
         if not stopped:  # a stop request wants the checkpoint, not the minutes of sampling
-            write_samples(engine, data, cfg, grid, rank, seen_captions)
+            write_samples(engine, data, cfg, codec, grid, rank, seen)
             metrics.log_image(grid, step)
-        scores = run_shapes_eval(engine, data, cfg, step, rank) if eval_shapes and not stopped else {}
+        scores = run_shapes_eval(engine, data, cfg, codec, step, rank) if eval_shapes and not stopped else {}
         if scores:
             metrics.log({"step": step, **scores})
     finally:

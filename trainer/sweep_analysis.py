@@ -104,10 +104,10 @@ def model_on_meta(cfg):
     """The run's model built on the meta device (no memory, no init cost)."""
     import torch
 
-    from trainer.models.codecs import PixelCodec
+    from trainer.model_input import declared_model_input
     from trainer.models.families import model_from_args, resolve_model_args
-    latent_shape = PixelCodec(cfg.data.resolution).latent_shape  # as trainer.inference.build_codec
-    args = resolve_model_args(cfg.model, latent_shape, text_dim_of(cfg.data.text_encoder), cfg.data.max_tokens,
+    model_input = declared_model_input(cfg, text_dim_of(cfg.data.text_encoder))  # as training decides it
+    args = resolve_model_args(cfg.model, model_input.latent_shape, model_input.text_dim, cfg.data.max_tokens,
                               cfg.objective.contrastive_init_temperature)
     with torch.device("meta"):
         return model_from_args(args)

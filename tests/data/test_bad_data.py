@@ -102,10 +102,30 @@ def test_shards_with_another_token_count_are_refused_by_name(shapes_shards, tmp_
     from tests.conftest import tiny_overrides
     from trainer.config import load_config
     from trainer.loop import build_dataloader
+    from trainer.model_input import resolve_model_input
 
     records = Featurizer(load_text_encoder("hashed-words-32"), max_tokens=20)(shapes_records(8))
     path = shapes_shards(fmt, records=records)
     cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"data.source": fmt, "data.path": path}))
     with pytest.raises(ValueError, match=r"20 text tokens per caption but data.max_tokens=12: "
                                          r"set data.max_tokens=20"):
+        data = build_dataloader(cfg, 4, 0, 1)
+        resolve_model_input(cfg, data.shards, data.metadata, data.encoder_dim)
+
+
+def test_shards_made_with_other_text_settings_are_refused_by_name(tmp_path):
+    """`data convert --text-multiplier 10` records it in crossflow_features.json; training with
+    data.text_multiplier=1 would embed sample-time prompts differently: refused, naming both values."""
+    from tests.conftest import tiny_overrides
+    from trainer.cli import main
+    from trainer.config import load_config
+    from trainer.loop import build_dataloader
+
+    path = str(tmp_path / "shards")
+    assert main(["data", "convert", "--source", "shapes", "--num-samples", "8", "--format", "wds", "--out", path,
+                 "--text-encoder", "hashed-words-32", "--max-tokens", "12", "--text-multiplier", "10",
+                 "--no-progress"]) == 0
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"data.source": "wds", "data.path": path}))
+    with pytest.raises(ValueError, match=r"text_multiplier=10.0 \(crossflow_features.json\) but "
+                                         r"data.text_multiplier=1.0: set data.text_multiplier=10.0"):
         build_dataloader(cfg, 4, 0, 1)

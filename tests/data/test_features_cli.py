@@ -4,41 +4,43 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from data_pipeline.features import ImageLatentEncoder
+from data_pipeline.features import ImageLatentEncoder, load_text_encoder
+from data_pipeline.metadata import FeatureMetadata, LatentSpec, TextSpec, read_feature_metadata
 from data_pipeline.readers import build_shard_loader, read_records
+from tests.support.tiny_models import save_tiny_vae
 from trainer.cli import main
 
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory):
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=4, sample_size=32, scaling_factor=0.5)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return str(path)
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"), scaling_factor=0.5)
 
 
 def test_convert_then_features(tmp_path, tiny_vae, capsys):
     raw, feat = str(tmp_path / "raw"), str(tmp_path / "feat")
     assert main(["data", "convert", "--source", "shapes", "--num-samples", "24", "--format", "mds", "--out", raw,
-                 "--shard-size", "4KB", "--no-progress"]) == 0
+                 "--resolution", "64", "--shard-size", "8KB", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "wrote 24 samples in" in out and "skipped 0 samples" in out
+    assert read_feature_metadata(raw) == FeatureMetadata()  # pixels only: no feature metadata
     assert main(["data", "features", "--in", raw, "--out", feat, "--format", "wds", "--vae", tiny_vae,
                  "--text-encoder", "hashed-words-8", "--max-tokens", "6", "--batch-size", "10", "--no-progress"]) == 0
     before, after = list(read_records(raw)), list(read_records(feat))
     assert [r["image"] for r in after] == [r["image"] for r in before]  # pixels kept
     lat = np.stack([r["latent"] for r in after])
-    assert lat.dtype == np.float16 and lat.shape == (24, 4, 16, 16)
+    assert lat.dtype == np.float16 and lat.shape == (24, 4, 8, 8)
+    meta = read_feature_metadata(feat)  # how they were made, measured over the stored latents
+    assert meta.latent == LatentSpec(str(Path(tiny_vae).resolve()), 0.5, 0.0, 64, (4, 8, 8),
+                                     std=pytest.approx(float(lat.astype(np.float64).std()), rel=1e-4),
+                                     mean=pytest.approx(float(lat.astype(np.float64).mean()), abs=1e-4))
+    assert meta.text == TextSpec("hashed-words-8", 6, 8, -1, 1.0)
+    assert f"stored latents: std {meta.latent.std:.4f}" in capsys.readouterr().out
     assert after[0]["text_emb"].dtype == np.float16 and after[0]["text_emb"].shape == (6, 8)
     assert after[0]["text_mask"].dtype == bool
     # the stored latent is the autoencoder's scaled posterior mean, in 16 bits
@@ -46,7 +48,24 @@ def test_convert_then_features(tmp_path, tiny_vae, capsys):
     pixels = np.stack([np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in before[:3]])
     np.testing.assert_allclose(lat[:3].astype(np.float32), enc.encode(pixels).astype(np.float32), atol=2e-3)
     b = next(iter(build_shard_loader(feat, "auto", 8, shuffle=False)))
-    assert set(b) == {"latent", "text_emb", "text_mask", "caption"} and b["latent"].shape == (8, 4, 16, 16)
+    assert set(b) == {"latent", "text_emb", "text_mask", "caption"} and b["latent"].shape == (8, 4, 8, 8)
+
+
+def test_convert_with_features_measures_the_latent_scale(tmp_path, tiny_vae, capsys):
+    """`data convert --vae --scaling-factor auto`: a first pass sets the factor that makes the std 1."""
+    out = tmp_path / "conv"
+    assert main(["data", "convert", "--source", "shapes", "--num-samples", "12", "--resolution", "64",
+                 "--format", "mds", "--out", str(out), "--vae", tiny_vae, "--scaling-factor", "auto",
+                 "--scale-samples", "12", "--text-encoder", "hashed-words-8", "--text-multiplier", "10",
+                 "--max-tokens", "5", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    meta = read_feature_metadata(str(out))
+    assert meta.latent.std == pytest.approx(1.0, abs=2e-3) and meta.latent.scaling_factor != 0.5
+    assert f"scaling factor {meta.latent.scaling_factor:.5f}" in printed
+    assert meta.text.multiplier == 10.0
+    rec = next(read_records(str(out)))
+    plain = load_text_encoder("hashed-words-8").encode([rec["caption"]], 5)[0][0]
+    np.testing.assert_allclose(rec["text_emb"].astype(np.float32), 10 * plain.astype(np.float32), rtol=1e-3)
 
 
 def test_missing_vae_is_a_clear_error(tmp_path):

@@ -56,7 +56,7 @@ def _read_prompts(path: str | None, max_groups: int) -> list[str]:
 def _generate(args: argparse.Namespace, prompts: list[str]):
     """(images in prompt order, repeated per seed; the prompts matching them; the generator)."""
     from trainer.inference import load_generator
-    gen = load_generator(args.checkpoint, args.device)
+    gen = load_generator(args.checkpoint, args.device, vae=args.vae)
     kw = dict(steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale)
     images, matched = [], []
     for k in range(args.per_prompt):
@@ -74,7 +74,7 @@ def _eval_shapes(args: argparse.Namespace) -> int:
         if not args.checkpoint:
             raise SystemExit("crossflow eval shapes: give --checkpoint (or --self-check)")
         from trainer.inference import load_generator
-        gen = load_generator(args.checkpoint, args.device)
+        gen = load_generator(args.checkpoint, args.device, vae=args.vae)
         max_groups = args.max_groups or gen.config.data.max_groups
         report = sample_shapes_eval(gen, max_groups, args.per_prompt, args.seed,
                                     steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale)

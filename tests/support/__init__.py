@@ -1,0 +1,1 @@
+"""Test doubles that live outside production code: tiny random-weight models saved to local folders."""
