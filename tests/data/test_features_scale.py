@@ -1,6 +1,6 @@
 """`crossflow data features` at dataset scale, through the real CLI: worker processes, a run
-SIGKILLed mid-way and resumed to exactly the shards of an uninterrupted run, metadata beside the
-shards (local and s3://), the measured latent scale."""
+SIGKILLed mid-way and resumed to exactly the shards of an uninterrupted run, torchrun ranks,
+metadata beside the shards (local and s3://), the measured latent scale."""
 from __future__ import annotations
 
 import json
@@ -39,7 +39,7 @@ def _stored(path):
             for r in read_records(str(path))]
 
 
-def test_killed_run_resumes_to_the_same_shards(tmp_path, models, capsys):
+def test_killed_run_resumes_to_the_same_shards_and_torchrun_agrees(tmp_path, models, capsys):
     raw = write_records("mds", str(tmp_path / "raw"), shapes_records(48, resolution=64), shard_bytes=2_000)
     n_in = len(json.loads((tmp_path / "raw" / "index.json").read_text())["shards"])
     assert n_in >= 8
@@ -70,6 +70,15 @@ def test_killed_run_resumes_to_the_same_shards(tmp_path, models, capsys):
     with pytest.raises(ValueError, match=r"made with text_hidden_layer=-2; this command gives text_hidden_layer=-1"):
         main(command(out) + ["--text-hidden-layer", "-1"])
 
+    # torchrun: ranks from RANK/WORLD_SIZE (one thread each, as the workers above), rank 0 merges
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "trainer.cli",
+                           *command(tmp_path / "ranks")[:-2]], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 0 merges the index" in proc.stdout and "wrote 48 samples" in proc.stdout
+    assert _stored(tmp_path / "ranks") == _stored(ref)
+
 
 def test_s3_in_and_out(bucket, tmp_path, models, capsys):
     """zstd MDS shards on s3:// -> features -> MDS on s3://: per-shard reads of compressed remote
@@ -90,25 +99,3 @@ def test_s3_in_and_out(bucket, tmp_path, models, capsys):
     assert meta == read_feature_metadata(str(tmp_path / "feat"))
     assert meta.latent.scaling_factor == 0.18215 and meta.latent.autoencoder == models["vae"]
 
-
-def test_torchrun_ranks_split_the_shards(tmp_path, models):
-    """`torchrun --nproc-per-node 2 -m trainer.cli data features ...`: ranks from RANK/WORLD_SIZE, each
-    its own input shards, rank 0 merges; the same samples as one process (torchrun gives each rank
-    one thread, so latents may differ in the last 16-bit place)."""
-    raw = write_records("wds", str(tmp_path / "raw"), shapes_records(12, resolution=64), shard_bytes=2_000)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "trainer.cli",
-                           *_features(raw, tmp_path / "ranks", models)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "rank 0 merges the index" in proc.stdout and "wrote 12 samples" in proc.stdout
-    assert main(_features(raw, tmp_path / "one", models)) == 0
-    ranks, one = list(read_records(str(tmp_path / "ranks"))), list(read_records(str(tmp_path / "one")))
-    assert [(r["key"], r["caption"]) for r in ranks] == [(r["key"], r["caption"]) for r in one]
-    for a, b in zip(ranks, one):
-        np.testing.assert_allclose(a["latent"].astype(np.float32), b["latent"].astype(np.float32), rtol=2e-3, atol=1e-3)
-        np.testing.assert_allclose(a["text_emb"].astype(np.float32), b["text_emb"].astype(np.float32), rtol=2e-3,
-                                   atol=1e-3)
-    done = json.loads((tmp_path / "ranks" / "_features_progress" / "done" / "part-00001.json").read_text())
-    assert done["samples"] > 0
