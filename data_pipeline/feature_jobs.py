@@ -143,6 +143,23 @@ class _Store:
         raw = self._fs.cat_file(self.path(rel)) if self.remote else Path(self.path(rel)).read_bytes()
         return json.loads(raw)
 
+    def read_jsons(self, rels: list[str]) -> list[dict]:
+        """Many small files; on S3 fetched concurrently (one request each, not one after another)."""
+        if not self.remote:
+            return [self.read_json(r) for r in rels]
+        paths = [self.path(r) for r in rels]
+        raw = self._fs.cat(paths)  # keyed by path without "s3://"
+        return [json.loads(raw[self._fs._strip_protocol(p)]) for p in paths]
+
+    def names(self, rel: str) -> set[str]:
+        """File names in the folder ``rel`` (one listing, so polling a thousand markers is one request)."""
+        if self.remote:
+            self._fs.invalidate_cache()
+            if not self._fs.exists(self.path(rel)):
+                return set()
+            return {p.rstrip("/").rsplit("/", 1)[-1] for p in self._fs.ls(self.path(rel), detail=False)}
+        return set(os.listdir(self.path(rel))) if os.path.isdir(self.path(rel)) else set()
+
     def write_json(self, rel: str, obj: dict) -> None:
         data = json.dumps(obj, indent=1, sort_keys=True).encode()
         if self.remote:
@@ -330,7 +347,7 @@ def _wait_for_other_ranks(plan: dict, store: _Store) -> None:
         if not announced:
             print(f"rank 0: waiting for {len(left)} input shards of the other ranks", file=sys.stderr)
             announced = True
-        time.sleep(1.0)
+        time.sleep(5.0)
 
 
 def _scaling_of(plan: dict) -> float | None:
@@ -382,7 +399,9 @@ def featurize_part(plan: dict, i: int, reader: _ShardReader, featurizer, store: 
 
 
 def pending_parts(plan: dict, store: _Store, rank: int = 0, world: int = 1) -> list[int]:
-    return [i for i in range(rank, len(plan["shards"]), world) if not store.exists(_done_file(i))]
+    """Input shards of this rank without a completion marker."""
+    done = store.names(DONE_DIR)
+    return [i for i in range(rank, len(plan["shards"]), world) if f"{part_name(i)}.json" not in done]
 
 
 def run_rank(plan: dict, store: _Store, rank: int, world: int, device, cache_dir: str | None,
@@ -488,7 +507,7 @@ def merge_parts(plan: dict, store: _Store) -> tuple[FeatureMetadata, dict]:
     merged index; the index goes last, so its presence means a complete dataset."""
     from data_pipeline.features import LatentStats
     n = len(plan["shards"])
-    markers = [store.read_json(_done_file(i)) for i in range(n)]
+    markers = store.read_jsons([_done_file(i) for i in range(n)])
     meta = read_feature_metadata(plan["input"])
     stats = LatentStats()
     for m in markers:
