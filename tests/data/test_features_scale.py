@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,4 +99,14 @@ def test_s3_in_and_out(bucket, tmp_path, models, capsys):
     meta = read_feature_metadata(f"{bucket}/feat")
     assert meta == read_feature_metadata(str(tmp_path / "feat"))
     assert meta.latent.scaling_factor == 0.18215 and meta.latent.autoencoder == models["vae"]
+
+    # What a run killed while writing part 1 leaves on S3: part 1 half there, no marker, no merged index.
+    from data_pipeline.s3 import s3_filesystem
+    fs = s3_filesystem()
+    fs.rm([f"{bucket}/feat/_features_progress/done/part-00001.json", f"{bucket}/feat/index.json",
+           f"{bucket}/feat/part-00001/index.json"])
+    assert main(_features(f"{bucket}/raw", f"{bucket}/feat", models)) == 0
+    parts, done = map(int, re.search(r"(\d+) input shards, (\d+) already done", capsys.readouterr().out).groups())
+    assert parts >= 2 and done == parts - 1  # only part 1 redone
+    assert _stored(f"{bucket}/feat") == _stored(tmp_path / "feat")
 
