@@ -313,6 +313,8 @@ def open_plan(src: str, store: _Store, settings: FeatureSettings, cache_dir: str
     shards = input_shards(src, in_fmt)
     new = {"input": src, "input_format": in_fmt, "format": settings.format or in_fmt, "shards": shards,
            "settings": dataclasses.asdict(settings)}
+    if new["format"] == "wds" and settings.compression:
+        raise ValueError("WebDataset shards are written as plain tars: --compression is for --format mds only")
     if store.exists(PLAN_FILE):
         plan = store.read_json(PLAN_FILE)
         _check_same_run(plan, new, store.root)
