@@ -444,12 +444,13 @@ def _child_main(plan: dict, root: str, rank: int, world: int, device, cache_dir,
 
 
 def _device_for(rank: int, device):
+    """``device`` as given (``cpu``, ``cuda:3``); ``cuda`` or None with GPUs present: one GPU per rank."""
     import torch
-    if device is not None:
+    if device not in (None, "cuda"):
         return device
     if torch.cuda.is_available():
         return f"cuda:{rank % torch.cuda.device_count()}"
-    return "cpu"
+    return device or "cpu"
 
 
 def _run_children(plan: dict, store: _Store, num_procs: int, device, cache_dir, bar) -> None:
