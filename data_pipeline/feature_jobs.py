@@ -75,6 +75,11 @@ class FeatureSettings:
                 raise ValueError(f"scaling factor must be positive or 'auto', got {self.scaling_factor}")
         if not (self.text_encoder or self.vae):
             raise ValueError("nothing to compute: give a text encoder and/or a VAE")
+        from data_pipeline.features import require_autoencoder_folder, require_text_encoder
+        if self.vae:
+            require_autoencoder_folder(self.vae)  # before any worker starts
+        if self.text_encoder:
+            require_text_encoder(self.text_encoder)
 
 
 @dataclass

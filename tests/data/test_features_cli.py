@@ -101,3 +101,12 @@ def test_help_texts(capsys):
         assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--shard-size" in out and "--vae" in out and "s3://" in out
+
+
+def test_features_missing_models_fail_before_any_work(tmp_path, shapes_shards):
+    raw = shapes_shards("wds", n=4)
+    for flags, message in ((["--vae", str(tmp_path / "no-vae")], "image autoencoder not found at .*no-vae"),
+                           (["--text-encoder", str(tmp_path / "no-clip")], r"text encoder not found at .*no-clip")):
+        with pytest.raises(FileNotFoundError, match=message):
+            main(["data", "features", "--in", raw, "--out", str(tmp_path / "out"), "--num-procs", "2", *flags])
+        assert not (tmp_path / "out").exists()
