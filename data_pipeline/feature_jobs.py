@@ -36,8 +36,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from data_pipeline.metadata import (FeatureMetadata, LatentSpec, TextSpec, read_feature_metadata,
-                                    write_feature_metadata)
+from data_pipeline.metadata import (DEFAULT_MAX_TOKENS, FeatureMetadata, LatentSpec, TextSpec,
+                                    read_feature_metadata, write_feature_metadata)
 from data_pipeline.s3 import check_bucket, is_remote, s3_filesystem, sync_endpoint_env
 from data_pipeline.writers import MDS_INDEX, WDS_INDEX, detect_format, open_writer
 
@@ -51,7 +51,7 @@ PLAN_WAIT_S = 3600.0  # torchrun ranks > 0 wait this long for rank 0's plan (its
 class FeatureSettings:
     """What the features are made with; a resumed run must give the same (the device may change)."""
     text_encoder: str | None = None  # spec for load_text_encoder; None = keep the input's text features
-    max_tokens: int = 77
+    max_tokens: int = DEFAULT_MAX_TOKENS
     text_hidden_layer: int = -1
     text_multiplier: float = 1.0
     vae: str | None = None  # local AutoencoderKL folder; None = keep the input's latents
