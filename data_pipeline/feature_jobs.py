@@ -249,7 +249,11 @@ class _ShardReader:
 
     def records(self, i: int, shard: dict) -> Iterator[dict]:
         if self._wds is not None:
-            yield from (rec for _, rec in self._wds._shard_records(i))
+            from data_pipeline.readers import BadDataError
+            for _, rec in self._wds._shard_records(i):
+                if isinstance(rec, str):  # a sample that cannot be read: name it, never skip it silently
+                    raise BadDataError(rec)
+                yield rec
             return
         with tempfile.TemporaryDirectory(prefix="crossflow-mds-shard-") as scratch:
             yield from _mds_shard_records(self.src, shard, scratch)
