@@ -32,6 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Callable, Iterator
 
 import numpy as np
@@ -475,7 +476,7 @@ def _run_children(plan: dict, store: _Store, num_procs: int, device, cache_dir, 
         while any(p.is_alive() for p in procs) or not queue.empty():
             try:
                 n = queue.get(timeout=0.2)
-            except Exception:  # queue.Empty
+            except Empty:
                 continue
             if bar is not None:
                 bar.update(n)
