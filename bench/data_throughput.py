@@ -1,7 +1,7 @@
 """Data-loader throughput: samples/s from local MDS, local WebDataset and a local S3 endpoint
 (a Ceph RGW started here on 127.0.0.1), with 0, 2 and 4 DataLoader workers, for two records:
 
-* ``shapes``: the synthetic 32x32 PNG + caption + 16x384 float16 text embedding (MiniLM-sized),
+* ``shapes``: the synthetic 32x32 PNG + caption + 16x384 float16 text embedding (MiniLM's, the demo's),
   decoded to the trainer's batch (image float32 in [-1, 1], text_emb float32, mask, caption);
 * ``latent256``: a 256px image's latent, 4x32x32 float16, + a 77x768 float16 text embedding
   (CLIP-L-sized), no pixels.
@@ -31,19 +31,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.features import HashedWordEncoder  # noqa: E402
+from data_pipeline.features import CaptionCache, load_text_encoder  # noqa: E402
 from data_pipeline.readers import build_shard_loader  # noqa: E402
-from data_pipeline.s3 import LocalRGW, rgw_unavailable_reason  # noqa: E402
 from data_pipeline.sources import shapes_source  # noqa: E402
 from data_pipeline.writers import open_writer  # noqa: E402
+from tests.support.rgw import LocalRGW, rgw_unavailable_reason  # noqa: E402
 
 
 def shapes_records(n: int):
-    enc = HashedWordEncoder(384)
+    captions = CaptionCache(load_text_encoder("minilm"), 16)  # each distinct caption embedded once
     for s in shapes_source(n, resolution=32):
-        emb, mask = enc.encode([s.caption], 16)
+        emb, mask = captions.lookup(s.caption)  # (16, 384) float16, (16,)
         yield {"key": s.key, "caption": s.caption, "image": s.image, "image_ext": "png", "meta": s.meta,
-               "text_emb": emb[0], "text_mask": mask[0]}
+               "text_emb": emb, "text_mask": mask}
 
 
 def latent_records(n: int):

@@ -12,7 +12,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from data_pipeline.s3 import LocalRGW, rgw_unavailable_reason  # noqa: E402
+from tests.support.rgw import LocalRGW, rgw_unavailable_reason  # noqa: E402
 
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors; set before triton loads
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,7 +1,11 @@
-"""What users watch: a JSONL metrics file, W&B (offline by default) and a progress bar.
+"""What users watch: a JSONL metrics file, W&B (offline by default) and the progress on the console.
 
 Observes training, never changes it. Values arrive already on the host: the loop syncs once per
-logging interval. Only rank 0 writes.
+logging interval. Only rank 0 writes or prints: the other ranks' records are the same numbers.
+
+Progress: on a terminal, one live tqdm line; otherwise (a log file, a pipe, a Ray worker, whose
+stdout is never a terminal) one plain line per logging interval, since a bar redrawn with carriage
+returns becomes one line per update there.
 """
 from __future__ import annotations
 
@@ -15,6 +19,47 @@ from pathlib import Path
 from tqdm import tqdm
 
 
+SHOWN = ("loss", "flow_matching", "lr", "samples_per_s", "mfu")  # the numbers the progress shows
+
+
+class ProgressLines:
+    """One line per logging interval, for output that is not a terminal:
+    ``step 40/1500 (3%)  loss 1.2345  flow_matching 1.1000  lr 2.00e-04  samples_per_s 52.1  eta 12m30s``.
+    A record without a loss (an evaluation) prints its numbers under the step."""
+
+    def __init__(self, total_steps: int, start_step: int = 0, file=None):
+        self.total, self.start_step, self.file = total_steps, start_step, file
+        self.t0 = time.perf_counter()
+
+    def eta(self, step: int) -> str:
+        done = step - self.start_step
+        if done <= 0 or step >= self.total:
+            return ""
+        left = (time.perf_counter() - self.t0) / done * (self.total - step)
+        return f"  eta {format_duration(left)}"
+
+    def print(self, record: dict) -> None:
+        step = record["step"]
+        if "loss" in record:
+            numbers = "  ".join(f"{k} {record[k]:{'.2e' if k == 'lr' else '.4g'}}" for k in SHOWN if k in record)
+            line = f"step {step}/{self.total} ({100 * step // max(1, self.total)}%)  {numbers}{self.eta(step)}"
+        else:
+            numbers = "  ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                if k != "step" and isinstance(v, (int, float)))
+            line = f"step {step}: {numbers}"
+        print(line, file=self.file or sys.stdout, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    """``59s``, ``12m30s``, ``3h05m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class MetricsLogger:
     def __init__(self, out_dir: str | Path, log_cfg, config: dict, total_steps: int, start_step: int = 0,
                  rank: int = 0):
@@ -22,13 +67,16 @@ class MetricsLogger:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / "metrics.jsonl"
         self.bar = None
+        self.lines: ProgressLines | None = None
         self.wandb_run = None
         if rank != 0:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if log_cfg.progress:
+        if log_cfg.progress and sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+        elif log_cfg.progress:
+            self.lines = ProgressLines(total_steps, start_step)
         if log_cfg.wandb != "disabled":
             self.wandb_run = _init_wandb(self.out_dir, log_cfg, config)
 
@@ -44,8 +92,9 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()
-                                  if k in ("loss", "flow_matching", "lr", "samples_per_s", "mfu")}, refresh=False)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in SHOWN}, refresh=False)
+        if self.lines is not None:
+            self.lines.print(record)
 
     def log_image(self, path: str | Path, step: int, key: str = "samples", caption: str = "") -> None:
         if self.rank == 0 and self.wandb_run is not None:

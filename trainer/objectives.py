@@ -111,12 +111,14 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All ranks' rows (rank-major) and this rank's offset; gradients flow back to local rows."""
+    """All ranks' rows (rank-major) and this rank's offset; gradients flow back to local rows
+    (backward: reduce-scatter with sum, as ``torch.distributed.nn.functional.all_gather``, which
+    is deprecated)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    import torch.distributed.nn.functional as dist_nn
-    rows = dist_nn.all_gather(x)
-    return torch.cat(rows, dim=0), dist.get_rank() * x.shape[0]
+    from torch.distributed._functional_collectives import all_gather_single
+    rows = all_gather_single(x.contiguous(), 0, dist.group.WORLD)  # (W*B, ...)
+    return rows, dist.get_rank() * x.shape[0]
 
 
 def contrastive_loss(z0: torch.Tensor, image_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
