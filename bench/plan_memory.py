@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.support.tiny_models import tiny_text_encoder  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.plan import GIB, REDUCE_BUCKET_ELEMENTS, Hardware, make_plan  # noqa: E402
 
@@ -31,7 +32,7 @@ from trainer.plan import GIB, REDUCE_BUCKET_ELEMENTS, Hardware, make_plan  # noq
 def overrides(a: argparse.Namespace, out_dir: Path, preset: str, ac: bool) -> list[str]:
     values = {
         "model.preset": preset, "model.kernels": "torch", "data.resolution": a.resolution,
-        "data.text_encoder": "hashed-words-32", "data.max_tokens": 12, "data.num_samples": 512,
+        "data.text_encoder": tiny_text_encoder(), "data.max_tokens": 12, "data.num_samples": 512,
         "train.steps": a.steps, "train.global_batch_size": a.micro_batch, "train.grad_accum": 1,
         "train.log_every": 1, "train.ckpt_every": 0, "train.out_dir": str(out_dir), "train.device": a.device,
         "train.precision": a.precision, "train.zero_stage": 2, "train.activation_checkpointing": ac,

@@ -19,10 +19,13 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.tiny_models import tiny_text_encoder  # noqa: E402
 
 
 def overrides(out_dir: Path, steps: int, log_every: int) -> list[str]:
-    values = {"model.preset": "tiny", "model.kernels": "torch", "data.text_encoder": "hashed-words-32",
+    values = {"model.preset": "tiny", "model.kernels": "torch", "data.text_encoder": tiny_text_encoder(),
               "data.num_samples": 4096, "data.max_tokens": 12, "train.steps": steps, "train.global_batch_size": 16,
               "train.log_every": log_every, "train.ckpt_every": 0, "train.threads": 1, "train.zero_stage": 2,
               "train.out_dir": str(out_dir), "sample.steps": 2, "sample.num_prompts": 2, "eval.shapes": False,
@@ -77,7 +80,7 @@ def main() -> int:
             "", "## Ray overhead", "",
             f"`python bench/ray_overhead.py --steps {args.steps} --log-every {args.log_every} --repeats "
             f"{args.repeats}` on {platform.node() or 'this machine'} ({os.cpu_count()} CPU cores, no GPU, shared "
-            "with other jobs): tiny preset, hashed-words-32 text, global batch 16, ZeRO-2, 2 CPU workers on gloo, "
+            "with other jobs): tiny preset, a tiny CLIP text tower (32 wide), global batch 16, ZeRO-2, 2 CPU workers on gloo, "
             "no checkpoints or eval during the run; the same config launched by torchrun (`--no-ray --nproc 2`) "
             "and by Ray Train's TorchTrainer on an embedded cluster (`--nproc 2`). Per-step time is measured "
             "between the second and the last logging step (median of the repeats); start-up is launch to the "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -147,6 +148,23 @@ class CheckpointReporter:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
                          checkpoint_dir_name=Path(ckpt_dir).name)
         shutil.rmtree(staging, ignore_errors=True)
+        if self.rank == 0:
+            print(checkpoint_line(step, ckpt_dir, last_metrics), flush=True)
+
+
+def checkpoint_line(step: int, ckpt_dir: Path, last_metrics: dict) -> str:
+    """What the console says of a checkpoint, once (rank 0): ``checkpoint step 500 (loss 0.8123): PATH``."""
+    loss = f" (loss {last_metrics['loss']:.4f})" if "loss" in last_metrics else ""
+    return f"checkpoint step {step}{loss}: {ckpt_dir}"
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs "Reporting training result N: TrainingReport(checkpoint=..., metrics={...})" at
+    INFO on every rank at every checkpoint: the whole metrics dict, twice. Its logger is named after
+    the module's file, not under ``ray.train``, so ``LoggingConfig(log_level=...)`` misses it;
+    ``checkpoint_line`` says what matters once instead."""
+    from ray.train.v2._internal.execution import context
+    context.logger.setLevel(logging.WARNING)
 
 
 def launch_record(out_dir: Path, rank: int) -> Path:
@@ -195,6 +213,7 @@ def train_worker(config: dict) -> None:
     from trainer.loop import train
     cfg = config_from_dict(config["cfg"])
     rank = ray.train.get_context().get_world_rank()
+    quiet_ray_train_reports()
     out_dir = Path(cfg.train.out_dir)
     (out_dir / PID_DIR).mkdir(parents=True, exist_ok=True)
     (out_dir / PID_DIR / f"rank{rank}.pid").write_text(f"{os.getpid()}\n")
@@ -228,12 +247,32 @@ def connect(cfg: Config) -> bool:
         ray.init(address=address, log_to_driver=True)
         return False
     c = cfg.cluster
-    ray.init(address="local",  # a new cluster, even when `ray start` left one (or its address file) behind
-             num_cpus=max(1, math.ceil(c.num_workers * c.cpus_per_worker)),
-             num_gpus=math.ceil(c.num_workers * c.gpus_per_worker) if c.gpus_per_worker else None,
-             include_dashboard=False, log_to_driver=True,
-             runtime_env={"worker_process_setup_hook": "cluster.ray_train.quiet_state_api_probes"})
+    # The embedded cluster lives and dies with this run on one machine: no node is ever preempted, and
+    # Ray Train's preemption watcher only makes its controller log an error about the watcher's own
+    # restart policy ("Actor with class name: 'PreemptionWatcher' ... max_restarts > 0").
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    with quiet_token_notice():
+        ray.init(address="local",  # a new cluster, even when `ray start` left one (or its address file) behind
+                 num_cpus=max(1, math.ceil(c.num_workers * c.cpus_per_worker)),
+                 num_gpus=math.ceil(c.num_workers * c.gpus_per_worker) if c.gpus_per_worker else None,
+                 include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": "cluster.ray_train.quiet_state_api_probes"})
     return True
+
+
+@contextlib.contextmanager
+def quiet_token_notice():
+    """Ray turns on token authentication for every new local cluster (unless ``RAY_AUTH_MODE`` says
+    otherwise) and says so at each start ("Token authentication is enabled for this Ray cluster ...",
+    "Generated new authentication token ..."): the embedded cluster keeps the protection, without
+    the notice. Errors still show."""
+    setup_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = setup_logger.level
+    setup_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        setup_logger.setLevel(level)
 
 
 def quiet_state_api_probes() -> None:

@@ -29,7 +29,7 @@ def _scaling(text: str) -> float | str:
 
 def _add_feature_args(p: argparse.ArgumentParser, text_default: str | None) -> None:
     p.add_argument("--text-encoder", default=text_default,
-                   help="minilm (the packaged all-MiniLM-L6-v2), hashed-words (tests), or a local transformers model "
+                   help="minilm (the packaged all-MiniLM-L6-v2) or a local transformers model "
                         "directory: a CLIP or CLIP-text folder (its text tower), a T5 or T5-encoder folder (its "
                         f"encoder), any encoder-only model; 'none' stores no text features (default: {text_default or 'none'})")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,

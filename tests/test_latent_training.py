@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support.tiny_models import save_tiny_vae
+from tests.support.tiny_models import save_tiny_vae, tiny_text_encoder
 from trainer.cli import main
 
 
@@ -17,7 +17,7 @@ def test_cross_attention_baseline_on_latents_decodes_and_refuses_other_data(tmp_
     raw, feat = str(tmp_path / "raw"), str(tmp_path / "feat")
     assert main(["data", "convert", "--source", "shapes", "--num-samples", "16", "--resolution", "64",
                  "--format", "wds", "--out", raw, "--no-progress"]) == 0
-    assert main(["data", "features", "--in", raw, "--out", feat, "--vae", vae, "--text-encoder", "hashed-words-32",
+    assert main(["data", "features", "--in", raw, "--out", feat, "--vae", vae, "--text-encoder", tiny_text_encoder(),
                  "--max-tokens", "12", "--no-progress"]) == 0
     data = {"data.source": "wds", "data.resolution": 64, "model.family": "cross_attention_fm", "train.steps": 2,
             "eval.shapes": False}
@@ -47,7 +47,7 @@ def test_mismatched_latent_shards_fail_before_workers_start(tmp_path, tiny_confi
     shards = write_records("mds", str(tmp_path / "shards"), records)
     write_feature_metadata(shards, FeatureMetadata(LatentSpec(vae, 0.18215, 0.0, 64, (4, 8, 8))))
     base = ["train", "--nproc", "2", "model.preset=tiny", "data.source=mds", f"data.path={shards}",
-            "data.text_encoder=hashed-words-32", "data.max_tokens=12", f"train.out_dir={tmp_path / 'run'}"]
+            f"data.text_encoder={tiny_text_encoder()}", "data.max_tokens=12", f"train.out_dir={tmp_path / 'run'}"]
     assert main(base) == 2  # data.resolution is 32
     assert "data.resolution=32 but the latents in shards at" in capsys.readouterr().err
     other = save_tiny_vae(tmp_path / "other", scaling_factor=0.13025)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from tests.support.tiny_models import tiny_text_encoder
 from trainer.config import Config, ModelConfig
 from trainer.models.crossflow.baselines import CrossAttentionFM, resolve_baseline_args
 from trainer.models.crossflow.crossflow import CrossFlow, resolve_args
@@ -14,7 +15,7 @@ STEPS, BATCH = 100, 16
 
 
 def params_of(family: str, hidden: int) -> int:
-    """Computed here independently of the analysis: 32 px images, hashed-words-32 text, 12 tokens."""
+    """Computed here independently of the analysis: 32 px images, 32-wide text (the tiny CLIP), 12 tokens."""
     mc = ModelConfig(preset="tiny", family=family, hidden_size=hidden)
     with torch.device("meta"):
         if family == "crossflow":
@@ -25,7 +26,7 @@ def params_of(family: str, hidden: int) -> int:
 def write_run(run_dir, family: str, hidden: int, final_loss: float, steps: int = STEPS):
     cfg = Config()
     cfg.model.family, cfg.model.hidden_size = family, hidden
-    cfg.data.text_encoder, cfg.data.max_tokens = "hashed-words-32", 12
+    cfg.data.text_encoder, cfg.data.max_tokens = tiny_text_encoder(), 12
     cfg.train.steps, cfg.train.global_batch_size = steps, BATCH
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.validate().to_dict()))

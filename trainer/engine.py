@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from trainer.console import quiet_deepspeed_on_cpu, without_build_notice
 from trainer.models.families import wrapped_blocks
 
 NO_DECAY_NAMES = ("indicator", "pos_embed", "logit_scale")
@@ -48,7 +49,6 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     ``python`` all end here. gloo on CPU, nccl on CUDA. A lone process gets a world of one on a
     free loopback port and leaves the environment alone (a subprocess it starts must not
     inherit a RANK or a MASTER_PORT)."""
-    import deepspeed
     env = os.environ
     if dist.is_initialized():  # a launcher (Ray Train) made the group, perhaps without env vars
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -58,17 +58,21 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     else:
         rank, world, local = 0, 1, 0
     device = resolve_device(device_name, local)
+    if device.type == "cpu":
+        quiet_deepspeed_on_cpu()
+    import deepspeed
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        if "RANK" in env:
+    with without_build_notice():
+        if not dist.is_initialized():
+            if "RANK" in env:
+                deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+            else:
+                dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+                env.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it; harmless to a child (no RANK)
+        if not deepspeed.comm.is_initialized():  # DeepSpeed's comm layer wraps the existing group
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-        else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-            env.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it; harmless to a child (no RANK)
-    if not deepspeed.comm.is_initialized():  # DeepSpeed's comm layer wraps the existing group
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return DistInfo(rank, world, local, device)
 
 

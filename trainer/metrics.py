@@ -20,11 +20,12 @@ from tqdm import tqdm
 
 
 SHOWN = ("loss", "flow_matching", "lr", "samples_per_s", "mfu")  # the numbers the progress shows
+LINE_FORMAT = {"loss": ".4f", "flow_matching": ".4f", "lr": ".2e", "samples_per_s": ".1f", "mfu": ".3f"}
 
 
 class ProgressLines:
     """One line per logging interval, for output that is not a terminal:
-    ``step 40/1500 (3%)  loss 1.2345  flow_matching 1.1000  lr 2.00e-04  samples_per_s 52.1  eta 12m30s``.
+    ``step 40/1500 (2%)  loss 1.2345  flow_matching 1.1000  lr 2.00e-04  samples_per_s 52.1  eta 12m30s``.
     A record without a loss (an evaluation) prints its numbers under the step."""
 
     def __init__(self, total_steps: int, start_step: int = 0, file=None):
@@ -41,7 +42,7 @@ class ProgressLines:
     def print(self, record: dict) -> None:
         step = record["step"]
         if "loss" in record:
-            numbers = "  ".join(f"{k} {record[k]:{'.2e' if k == 'lr' else '.4g'}}" for k in SHOWN if k in record)
+            numbers = "  ".join(f"{k} {record[k]:{LINE_FORMAT[k]}}" for k in SHOWN if k in record)
             line = f"step {step}/{self.total} ({100 * step // max(1, self.total)}%)  {numbers}{self.eta(step)}"
         else:
             numbers = "  ".join(f"{k} {v:.4g}" for k, v in record.items()

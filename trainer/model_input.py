@@ -102,7 +102,7 @@ def resolve_model_input(cfg, shards: dict | None = None, metadata: FeatureMetada
 
 
 def _is_folder(spec: str) -> bool:
-    return spec != "minilm" and not spec.startswith("hashed-words")
+    return spec != "minilm"
 
 
 def _check_text_spec(cfg, text: TextSpec, where: str) -> None:

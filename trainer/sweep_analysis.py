@@ -83,8 +83,6 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def text_dim_of(spec: str) -> int:
     """Width of the text encoder's token embeddings, without loading its weights when possible."""
-    if spec.startswith("hashed-words"):
-        return int(spec.rsplit("-", 1)[1]) if spec != "hashed-words" else 32
     if spec == "minilm":
         from data_pipeline.features import minilm_path
         path = minilm_path()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.tiny_models import tiny_text_encoder
+
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
@@ -20,7 +22,7 @@ def ray_tiny_overrides(out_dir, **extra) -> list[str]:
     """A seconds-per-step run of the tiny preset on 2 Ray workers (ZeRO-2, CPU)."""
     values = {
         "model.preset": "tiny", "model.kernels": "torch",
-        "data.text_encoder": "hashed-words-32", "data.num_samples": 512, "data.max_tokens": 12,
+        "data.text_encoder": tiny_text_encoder(), "data.num_samples": 512, "data.max_tokens": 12,
         "train.steps": 4, "train.global_batch_size": 8, "train.log_every": 2, "train.ckpt_every": 0,
         "train.out_dir": str(out_dir), "train.threads": 1, "train.zero_stage": 2,
         "optim.warmup_steps": 2, "optim.lr": 1e-3, "sample.steps": 2, "sample.num_prompts": 2,

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from tests.cluster.conftest import cli, run
+from tests.support.tiny_models import tiny_text_encoder
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +19,7 @@ def test_sweep_runs_resumes_and_analyzes(tmp_path):
     out = tmp_path / "sweep"
     sweep_file.write_text(yaml.safe_dump({
         "name": "ci_sizes", "base_config": "configs/demo.yaml", "out_dir": str(out),
-        "overrides": ["model.preset=tiny", "model.kernels=torch", "data.text_encoder=hashed-words-32",
+        "overrides": ["model.preset=tiny", "model.kernels=torch", f"data.text_encoder={tiny_text_encoder()}",
                       "data.num_samples=2000", "data.max_tokens=12", "train.steps=120",
                       "train.global_batch_size=16", "train.log_every=20", "train.ckpt_every=60",
                       "optim.warmup_steps=20", "eval.shapes=false", "sample.num_prompts=1", "sample.steps=2",

@@ -9,6 +9,7 @@ import pytest
 
 from data_pipeline.readers import BadDataError, build_shard_loader
 from tests.data.conftest import shapes_records
+from tests.support.tiny_models import tiny_text_encoder
 
 pytestmark = pytest.mark.timeout(120)
 N = 30
@@ -16,7 +17,7 @@ N = 30
 
 def _read_all(path, fmt, on_error, workers=0):
     loader = build_shard_loader(path, fmt, 4, shuffle=False, drop_last=False, on_error=on_error,
-                                num_workers=workers, text_encoder="hashed-words-8")
+                                num_workers=workers, text_encoder=tiny_text_encoder())
     captions = [c for b in loader for c in b["caption"]]
     return captions, loader.skipped
 
@@ -104,7 +105,7 @@ def test_shards_with_another_token_count_are_refused_by_name(shapes_shards, tmp_
     from trainer.loop import build_dataloader
     from trainer.model_input import resolve_model_input
 
-    records = Featurizer(load_text_encoder("hashed-words-32"), max_tokens=20)(shapes_records(8))
+    records = Featurizer(load_text_encoder(tiny_text_encoder()), max_tokens=20)(shapes_records(8))
     path = shapes_shards(fmt, records=records)
     cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"data.source": fmt, "data.path": path}))
     with pytest.raises(ValueError, match=r"20 text tokens per caption but data.max_tokens=12: "
@@ -123,7 +124,7 @@ def test_shards_made_with_other_text_settings_are_refused_by_name(tmp_path):
 
     path = str(tmp_path / "shards")
     assert main(["data", "convert", "--source", "shapes", "--num-samples", "8", "--format", "wds", "--out", path,
-                 "--text-encoder", "hashed-words-32", "--max-tokens", "12", "--text-multiplier", "10",
+                 "--text-encoder", tiny_text_encoder(), "--max-tokens", "12", "--text-multiplier", "10",
                  "--no-progress"]) == 0
     cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"data.source": "wds", "data.path": path}))
     with pytest.raises(ValueError, match=r"text_multiplier=10.0 \(crossflow_features.json\) but "

@@ -13,7 +13,7 @@ from PIL import Image
 from data_pipeline.features import ImageLatentEncoder, load_text_encoder
 from data_pipeline.metadata import FeatureMetadata, LatentSpec, TextSpec, read_feature_metadata
 from data_pipeline.readers import BadDataError, build_shard_loader, read_records
-from tests.support.tiny_models import save_tiny_vae
+from tests.support.tiny_models import TINY_TEXT_WIDTH, save_tiny_vae, tiny_text_encoder
 from trainer.cli import main
 
 
@@ -30,7 +30,7 @@ def test_convert_then_features(tmp_path, tiny_vae, capsys):
     assert "wrote 24 samples in" in out and "skipped 0 samples" in out
     assert read_feature_metadata(raw) == FeatureMetadata()  # pixels only: no feature metadata
     assert main(["data", "features", "--in", raw, "--out", feat, "--format", "wds", "--vae", tiny_vae,
-                 "--text-encoder", "hashed-words-8", "--max-tokens", "6", "--batch-size", "10", "--no-progress"]) == 0
+                 "--text-encoder", tiny_text_encoder(), "--max-tokens", "6", "--batch-size", "10", "--no-progress"]) == 0
     before, after = list(read_records(raw)), list(read_records(feat))
     assert [r["image"] for r in after] == [r["image"] for r in before]  # pixels kept
     lat = np.stack([r["latent"] for r in after])
@@ -39,9 +39,9 @@ def test_convert_then_features(tmp_path, tiny_vae, capsys):
     assert meta.latent == LatentSpec(str(Path(tiny_vae).resolve()), 0.5, 0.0, 64, (4, 8, 8),
                                      std=pytest.approx(float(lat.astype(np.float64).std()), rel=1e-4),
                                      mean=pytest.approx(float(lat.astype(np.float64).mean()), abs=1e-4))
-    assert meta.text == TextSpec("hashed-words-8", 6, 8, -1, 1.0)
+    assert meta.text == TextSpec(str(Path(tiny_text_encoder()).resolve()), 6, TINY_TEXT_WIDTH, -1, 1.0)
     assert f"stored latents: std {meta.latent.std:.4f}" in capsys.readouterr().out
-    assert after[0]["text_emb"].dtype == np.float16 and after[0]["text_emb"].shape == (6, 8)
+    assert after[0]["text_emb"].dtype == np.float16 and after[0]["text_emb"].shape == (6, TINY_TEXT_WIDTH)
     assert after[0]["text_mask"].dtype == bool
     # the stored latent is the autoencoder's scaled posterior mean, in 16 bits
     enc = ImageLatentEncoder(tiny_vae, "cpu")
@@ -56,7 +56,7 @@ def test_convert_with_features_measures_the_latent_scale(tmp_path, tiny_vae, cap
     out = tmp_path / "conv"
     assert main(["data", "convert", "--source", "shapes", "--num-samples", "12", "--resolution", "64",
                  "--format", "mds", "--out", str(out), "--vae", tiny_vae, "--scaling-factor", "auto",
-                 "--scale-samples", "12", "--text-encoder", "hashed-words-8", "--text-multiplier", "10",
+                 "--scale-samples", "12", "--text-encoder", tiny_text_encoder(), "--text-multiplier", "10",
                  "--max-tokens", "5", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     meta = read_feature_metadata(str(out))
@@ -64,8 +64,8 @@ def test_convert_with_features_measures_the_latent_scale(tmp_path, tiny_vae, cap
     assert f"scaling factor {meta.latent.scaling_factor:.5f}" in printed
     assert meta.text.multiplier == 10.0
     rec = next(read_records(str(out)))
-    plain = load_text_encoder("hashed-words-8").encode([rec["caption"]], 5)[0][0]
-    np.testing.assert_allclose(rec["text_emb"].astype(np.float32), 10 * plain.astype(np.float32), rtol=1e-3)
+    plain = load_text_encoder(tiny_text_encoder()).encode([rec["caption"]], 5)[0][0]
+    np.testing.assert_allclose(rec["text_emb"].astype(np.float32), 10 * plain.astype(np.float32), rtol=1e-3, atol=1e-2)
 
 
 def test_missing_vae_is_a_clear_error(tmp_path):
@@ -126,5 +126,5 @@ def test_features_names_a_bad_input_sample(tmp_path, shapes_shards):
     index["shardlist"][0]["filesize"] = shard.stat().st_size
     (Path(raw) / "shardindex.json").write_text(json.dumps(index))
     with pytest.raises(BadDataError, match=r"shard-000000.tar sample 1 \(key '000000001'\): no caption"):
-        main(["data", "features", "--in", raw, "--out", str(tmp_path / "out"), "--text-encoder", "hashed-words-8",
+        main(["data", "features", "--in", raw, "--out", str(tmp_path / "out"), "--text-encoder", tiny_text_encoder(),
               "--no-progress"])

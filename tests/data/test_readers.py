@@ -5,14 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.features import HashedWordEncoder
+from data_pipeline.features import load_text_encoder
 from data_pipeline.readers import build_shard_loader
 from data_pipeline.shapes import image_to_tensor_array
 from tests.data.conftest import shapes_records
+from tests.support.tiny_models import TINY_TEXT_WIDTH, tiny_text_encoder
 
 
-def _features(records, n_tok=6, dim=8):
-    enc = HashedWordEncoder(dim)
+def _features(records, n_tok=6):
+    enc = load_text_encoder(tiny_text_encoder())
     emb, mask = enc.encode([r["caption"] for r in records], n_tok)
     for r, e, m in zip(records, emb, mask):
         r["text_emb"], r["text_mask"] = e, m
@@ -43,7 +44,7 @@ def test_batch_format_with_stored_features(shapes_shards, fmt):
     b = batches[0]
     assert set(b) == {"image", "text_emb", "text_mask", "caption"}
     assert b["image"].shape == (4, 3, 32, 32) and b["image"].dtype == torch.float32
-    assert b["text_emb"].shape == (4, 6, 8) and b["text_emb"].dtype == torch.float32
+    assert b["text_emb"].shape == (4, 6, TINY_TEXT_WIDTH) and b["text_emb"].dtype == torch.float32
     assert b["text_mask"].dtype == torch.bool and b["text_mask"].shape == (4, 6)
     assert isinstance(b["caption"], list) and isinstance(b["caption"][0], str)
     # unshuffled: the write order, pixels equal to the source's (PNG is lossless)
@@ -61,13 +62,13 @@ def test_text_features_in_main_process_and_latents(shapes_shards, fmt):
     for i, r in enumerate(records):
         r["latent"] = np.full((4, 4, 4), i, np.float16)
     path = shapes_shards(fmt, records=records)
-    loader = build_shard_loader(path, fmt, 4, shuffle=False, num_workers=2, text_encoder="hashed-words-8",
+    loader = build_shard_loader(path, fmt, 4, shuffle=False, num_workers=2, text_encoder=tiny_text_encoder(),
                                 max_tokens=5, drop_last=False)
     batches = _take(loader)
     assert {tuple(sorted(b)) for b in batches} == {("caption", "latent", "text_emb", "text_mask")}
     lat = torch.cat([b["latent"] for b in batches])
     assert sorted(lat[:, 0, 0, 0].tolist()) == list(range(12))
-    assert batches[0]["text_emb"].shape == (4, 5, 8)
+    assert batches[0]["text_emb"].shape == (4, 5, TINY_TEXT_WIDTH)
     no_encoder = build_shard_loader(path, fmt, 4, shuffle=False)
     with pytest.raises(RuntimeError, match="no text features"):
         _take(no_encoder)
@@ -76,7 +77,7 @@ def test_text_features_in_main_process_and_latents(shapes_shards, fmt):
 @pytest.mark.parametrize("fmt", ["mds", "wds"])
 def test_shuffle_is_seeded_and_changes_per_epoch(shapes_shards, fmt):
     path = shapes_shards(fmt, n=40)
-    mk = lambda seed: build_shard_loader(path, fmt, 5, shuffle=True, seed=seed, text_encoder="hashed-words-8")  # noqa: E731
+    mk = lambda seed: build_shard_loader(path, fmt, 5, shuffle=True, seed=seed, text_encoder=tiny_text_encoder())  # noqa: E731
     a = mk(1)
     e1, e2 = _fingerprint(_take(a)), _fingerprint(_take(a))
     assert e1 == _fingerprint(_take(mk(1)))  # same seed, same order
@@ -91,18 +92,18 @@ def test_wds_ranks_and_workers_partition_the_epoch(shapes_shards):
     seen = []
     for rank in range(2):
         loader = build_shard_loader(path, "wds", 3, rank=rank, world_size=2, num_workers=2, shuffle=True, seed=5,
-                                    drop_last=False, text_encoder="hashed-words-8")
+                                    drop_last=False, text_encoder=tiny_text_encoder())
         seen.append([c for b in _take(loader) for c in b["caption"]])
     keys_all = sorted(r["caption"] for r in shapes_records(48))
     assert sorted(seen[0] + seen[1]) == keys_all  # together: every sample once
     assert seen[0] and seen[1]
 
 
-def _mds_rank_captions(rank: int, path: str, out: str, port: int) -> None:
+def _mds_rank_captions(rank: int, path: str, out: str, port: int, text_encoder: str) -> None:
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)  # as train() does
     loader = build_shard_loader(path, "mds", 3, rank=rank, world_size=2, num_workers=0, shuffle=True, seed=5,
-                                drop_last=False, text_encoder="hashed-words-8")
+                                drop_last=False, text_encoder=text_encoder)
     captions = [c for b in _take(loader) for c in b["caption"]]
     open(f"{out}/rank{rank}.txt", "w").write("\n".join(captions))
 
@@ -116,7 +117,7 @@ def test_mds_ranks_partition_the_epoch(shapes_shards, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_mds_rank_captions, args=(path, str(tmp_path), port), nprocs=2)
+    mp.spawn(_mds_rank_captions, args=(path, str(tmp_path), port, tiny_text_encoder()), nprocs=2)
     seen = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in range(2)]
     assert len(seen[0]) == len(seen[1]) == 24
     assert sorted(seen[0] + seen[1]) == sorted(r["caption"] for r in shapes_records(48))
@@ -136,7 +137,7 @@ def test_mid_epoch_resume_is_exact(shapes_shards, fmt, workers):
     loader yields next (and the following epoch too)."""
     path = shapes_shards(fmt, n=50, shard_bytes=4000)
     mk = lambda: build_shard_loader(path, fmt, 4, num_workers=workers, shuffle=True, seed=7, drop_last=False,  # noqa: E731
-                                    text_encoder="hashed-words-8")
+                                    text_encoder=tiny_text_encoder())
     ref = mk()
     full = _fingerprint(_take(ref))
     next_epoch = _fingerprint(_take(ref))
@@ -154,16 +155,16 @@ def test_mid_epoch_resume_is_exact(shapes_shards, fmt, workers):
 
 def test_wds_resume_refuses_other_worker_count(shapes_shards):
     path = shapes_shards("wds", n=20)
-    a = build_shard_loader(path, "wds", 4, num_workers=2, text_encoder="hashed-words-8")
+    a = build_shard_loader(path, "wds", 4, num_workers=2, text_encoder=tiny_text_encoder())
     _take(a, 1)
-    b = build_shard_loader(path, "wds", 4, num_workers=0, text_encoder="hashed-words-8")
+    b = build_shard_loader(path, "wds", 4, num_workers=0, text_encoder=tiny_text_encoder())
     with pytest.raises(ValueError, match="num_workers"):
         b.load_state_dict(a.state_dict())
 
 
 def test_resolution_resizes_images(shapes_shards):
     path = shapes_shards("wds", n=4)
-    b = _take(build_shard_loader(path, "wds", 4, shuffle=False, resolution=16, text_encoder="hashed-words-8"))[0]
+    b = _take(build_shard_loader(path, "wds", 4, shuffle=False, resolution=16, text_encoder=tiny_text_encoder()))[0]
     assert b["image"].shape == (4, 3, 16, 16)
     assert b["image"].min() >= -1 and b["image"].max() <= 1
 
@@ -175,7 +176,7 @@ def test_iterate_forever_resumes_across_epochs(shapes_shards, fmt):
     from data_pipeline.readers import iterate_forever
     path = shapes_shards(fmt, n=24, shard_bytes=4000)
     mk = lambda: build_shard_loader(path, fmt, 4, num_workers=2, shuffle=True, seed=2,  # noqa: E731
-                                    text_encoder="hashed-words-8")
+                                    text_encoder=tiny_text_encoder())
     ref = iterate_forever(mk())
     expect = [tuple(next(ref)["caption"]) for _ in range(15)]
     for k in (6, 7):  # 6 = exactly at the end of epoch 0

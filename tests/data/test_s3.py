@@ -11,6 +11,7 @@ from data_pipeline.readers import BadDataError, build_shard_loader, read_records
 from data_pipeline.s3 import s3_filesystem
 from data_pipeline.sources import open_source
 from tests.data.conftest import shapes_records, write_records
+from tests.support.tiny_models import tiny_text_encoder
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,11 +42,11 @@ def test_s3_mds_streams_with_forked_workers(bucket, tmp_path):
     records = shapes_records(48)
     out = write_records("mds", f"{bucket}/mds", records, shard_bytes=3000)
     local = build_shard_loader(write_records("mds", str(tmp_path / "local"), records, shard_bytes=3000), "mds", 4,
-                               shuffle=True, seed=3, text_encoder="hashed-words-8")
+                               shuffle=True, seed=3, text_encoder=tiny_text_encoder())
     expect = sorted(_fingerprint(local))
     for attempt in range(3):
         loader = build_shard_loader(out, "mds", 4, num_workers=2, shuffle=True, seed=3, cache_dir=str(tmp_path / f"c{attempt}"),
-                                    text_encoder="hashed-words-8")
+                                    text_encoder=tiny_text_encoder())
         for epoch in range(2):
             got = _fingerprint(loader)
             assert sorted(got) == expect, f"attempt {attempt} epoch {epoch}: samples differ"
@@ -54,7 +55,7 @@ def test_s3_mds_streams_with_forked_workers(bucket, tmp_path):
 def test_s3_mds_resume_with_workers(bucket, tmp_path):
     out = write_records("mds", f"{bucket}/mds", shapes_records(40), shard_bytes=3000)
     mk = lambda tag: build_shard_loader(out, "mds", 4, num_workers=2, shuffle=True, seed=1,  # noqa: E731
-                                       cache_dir=str(tmp_path / tag), text_encoder="hashed-words-8")
+                                       cache_dir=str(tmp_path / tag), text_encoder=tiny_text_encoder())
     full = [tuple(b["caption"]) for b in mk("a")]
     first = mk("b")
     it = iter(first)
@@ -71,7 +72,7 @@ def test_s3_wds_streams_with_workers(bucket, tmp_path, cache):
     records = shapes_records(30)
     out = write_records("wds", f"{bucket}/wds", records, shard_bytes=12000)
     loader = build_shard_loader(out, "wds", 4, num_workers=2, drop_last=False, shuffle=True,
-                                cache_dir=str(tmp_path / "c") if cache else None, text_encoder="hashed-words-8")
+                                cache_dir=str(tmp_path / "c") if cache else None, text_encoder=tiny_text_encoder())
     assert sorted(c for c, _ in _fingerprint(loader)) == sorted(r["caption"] for r in records)
     if cache:
         assert len(list((tmp_path / "c").glob("*.tar"))) > 1
@@ -93,10 +94,10 @@ def test_s3_missing_shard(bucket, tmp_path, fmt):
     fs.rm(shards[1])
     name = shards[1].rsplit("/", 1)[-1]
     loader = build_shard_loader(out, fmt, 4, num_workers=2, shuffle=False, drop_last=False,
-                                cache_dir=str(tmp_path / "c"), text_encoder="hashed-words-8")
+                                cache_dir=str(tmp_path / "c"), text_encoder=tiny_text_encoder())
     with pytest.raises(BadDataError, match=name):
         list(loader)
     skipping = build_shard_loader(out, fmt, 4, num_workers=2, shuffle=False, drop_last=False, on_error="skip",
-                                  cache_dir=str(tmp_path / "d"), text_encoder="hashed-words-8")
+                                  cache_dir=str(tmp_path / "d"), text_encoder=tiny_text_encoder())
     n = sum(len(b["caption"]) for b in skipping)
     assert skipping.skipped["skipped"] > 0 and n + skipping.skipped["skipped"] == 30

@@ -9,11 +9,17 @@ Models are small enough to build in well under a second on CPU. Returns the fold
     save_tiny_t5(d)                      T5ForConditionalGeneration + T5TokenizerFast
     save_tiny_t5(d, encoder_only=True)   T5EncoderModel + T5TokenizerFast
     save_tiny_vae(d)                     AutoencoderKL: 3 -> 4 channels, downsampling 8 like the SD VAE
+    tiny_text_encoder()                  the tiny CLIP text tower the tests' tiny runs embed captions
+                                         with (``data.text_encoder``): saved once per process
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import shutil
 import string
+import tempfile
 from pathlib import Path
 
 import torch
@@ -90,6 +96,17 @@ def save_tiny_clip(directory: str | Path, text_only: bool = False, seed: int = 0
                                            num_hidden_layers=1, num_attention_heads=2, projection_dim=16))
     _build(lambda: CLIPModel(config), seed).save_pretrained(d)
     return str(d)
+
+
+@functools.cache
+def tiny_text_encoder() -> str:
+    """Folder of a tiny CLIP text tower (width ``TINY_TEXT_WIDTH``), saved on first use in this process
+    and removed at its exit: what the tests' tiny runs give as ``data.text_encoder``, so captions go
+    through the path users run (tokenizer, transformer, mask), and a folder reaches torchrun and Ray
+    workers as a plain path."""
+    root = Path(tempfile.mkdtemp(prefix="crossflow-tiny-clip-text-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return save_tiny_clip(root, text_only=True)
 
 
 # ---------------------------------------------------------------------------------------------
