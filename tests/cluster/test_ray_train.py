@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -37,6 +38,18 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def check_console(out: str, rank1_pids: set[int], steps: int, every: int) -> None:
+    """What the user read: rank 0's progress once per logging interval and each checkpoint once (step,
+    loss, path); nothing of rank 1's own (its death is Ray's to report); no per-rank report dicts and
+    no warning our code causes."""
+    rank1 = [line for line in out.splitlines() if any(f"pid={p})" in line or f"pid={p}," in line for p in rank1_pids)]
+    assert not rank1, rank1[:10]
+    assert f"step {steps}/{steps} (100%)  loss " in out
+    assert not re.search(r"train: +\d+%\|", out)  # no tqdm bar: a worker's output is not a terminal
+    assert re.search(rf"checkpoint step {every} \(loss \d\.\d{{4}}\): \S+step_{every:08d}", out)
+    assert "TrainingReport(" not in out and "FutureWarning" not in out and "DeprecationWarning" not in out
+
+
 def test_rank_files_partition_a_checkpoint(tmp_path):
     names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
              "zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_10_mp_rank_00_model_states.pt",
@@ -57,7 +70,7 @@ def test_worker_killed_mid_run_resumes_from_last_checkpoint(tmp_path):
     run, steps, every = tmp_path / "run", 40, 20
     cmd = cli("train", "--config", "configs/demo.yaml",
               *ray_tiny_overrides(run, **{"train.steps": steps, "train.ckpt_every": every, "train.log_every": 5,
-                                          "cluster.max_failures": 1}))
+                                          "cluster.max_failures": 1, "log.progress": True}))
     # Ray's controller polls every 0.5 s (default 2 s), so it has registered checkpoint 20 when the kill
     # comes; a report lost with the worker is the next test's case.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
@@ -79,6 +92,7 @@ def test_worker_killed_mid_run_resumes_from_last_checkpoint(tmp_path):
     assert f"trained {steps} steps" in out
     assert f"at step {resume_step}" in out  # "resumed from ... at step N" after the restart
     assert int((run / PID_DIR / "rank1.pid").read_text()) != pid  # a new worker process
+    check_console(out, rank1_pids={pid, int((run / PID_DIR / "rank1.pid").read_text())}, steps=steps, every=every)
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == steps
