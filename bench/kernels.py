@@ -1,25 +1,31 @@
 """Benchmark the Triton ops in ``kernels`` against PyTorch at CrossFlow shapes.
 
-    python bench/kernels.py                 # on a CUDA machine: prints a markdown table
-    python bench/kernels.py --dtype float16 --ops attention
+    python bench/kernels.py                 # on a CUDA machine: prints markdown tables
+    python bench/kernels.py --ops attention --batches 32 --out results/
     python bench/kernels.py --smoke         # CPU, TRITON_INTERPRET=1, tiny shapes: checks the
                                             # script itself; the numbers mean nothing
 
 Without a CUDA device (and without --smoke) it prints "no CUDA device: nothing measured" and
 exits 0. Timings: triton.testing.do_bench, median over ~100 ms of repetitions.
 
-Attention (B=32, H in {16, 20}, N in {257, 1025}, D in {64, 128}, no padding): Triton vs SDPA
-with the flash backend pinned (torch.nn.attention.sdpa_kernel) and with the math backend.
-FLOPs: forward 4 B H N^2 D, backward 2.5x that (two matmuls in the forward, five in the
-backward). The other ops are memory-bound: GB/s counts the bytes an ideal fused kernel must
-move (same count for every implementation, so it is a normalized inverse time). "peak MiB" is
+Attention, B in {32, 64}, heads of the 0.95B width (1536 = H x D): N = 257 with D = 128 (the
+0.95B preset at 256 px), N = 1025 with D = 64 and 128 (512 px). Inputs are laid out as the model
+makes them: views of one (B, N, 3, H, D) qkv tensor (the gradient lands in it). Ours against
+every SDPA backend the device offers (flash, cuDNN, memory-efficient; pinned with
+torch.nn.attention.sdpa_kernel). FLOPs: forward 4 B H N^2 D, backward 2.5x that.
+The other ops are memory-bound: GB/s counts the bytes an ideal fused kernel must move (same
+count for every implementation, so it is a normalized inverse time), against eager PyTorch and
+torch.compile of the same reference (``--no-compile`` skips it). "peak MiB" is
 torch.cuda.max_memory_allocated during one forward+backward, above the inputs.
 In training z1 (the image latent) is frozen and z0 (the text latent) is not; the benchmark
-does the same.
+does the same. The last table gives, per op and shape, ours against the fastest other
+implementation (forward+backward): the figures behind ``model.kernels: auto``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -98,6 +104,10 @@ def measure(fn: Callable, make_inputs: Callable[[], list[torch.Tensor]], timer) 
 
 
 # ----------------------------------------------------------------------------- attention
+SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
+                 "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
+
+
 def sdpa_with(backend_name: str) -> Callable:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backend = getattr(SDPBackend, backend_name)
@@ -108,17 +118,25 @@ def sdpa_with(backend_name: str) -> Callable:
     return run
 
 
+def on_qkv(attn: Callable) -> Callable:
+    """attn(q, k, v) applied to views of one (B, N, 3, H, D) tensor, as the model calls it."""
+    def run(qkv):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, N, D) each, strided
+        return attn(q, k, v)
+    return run
+
+
 def bench_attention(shapes, dtype, device, timer, impls) -> list[Row]:
     rows = []
     for B, H, N, D in shapes:
         def make(B=B, H=H, N=N, D=D):
-            return [torch.randn(B, H, N, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+            return [torch.randn(B, N, 3, H, D, device=device, dtype=dtype, requires_grad=True)]
         flops_fwd = 4.0 * B * H * N * N * D
         flops = {"fwd": flops_fwd, "bwd": 2.5 * flops_fwd, "fwd+bwd": 3.5 * flops_fwd}
         for name, fn in impls.items():
             try:
-                res = measure(fn, make, timer)
-            except RuntimeError as err:  # e.g. flash SDPA has no fp32 kernel
+                res = measure(on_qkv(fn), make, timer)
+            except RuntimeError as err:  # a backend without a kernel for this shape or dtype
                 print(f"attention {name} B={B} H={H} N={N} D={D}: skipped ({str(err).splitlines()[0][:100]})",
                       file=sys.stderr)
                 continue
@@ -193,15 +211,36 @@ def token_cases(token_shapes, dtype, device, op: str):
     return cases
 
 
-# ----------------------------------------------------------------------------- table
+# ----------------------------------------------------------------------------- tables
 def markdown(rows: list[Row]) -> str:
     lines = ["| op | shape | impl | mode | ms | rate | peak MiB (fwd+bwd) |",
              "|---|---|---|---|---:|---:|---:|"]
     for r in rows:
-        ms = f"{r.ms:.3f}" if r.ms is not None else "n/a"
+        ms = f"{r.ms:.4f}" if r.ms is not None else "n/a"
         rate = f"{r.rate:.1f} {r.unit}" if r.rate is not None else "n/a"
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else ""
         lines.append(f"| {r.op} | {r.shape} | {r.impl} | {r.mode} | {ms} | {rate} | {peak} |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[Row], ours: str = "triton") -> str:
+    """Per op and shape, forward+backward: ours against the fastest other implementation."""
+    lines = ["| op | shape | ours fwd+bwd | fastest other | its fwd+bwd | speed-up (other / ours) | "
+             "peak MiB ours / other |", "|---|---|---:|---|---:|---:|---:|"]
+    cases: dict[tuple[str, str], dict[str, Row]] = {}
+    for r in rows:
+        if r.mode == "fwd+bwd":
+            cases.setdefault((r.op, r.shape), {})[r.impl] = r
+    for (op, shape), impls in cases.items():
+        mine = impls.get(ours)
+        others = [r for name, r in impls.items() if name != ours]
+        if mine is None or not others:
+            continue
+        best = min(others, key=lambda r: r.ms)
+        peaks = f"{mine.peak_mib:.0f} / {best.peak_mib:.0f}" if mine.peak_mib is not None else "n/a"
+        rate = f" ({mine.rate:.0f} vs {best.rate:.0f} {mine.unit})"
+        lines.append(f"| {op} | {shape} | {mine.ms:.4f} ms | {best.impl} | {best.ms:.4f} ms | "
+                     f"{best.ms / mine.ms:.2f}x{rate} | {peaks} |")
     return "\n".join(lines)
 
 
@@ -210,29 +249,43 @@ def parse_args(argv):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--ops", nargs="+", default=["attention", "flow_matching_loss", "interpolate",
                                                 "modulate", "gated_residual"])
-    p.add_argument("--compile", action="store_true",
-                   help="also time torch.compile of the references of the memory-bound ops")
+    p.add_argument("--batches", default="32,64", help="comma-separated batch sizes (GPU)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip torch.compile of the references of the memory-bound ops")
+    p.add_argument("--out", default="", help="folder for kernels.jsonl (every row)")
     p.add_argument("--smoke", action="store_true",
                    help="CPU under TRITON_INTERPRET=1 with tiny shapes: exercises this script, measures nothing")
     return p.parse_args(argv)
 
 
+def compiled(ref: Callable) -> Callable:
+    """torch.compile of a reference, one static graph per shape (no dynamic-shape kernels)."""
+    import torch._dynamo.config as dynamo_config
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, knob):
+            setattr(dynamo_config, knob, 64)
+    return torch.compile(ref, dynamic=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    width = 1536  # the 0.95B preset's hidden size: H = width / D
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before the op modules are imported
         device, timer = torch.device("cpu"), wall_timer
         dtype = torch.float32 if args.dtype == "bfloat16" else getattr(torch, args.dtype)  # bf16 is wrong there
         att_shapes, latents, tokens = [(1, 2, 65, 64)], [(2, 4, 8, 8)], [(2, 17, 128)]
+        args.no_compile = True  # inductor on CPU would only add minutes
     elif not torch.cuda.is_available():
         print("no CUDA device: nothing measured (bench/kernels.py times the Triton ops on a GPU; "
               "run it on a CUDA machine, or with --smoke to exercise the script on CPU)")
         return 0
     else:
         device, timer, dtype = torch.device("cuda"), gpu_timer, getattr(torch, args.dtype)
-        att_shapes = [(32, H, N, D) for D in (64, 128) for H in (16, 20) for N in (257, 1025)]
-        latents = [(32, 4, 32, 32), (32, 4, 64, 64), (32, 16, 32, 32)]
-        tokens = [(32, N, H * D) for D in (64, 128) for H in (16, 20) for N in (257, 1025)]
+        batches = [int(b) for b in args.batches.split(",")]
+        att_shapes = [(B, width // D, N, D) for B in batches for N, D in ((257, 128), (1025, 64), (1025, 128))]
+        latents = [(B, 4, 32, 32) for B in batches] + [(B, 4, 64, 64) for B in batches]
+        tokens = [(B, N, width) for B in batches for N in (257, 1025)]
 
     from kernels import reference
     from kernels.attention import attention
@@ -241,15 +294,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def with_compiled(ref):
         impls = {"torch eager": ref}
-        if args.compile:
-            impls["torch.compile"] = torch.compile(ref)
+        if not args.no_compile:
+            impls["torch.compile"] = compiled(ref)
         return impls
 
     rows: list[Row] = []
     if "attention" in args.ops:
-        impls = {"triton": attention, "sdpa-flash": sdpa_with("FLASH_ATTENTION"), "sdpa-math": sdpa_with("MATH")}
-        if args.smoke:
-            impls = {"triton": attention, "sdpa-math": sdpa_with("MATH")}
+        backends = ("sdpa-math",) if args.smoke else ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
+        impls = {"triton": attention, **{name: sdpa_with(SDPA_BACKENDS[name]) for name in backends}}
         rows += bench_attention(att_shapes, dtype, device, timer, impls)
     for op, triton_fn, cases in (
             ("flow_matching_loss", flow_matching_loss, latent_cases(latents, dtype, device, "flow_matching_loss")),
@@ -265,7 +317,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"dtype {dtype}; median of triton.testing.do_bench")
     else:
         header = f"--smoke on CPU under TRITON_INTERPRET=1, dtype {dtype}: NOT a measurement"
-    print(header + "\n\n" + markdown(rows))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        with open(Path(args.out) / "kernels.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+    print(header + "\n\n" + markdown(rows) + "\n\nforward+backward, ours against the fastest other:\n\n"
+          + summary(rows))
     return 0
 
 
