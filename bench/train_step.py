@@ -74,7 +74,8 @@ def build(preset: str, kernels: str, precision: str, zero: int, ac: bool, compil
     info = init_distributed("auto")
     torch.manual_seed(0)
     args = resolve_model_args(cfg.model, latent, text_dim, tokens, cfg.objective.contrastive_init_temperature)
-    model = model_from_args(args)
+    with info.device:  # initialize on the device: seconds instead of a minute for 1B parameters on CPU
+        model = model_from_args(args)
     ops = get_ops(kernels, info.device)
     model.set_ops(ops)
     model.to(info.device)
@@ -133,6 +134,7 @@ def measure_batch(cfg, engine, ops, device, preset: str, batch: int, warmup: int
     step_s = (time.perf_counter() - start) / steps
     row = {"micro_batch": batch, "step_s": step_s, "images_s": batch / step_s, "loss": float(loss)}
     if device.type == "cuda":
+        row["allocated_after_step_GiB"] = torch.cuda.memory_allocated(device) / 2**30  # weights + optimizer + EMA
         row["max_allocated_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
         row["max_reserved_GiB"] = torch.cuda.max_memory_reserved(device) / 2**30
     return row
@@ -148,7 +150,11 @@ def worker(args) -> int:
     peak = (args.peak_tflops or (PEAK_H100_BF16 if device.type == "cuda" else 0.0)) * 1e12
     base = {"preset": args.preset, "kernels": kernels, "resolved_ops": ops.backend, "ac": ac,
             "compile": compile_, "zero": args.zero, "world_size": 1, "precision": args.precision,
-            "flow_params_M": module.flow_params() / 1e6, "flops_per_sample": flops}
+            "flow_params_M": module.flow_params() / 1e6, "params_M": sum(p.numel() for p in module.parameters()) / 1e6,
+            "flops_per_sample": flops}
+    if device.type == "cuda":
+        base["allocated_after_init_GiB"] = torch.cuda.memory_allocated(device) / 2**30
+        base["device_total_GiB"] = torch.cuda.get_device_properties(device).total_memory / 2**30
     if args.profile:
         print("PROFILE " + json.dumps({**base, **profile(cfg, engine, ops, device, args, batches[0])}), flush=True)
         return 0

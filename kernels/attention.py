@@ -228,12 +228,18 @@ if _INTERPRETED:
     _META = _INTERPRETER_BLOCKS
 else:  # pragma: no cover - needs a GPU
     _KEY = ["N", "HEAD_DIM", "HAS_MASK"]
-    _fwd = triton.autotune(_configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                                     (128, 32, 4, 4), (64, 32, 4, 4)]), key=_KEY)(_attn_fwd_kernel)
-    _dkdv = triton.autotune(_configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3),
-                                      (64, 64, 4, 3)]), key=_KEY)(_attn_bwd_dkdv_kernel)
-    _dq = triton.autotune(_configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3),
-                                    (64, 64, 4, 3)]), key=_KEY)(_attn_bwd_dq_kernel)
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages). Short sequences (N = 257: the 0.95B preset's 256
+    # tokens + the indicator) waste up to a whole tile on the last block, so smaller tiles are in
+    # the running too; the autotuner times each once per (N, D, mask) and keeps the fastest.
+    _fwd = triton.autotune(_configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                                     (64, 32, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 2)]),
+                           key=_KEY)(_attn_fwd_kernel)
+    _dkdv = triton.autotune(_configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
+                                      (64, 64, 4, 2), (128, 64, 8, 2), (32, 128, 4, 3), (64, 128, 8, 2)]),
+                            key=_KEY)(_attn_bwd_dkdv_kernel)
+    _dq = triton.autotune(_configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3),
+                                    (128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 4, 3)]),
+                          key=_KEY)(_attn_bwd_dq_kernel)
     _META = {}
 
 
