@@ -51,9 +51,18 @@ class Row:
     impl: str
     mode: str
     ms: float | None
-    rate: float | None  # TFLOP/s (attention) or GB/s (others)
+    rate: float | None  # TFLOP/s (attention) or GB/s (others), from graph_ms when measured
     unit: str
     peak_mib: float | None = None
+    graph_ms: float | None = None  # CUDA-graph replay: GPU time without the host's launch overhead
+
+
+def make_row(op, shape, impl, mode, res, work: float, scale: float, unit: str) -> Row:
+    """work: FLOPs or bytes of the mode; scale: 1e12 (TFLOP/s) or 1e9 (GB/s)."""
+    ms, graph_ms = res[mode], res.get("graph " + mode)
+    best = graph_ms if graph_ms is not None else ms
+    return Row(op, shape, impl, mode, ms, work / (best * 1e-3) / scale, unit,
+               res["peak"] if mode == "fwd+bwd" else None, graph_ms)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -100,7 +109,38 @@ def measure(fn: Callable, make_inputs: Callable[[], list[torch.Tensor]], timer) 
     result["fwd+bwd"] = timer(lambda: fn(*inputs).backward(dout), leaves)
     del out
     result["peak"] = peak_mib(fn, inputs, dout)
+    if inputs[0].device.type == "cuda":
+        try:
+            result["graph fwd"] = graph_time(lambda: fn(*inputs), [])
+            result["graph fwd+bwd"] = graph_time(lambda: fn(*inputs).backward(dout), leaves)
+            result["graph bwd"] = result["graph fwd+bwd"] - result["graph fwd"]
+        except RuntimeError as err:  # a kernel that cannot be captured: launch timings only
+            print(f"CUDA graph capture failed: {str(err).splitlines()[0][:160]}", file=sys.stderr)
+            torch.cuda.synchronize()
     return result
+
+
+def graph_time(fn: Callable[[], object], leaves: list[torch.Tensor]) -> float:
+    """Median ms of replaying one CUDA graph of fn: the GPU time, launch overhead excluded (the
+    training step runs ahead of the GPU, so this is what its kernels cost there). The backward
+    is captured together with its forward, so 'bwd' is reported as (fwd+bwd) - fwd."""
+    import triton.testing
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            fn()
+            for t in leaves:
+                t.grad = None
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for t in leaves:
+        t.grad = None
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+    del graph
+    return ms
 
 
 # ----------------------------------------------------------------------------- attention
@@ -141,10 +181,8 @@ def bench_attention(shapes, dtype, device, timer, impls) -> list[Row]:
                       file=sys.stderr)
                 continue
             for mode in MODES:
-                ms = res[mode]
-                rows.append(Row("attention", f"B{B} H{H} N{N} D{D}", name, mode, ms,
-                                flops[mode] / (ms * 1e-3) / 1e12, "TFLOP/s",
-                                res["peak"] if mode == "fwd+bwd" else None))
+                rows.append(make_row("attention", f"B{B} H{H} N{N} D{D}", name, mode, res, flops[mode], 1e12,
+                                     "TFLOP/s"))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -158,9 +196,7 @@ def bench_memory_bound(op: str, cases, impls, timer) -> list[Row]:
         for name, fn in impls.items():
             res = measure(fn, make, timer)
             for mode in MODES:
-                ms = res[mode]
-                rows.append(Row(op, label, name, mode, ms, nbytes[mode] / (ms * 1e-3) / 1e9, "GB/s",
-                                res["peak"] if mode == "fwd+bwd" else None))
+                rows.append(make_row(op, label, name, mode, res, nbytes[mode], 1e9, "GB/s"))
     return rows
 
 
@@ -213,18 +249,20 @@ def token_cases(token_shapes, dtype, device, op: str):
 
 # ----------------------------------------------------------------------------- tables
 def markdown(rows: list[Row]) -> str:
-    lines = ["| op | shape | impl | mode | ms | rate | peak MiB (fwd+bwd) |",
-             "|---|---|---|---|---:|---:|---:|"]
+    lines = ["| op | shape | impl | mode | ms (launched) | ms (graph) | rate | peak MiB (fwd+bwd) |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         ms = f"{r.ms:.4f}" if r.ms is not None else "n/a"
+        graph_ms = f"{r.graph_ms:.4f}" if r.graph_ms is not None else "n/a"
         rate = f"{r.rate:.1f} {r.unit}" if r.rate is not None else "n/a"
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else ""
-        lines.append(f"| {r.op} | {r.shape} | {r.impl} | {r.mode} | {ms} | {rate} | {peak} |")
+        lines.append(f"| {r.op} | {r.shape} | {r.impl} | {r.mode} | {ms} | {graph_ms} | {rate} | {peak} |")
     return "\n".join(lines)
 
 
 def summary(rows: list[Row], ours: str = "triton") -> str:
-    """Per op and shape, forward+backward: ours against the fastest other implementation."""
+    """Per op and shape, forward+backward: ours against the fastest other implementation
+    (CUDA-graph times where measured, else launched times)."""
     lines = ["| op | shape | ours fwd+bwd | fastest other | its fwd+bwd | speed-up (other / ours) | "
              "peak MiB ours / other |", "|---|---|---:|---|---:|---:|---:|"]
     cases: dict[tuple[str, str], dict[str, Row]] = {}
@@ -236,11 +274,13 @@ def summary(rows: list[Row], ours: str = "triton") -> str:
         others = [r for name, r in impls.items() if name != ours]
         if mine is None or not others:
             continue
-        best = min(others, key=lambda r: r.ms)
+        def t(r):
+            return r.graph_ms if r.graph_ms is not None else r.ms
+        best = min(others, key=t)
         peaks = f"{mine.peak_mib:.0f} / {best.peak_mib:.0f}" if mine.peak_mib is not None else "n/a"
         rate = f" ({mine.rate:.0f} vs {best.rate:.0f} {mine.unit})"
-        lines.append(f"| {op} | {shape} | {mine.ms:.4f} ms | {best.impl} | {best.ms:.4f} ms | "
-                     f"{best.ms / mine.ms:.2f}x{rate} | {peaks} |")
+        lines.append(f"| {op} | {shape} | {t(mine):.4f} ms | {best.impl} | {t(best):.4f} ms | "
+                     f"{t(best) / t(mine):.2f}x{rate} | {peaks} |")
     return "\n".join(lines)
 
 
@@ -301,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     if "attention" in args.ops:
         backends = ("sdpa-math",) if args.smoke else ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
-        impls = {"triton": attention, **{name: sdpa_with(SDPA_BACKENDS[name]) for name in backends}}
+        impls = {"triton": attention, **{name: sdpa_with(SDPA_BACKENDS[name]) for name in backends},
+                 "sdpa-default": reference.attention}  # PyTorch's own backend choice: model.kernels torch
         rows += bench_attention(att_shapes, dtype, device, timer, impls)
     for op, triton_fn, cases in (
             ("flow_matching_loss", flow_matching_loss, latent_cases(latents, dtype, device, "flow_matching_loss")),
@@ -322,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(Path(args.out) / "kernels.jsonl", "a") as f:
             for r in rows:
                 f.write(json.dumps(dataclasses.asdict(r)) + "\n")
-    print(header + "\n\n" + markdown(rows) + "\n\nforward+backward, ours against the fastest other:\n\n"
+    from kernels.attention import tuned_configs
+    tuned = "\n".join(f"{kernel} {key}: {config}" for kernel, chosen in tuned_configs().items()
+                      for key, config in chosen.items())
+    print(header + "\n\nautotuned attention configs:\n" + tuned + "\n\n" + markdown(rows) + "\n\nforward+backward, ours against the fastest other:\n\n"
           + summary(rows))
     return 0
 

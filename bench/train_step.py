@@ -56,13 +56,14 @@ def shapes_for(preset: str) -> tuple[tuple[int, int, int], int, int]:
 def build(preset: str, kernels: str, precision: str, zero: int, ac: bool, compile_: bool, micro_batch: int):
     """The model and engine exactly as ``trainer.loop`` builds them (without its data and logging),
     with the ops it would use. Imports only what the step needs (no data, Ray, W&B)."""
-    from kernels import get_ops
+    from kernels import compose_ops, get_ops
     from trainer.config import Config, ModelConfig
     from trainer.engine import Engine, init_distributed
     from trainer.models.families import model_from_args, resolve_model_args
 
     cfg = Config()
-    cfg.model = ModelConfig(preset=preset, kernels=kernels)
+    mixed = "=" in kernels  # "attention=cudnn+modulate=triton": ops picked one by one (bench only)
+    cfg.model = ModelConfig(preset=preset, kernels="torch" if mixed else kernels)
     latent, tokens, text_dim = shapes_for(preset)
     cfg.data.max_tokens = tokens
     cfg.train.global_batch_size = micro_batch
@@ -76,7 +77,10 @@ def build(preset: str, kernels: str, precision: str, zero: int, ac: bool, compil
     args = resolve_model_args(cfg.model, latent, text_dim, tokens, cfg.objective.contrastive_init_temperature)
     with info.device:  # initialize on the device: seconds instead of a minute for 1B parameters on CPU
         model = model_from_args(args)
-    ops = get_ops(kernels, info.device)
+    if mixed:
+        ops = compose_ops(dict(item.split("=") for item in kernels.split("+")), info.device, backend="mixed")
+    else:
+        ops = get_ops(kernels, info.device)
     model.set_ops(ops)
     model.to(info.device)
     engine = Engine(model, cfg.train, cfg.optim, micro_batch, info)
@@ -148,7 +152,7 @@ def worker(args) -> int:
     module = engine.module
     flops = module.flops_per_sample()
     peak = (args.peak_tflops or (PEAK_H100_BF16 if device.type == "cuda" else 0.0)) * 1e12
-    base = {"preset": args.preset, "kernels": kernels, "resolved_ops": ops.backend, "ac": ac,
+    base = {"preset": args.preset, "kernels": kernels, "resolved_ops": ops.implementations, "ac": ac,
             "compile": compile_, "zero": args.zero, "world_size": 1, "precision": args.precision,
             "flow_params_M": module.flow_params() / 1e6, "params_M": sum(p.numel() for p in module.parameters()) / 1e6,
             "flops_per_sample": flops}
@@ -300,7 +304,9 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="8", help="comma-separated micro-batches, swept ascending per setting")
     p.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32")
     p.add_argument("--zero", type=int, default=2)
-    p.add_argument("--kernels", default="auto", help="comma-separated model.kernels values to compare")
+    p.add_argument("--kernels", default="auto",
+                   help="comma-separated model.kernels values to compare; a value like "
+                        "attention=cudnn+modulate=triton picks ops one by one (others: torch)")
     p.add_argument("--ac", default="off", choices=["off", "on", "both"], help="activation checkpointing")
     p.add_argument("--compile", default="off", choices=["off", "on", "both"], help="torch.compile of the blocks")
     p.add_argument("--steps", type=int, default=5)

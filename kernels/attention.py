@@ -79,7 +79,9 @@ def _attn_fwd_kernel(
                     mask=n_in[:, None], other=0.0)  # (BLOCK_N, D)
         v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
                     mask=n_in[:, None], other=0.0)  # (BLOCK_N, D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        # .to(fp32): torch.compile launches user kernels with Python floats as fp64 scalars,
+        # which would make the loop-carried running max fp64 (a Triton type error).
+        s = (tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale).to(tl.float32)  # (BLOCK_M, BLOCK_N)
         s = tl.where(keep[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only padding so far has m_new = -inf: shift by 0 instead, so
@@ -155,7 +157,7 @@ def _attn_bwd_dkdv_kernel(
         # Out-of-range queries: lse = +inf makes their P column exactly 0.
         lse = tl.load(LSE + pid_bh * N + offs_m, mask=q_in, other=float("inf"))  # (BLOCK_M,)
         delta = tl.load(DELTA + pid_bh * N + offs_m, mask=q_in, other=0.0)  # (BLOCK_M,)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        s_t = (tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale).to(tl.float32)  # (BLOCK_N, BLOCK_M)
         s_t = tl.where(keep[:, None], s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse[None, :])  # P^T
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -201,7 +203,7 @@ def _attn_bwd_dq_kernel(
                     mask=n_in[:, None], other=0.0)
         v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
                     mask=n_in[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = (tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale).to(tl.float32)  # (BLOCK_M, BLOCK_N)
         s = tl.where(keep[None, :], s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -219,6 +221,22 @@ _INTERPRETER_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
 _DELTA_BLOCK_M = 64
 
 
+def _fp32_small_tiles(configs, named_args, **kwargs):
+    """fp32 inputs use full-precision (non-tensor-core) dots: large tiles spill registers and take
+    minutes to compile, so only tiles of at most 64 x 64 are tried for them."""
+    if named_args["Q"].dtype != torch.float32:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+
+
+def tuned_configs() -> dict[str, dict]:
+    """What the autotuner chose so far: kernel -> {key: config} (for benchmarks' reports)."""
+    if _INTERPRETED:
+        return {}
+    return {name: {str(k): str(v) for k, v in kernel.cache.items()}
+            for name, kernel in (("fwd", _fwd), ("dkdv", _dkdv), ("dq", _dq))}
+
+
 def _configs(tiles):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
@@ -228,18 +246,19 @@ if _INTERPRETED:
     _META = _INTERPRETER_BLOCKS
 else:  # pragma: no cover - needs a GPU
     _KEY = ["N", "HEAD_DIM", "HAS_MASK"]
+    _PRUNE = {"early_config_prune": _fp32_small_tiles}
     # (BLOCK_M, BLOCK_N, num_warps, num_stages). Short sequences (N = 257: the 0.95B preset's 256
     # tokens + the indicator) waste up to a whole tile on the last block, so smaller tiles are in
-    # the running too; the autotuner times each once per (N, D, mask) and keeps the fastest.
+    # the running too; the autotuner times each once per (N, D, mask, dtype) and keeps the fastest.
     _fwd = triton.autotune(_configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
                                      (64, 32, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 2)]),
-                           key=_KEY)(_attn_fwd_kernel)
+                           key=_KEY, prune_configs_by=_PRUNE)(_attn_fwd_kernel)
     _dkdv = triton.autotune(_configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
                                       (64, 64, 4, 2), (128, 64, 8, 2), (32, 128, 4, 3), (64, 128, 8, 2)]),
-                            key=_KEY)(_attn_bwd_dkdv_kernel)
+                            key=_KEY, prune_configs_by=_PRUNE)(_attn_bwd_dkdv_kernel)
     _dq = triton.autotune(_configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3),
                                     (128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 4, 3)]),
-                          key=_KEY)(_attn_bwd_dq_kernel)
+                          key=_KEY, prune_configs_by=_PRUNE)(_attn_bwd_dq_kernel)
     _META = {}
 
 
