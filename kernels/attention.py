@@ -247,17 +247,19 @@ if _INTERPRETED:
 else:  # pragma: no cover - needs a GPU
     _KEY = ["N", "HEAD_DIM", "HAS_MASK"]
     _PRUNE = {"early_config_prune": _fp32_small_tiles}
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages). Short sequences (N = 257: the 0.95B preset's 256
-    # tokens + the indicator) waste up to a whole tile on the last block, so smaller tiles are in
-    # the running too; the autotuner times each once per (N, D, mask, dtype) and keeps the fastest.
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages). Every config costs a compile and a timing per
+    # (N, D, mask, dtype) at first use, so the lists hold what won on an H100 (bf16, 2026-11-25:
+    # fwd 64x64/4w at N=257, 128x64/8w at N=1025 D=64, 128x128/8w at D=128; dkdv 32x64/4w at
+    # N=257, 32x128/4w and 64x64/4w at 1025; dq 64x32/4w at 257, 128x64/8w at 1025) plus close
+    # neighbours. Small tiles matter at N = 257 (256 tokens + the indicator): the last block of
+    # a 128-wide tile would be almost all padding.
     _fwd = triton.autotune(_configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
-                                     (64, 32, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 2)]),
+                                     (64, 32, 4, 4), (128, 64, 8, 3)]),
                            key=_KEY, prune_configs_by=_PRUNE)(_attn_fwd_kernel)
     _dkdv = triton.autotune(_configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
-                                      (64, 64, 4, 2), (128, 64, 8, 2), (32, 128, 4, 3), (64, 128, 8, 2)]),
+                                      (32, 128, 4, 3)]),
                             key=_KEY, prune_configs_by=_PRUNE)(_attn_bwd_dkdv_kernel)
-    _dq = triton.autotune(_configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3),
-                                    (128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 4, 3)]),
+    _dq = triton.autotune(_configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3)]),
                           key=_KEY, prune_configs_by=_PRUNE)(_attn_bwd_dq_kernel)
     _META = {}
 
