@@ -44,15 +44,26 @@ _OP_MODULES = {
     "gated_residual": "modulation",
 }
 BACKENDS = ("auto", "triton", "torch")
-IMPLEMENTATIONS = ("triton", "torch", "cudnn")  # "cudnn": attention only (kernels.sdpa)
+# "cudnn" (attention only): kernels.sdpa, SDPA with cuDNN first. "by-length" (attention only):
+# Triton up to BY_LENGTH_MAX_TRITON_N tokens, "cudnn" above.
+IMPLEMENTATIONS = ("triton", "torch", "cudnn", "by-length")
+BY_LENGTH_MAX_TRITON_N = 512
 
-# model.kernels: auto on CUDA, per op: the implementation measured faster (H100 SXM, bf16, the
-# 0.95B preset's training shapes; bench/kernels.py forward+backward as CUDA-graph GPU time and
-# bench/train_step.py images/s, 2026-11-25; the tables are in bench/RESULTS.md):
+# model.kernels: auto on CUDA, per op, the implementation measured faster. H100 SXM, bf16,
+# 2026-11-25, bench/kernels.py forward+backward as CUDA-graph GPU time at B = 64 and
+# bench/train_step.py (0.95B, ZeRO-2, micro-batch 128); the full tables are in bench/RESULTS.md.
+#   attention N=257 D=128:   Triton 0.892 ms, cuDNN 1.060, flash 1.308   -> Triton (1.19x)
+#             N=1025 D=64:   Triton 7.20 ms,  cuDNN 6.68,  flash 9.29    -> cuDNN (1.08x)
+#             N=1025 D=128:  Triton 6.28 ms,  cuDNN 5.70,  flash 7.93    -> cuDNN (1.10x)
+#     in the 0.95B step (same run): Triton attention 250.0 images/s, cuDNN 247.6
+#   modulate B64 N257:       Triton 0.137 ms, eager 0.418, compiled 0.190 -> Triton (3.1x eager)
+#   gated_residual B64 N257: Triton 0.161 ms, eager 0.305, compiled 0.147 -> Triton (1.9x eager)
+#   flow_matching_loss 64x4x32x32: Triton 0.014 ms, eager 0.044 -> Triton; interpolate: Triton
+#     0.012 ms, eager 0.022 -> Triton. Both run once per step (well under 0.1% of it).
 AUTO_ON_CUDA = {
-    "attention": "cudnn",  # filled in from the measurements below
-    "flow_matching_loss": "torch",
-    "interpolate": "torch",
+    "attention": "by-length",
+    "flow_matching_loss": "triton",
+    "interpolate": "triton",
     "modulate": "triton",
     "gated_residual": "triton",
 }
@@ -72,8 +83,8 @@ class KernelOps:
 
     @property
     def implementations(self) -> dict[str, str]:
-        """op -> "triton", "torch" or "cudnn", read off each op's module."""
-        where = {"kernels.reference": "torch", "kernels.sdpa": "cudnn"}
+        """op -> "triton", "torch", "cudnn" or "by-length", read off each op's module."""
+        where = {"kernels.reference": "torch", "kernels.sdpa": "cudnn", __name__: "by-length"}
         return {op: where.get(getattr(self, op).__module__, "triton") for op in _OP_MODULES}
 
 
@@ -116,24 +127,35 @@ def get_ops(backend: str = "auto", device: "torch.device | str" = "cpu") -> Kern
 
 def compose_ops(choices: dict[str, str], device: "torch.device | str" = "cpu", backend: str = "auto") -> KernelOps:
     """Ops picked one by one: ``choices`` maps an op to "triton", "torch" or (attention only)
-    "cudnn"; ops not named use the PyTorch reference."""
+    "cudnn" or "by-length"; ops not named use the PyTorch reference."""
     unknown = set(choices) - set(_OP_MODULES)
     if unknown:
         raise ValueError(f"unknown kernel ops {sorted(unknown)}; known: {list(_OP_MODULES)}")
     for op, impl in choices.items():
-        if impl not in IMPLEMENTATIONS or (impl == "cudnn" and op != "attention"):
+        if impl not in IMPLEMENTATIONS or (impl in ("cudnn", "by-length") and op != "attention"):
             raise ValueError(f"kernels: {op} can't use {impl!r}; choose from triton, torch"
-                             + (", cudnn" if op == "attention" else ""))
+                             + (", cudnn, by-length" if op == "attention" else ""))
     torch_ops = get_ops("torch", device)
-    triton_ops = get_ops("triton", device) if "triton" in choices.values() else None
+    needs_triton = any(impl in ("triton", "by-length") for impl in choices.values())
+    triton_ops = get_ops("triton", device) if needs_triton else None
 
     def pick(op: str) -> Callable:
         impl = choices.get(op, "torch")
-        if impl == "cudnn":
+        if impl in ("cudnn", "by-length"):
             from . import sdpa
-            return sdpa.attention
+            if impl == "cudnn":
+                return sdpa.attention
+            return _attention_by_length(triton_ops.attention, sdpa.attention)
         return getattr(triton_ops if impl == "triton" else torch_ops, op)
     return KernelOps(backend, *(pick(op) for op in _OP_MODULES))
+
+
+def _attention_by_length(short: Callable, long: Callable) -> Callable:
+    def attention(q, k, v, key_padding_mask=None):
+        """Triton up to BY_LENGTH_MAX_TRITON_N tokens, SDPA with cuDNN first above."""
+        fn = short if q.shape[2] <= BY_LENGTH_MAX_TRITON_N else long
+        return fn(q, k, v, key_padding_mask)  # (B, H, N, D)
+    return attention
 
 
 def __getattr__(name: str):

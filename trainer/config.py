@@ -43,7 +43,8 @@ class ModelConfig:
     text_ve_reduced_width: int | None = _f(None, "per-token width after the VE's halving reduction layers; overrides the preset")
     text_ve_dropout: float = _f(0.0, "dropout inside the Text VE transformer (the reimplementation uses 0.1)")
     image_encoder_width: int = _f(32, "base channel count of the contrastive image encoder (a small CNN)")
-    kernels: str = _f("auto", "op implementation: auto (Triton on CUDA, PyTorch otherwise), triton, torch")
+    kernels: str = _f("auto", "op implementation: auto (CUDA: the measured faster one per op, kernels.AUTO_ON_CUDA; "
+                              "PyTorch elsewhere), triton, torch")
 
     def validate(self) -> None:
         from trainer.models.crossflow.presets import PRESETS

@@ -59,6 +59,11 @@ def test_compose_ops_picks_each_op(device):
                                    "modulate": "triton", "gated_residual": "torch"}
     q = torch.randn(2, 3, 9, 16, device=device)
     torch.testing.assert_close(ops.attention(q, q, q), reference.attention(q, q, q))
+    by_length = kernels.compose_ops({"attention": "by-length"}, device)
+    assert by_length.implementations["attention"] == "by-length"
+    for n in (9, kernels.BY_LENGTH_MAX_TRITON_N + 1):  # one length per side of the switch
+        x = torch.randn(1, 2, n, 16, device=device)
+        torch.testing.assert_close(by_length.attention(x, x, x), reference.attention(x, x, x), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="modulate can't use 'cudnn'"):
         kernels.compose_ops({"modulate": "cudnn"}, device)
     with pytest.raises(ValueError, match="unknown kernel ops"):
