@@ -4,6 +4,7 @@ the real engine), and the learned text down-projection before the Text VE / cros
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -114,3 +115,13 @@ def test_both_families_share_one_trunk_and_old_checkpoints_keep_their_names():
              for f in ("crossflow", "cross_attention_fm")]
     shared = [f.name for f in dataclasses.fields(TrunkArgs) if f.name != "family"]
     assert [sizes[0][k] for k in shared] == [sizes[1][k] for k in shared]
+
+
+def test_config_accepts_exactly_the_registered_families():
+    """model.family's check in the config (which imports no model code) names the registry's families."""
+    from trainer.config import ConfigError
+    from trainer.models.families import FAMILIES
+    for name in FAMILIES:
+        ModelConfig(family=name).validate()
+    with pytest.raises(ConfigError, match=re.escape(str(list(FAMILIES)))):
+        ModelConfig(family="unregistered").validate()

@@ -7,7 +7,9 @@ family from outside (as torchtitan's per-model ``parallelize`` does):
   which ``crossflow plan`` counts activation memory without building anything;
 - ``param_counts(model)``: parameters per component (flow transformer, Text VE, ...).
 
-Every family has CrossFlow's interface: ``encode_text``, ``text_condition``, ``velocity``,
+Both families' flow networks are the DiT trunk (``crossflow/trunk.py``), and their args classes
+extend its ``TrunkArgs``: ``args_cls.from_config`` resolves any family's config against the size
+preset. Every family has CrossFlow's interface: ``encode_text``, ``text_condition``, ``velocity``,
 ``flow_params``, ``flops_per_sample``. The engine knows no model internals.
 """
 from __future__ import annotations
