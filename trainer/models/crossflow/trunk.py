@@ -93,7 +93,8 @@ class DiTTrunk(SwappableOps, nn.Module):
         super().__init__()
         C, H, W = args.latent_shape
         if H != W or H % args.patch_size:
-            raise ValueError(f"latent {args.latent_shape} must be square with a side divisible by patch {args.patch_size}")
+            raise ValueError(f"latent {args.latent_shape} must be square with a side divisible by "
+                             f"patch {args.patch_size}")
         self.args = args
         D = args.hidden_size
         self.grid = H // args.patch_size
