@@ -238,7 +238,7 @@ class LogConfig:
     wandb_group: str = _f("", "W&B group (sweeps put every run of a sweep in one group)")
     wandb_name: str = _f("", "W&B run name (default: the out_dir's name)")
     peak_tflops: float = _f(0.0, "peak TFLOP/s per device for MFU; 0 = 989 (H100 dense bf16) on CUDA, no MFU on CPU")
-    progress: bool = _f(True, "show a progress bar on rank 0")
+    progress: bool = _f(True, "rank 0 shows progress: a live bar on a terminal, else one line per logging interval")
 
     def validate(self) -> None:
         _choice("log.wandb", self.wandb, ("offline", "online", "disabled"))
