@@ -3,7 +3,9 @@ per logging interval, not a redrawn bar; nothing from a rank other than 0 (the R
 ``test_worker_killed_mid_run_resumes_from_last_checkpoint`` checks the same of a real 2-worker run)."""
 from __future__ import annotations
 
-from trainer.metrics import MetricsLogger, format_duration
+import io
+
+from trainer.metrics import MetricsLogger, ProgressLines, format_duration
 
 
 def test_progress_off_a_terminal_is_one_line_per_logging_interval(tiny_config, capsys):
@@ -34,3 +36,9 @@ def test_other_ranks_print_and_write_nothing(tiny_config, tmp_path, capsys):
 def test_durations_read_as_a_person_says_them():
     assert [format_duration(s) for s in (0.4, 59, 61, 750, 3600 + 5 * 60 + 20)] == ["0s", "59s", "1m01s", "12m30s",
                                                                                    "1h05m"]
+
+
+def test_an_evaluation_prints_its_scores_after_the_step():
+    out = io.StringIO()
+    ProgressLines(100, file=out).print({"step": 100, "shapes_eval/overall": 0.07, "shapes_eval/object": 0.52})
+    assert out.getvalue() == "step 100 shapes_eval: overall 0.07  object 0.52\n"

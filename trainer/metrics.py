@@ -26,7 +26,7 @@ LINE_FORMAT = {"loss": ".4f", "flow_matching": ".4f", "lr": ".2e", "samples_per_
 class ProgressLines:
     """One line per logging interval, for output that is not a terminal:
     ``step 40/1500 (2%)  loss 1.2345  flow_matching 1.1000  lr 2.00e-04  samples_per_s 52.1  eta 12m30s``.
-    A record without a loss (an evaluation) prints its numbers under the step."""
+    A record without a loss (an evaluation) prints its numbers after the step."""
 
     def __init__(self, total_steps: int, start_step: int = 0, file=None):
         self.total, self.start_step, self.file = total_steps, start_step, file
@@ -44,10 +44,12 @@ class ProgressLines:
         if "loss" in record:
             numbers = "  ".join(f"{k} {record[k]:{LINE_FORMAT[k]}}" for k in SHOWN if k in record)
             line = f"step {step}/{self.total} ({100 * step // max(1, self.total)}%)  {numbers}{self.eta(step)}"
-        else:
-            numbers = "  ".join(f"{k} {v:.4g}" for k, v in record.items()
-                                if k != "step" and isinstance(v, (int, float)))
-            line = f"step {step}: {numbers}"
+        else:  # an evaluation: "step 500 shapes_eval: overall 0.07  object 0.52 ..."
+            values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+            groups = {k.split("/")[0] for k in values if "/" in k}
+            group = groups.pop() if len(groups) == 1 and all("/" in k for k in values) else ""
+            numbers = "  ".join(f"{k.removeprefix(group + '/') if group else k} {v:.4g}" for k, v in values.items())
+            line = f"step {step} {group + ': ' if group else ''}{numbers}"
         print(line, file=self.file or sys.stdout, flush=True)
 
 
