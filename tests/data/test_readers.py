@@ -99,11 +99,11 @@ def test_wds_ranks_and_workers_partition_the_epoch(shapes_shards):
     assert seen[0] and seen[1]
 
 
-def _mds_rank_captions(rank: int, path: str, out: str, port: int, text_encoder: str) -> None:
+def _mds_rank_captions(rank: int, path: str, out: str, port: int) -> None:
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)  # as train() does
     loader = build_shard_loader(path, "mds", 3, rank=rank, world_size=2, num_workers=0, shuffle=True, seed=5,
-                                drop_last=False, text_encoder=text_encoder)
+                                drop_last=False)  # stored text features: no encoder to load in each process
     captions = [c for b in _take(loader) for c in b["caption"]]
     open(f"{out}/rank{rank}.txt", "w").write("\n".join(captions))
 
@@ -113,11 +113,11 @@ def test_mds_ranks_partition_the_epoch(shapes_shards, tmp_path):
     shared memory): every sample read once, an equal count per rank (48 = 2 x 24, no padding)."""
     import socket
     import torch.multiprocessing as mp
-    path = shapes_shards("mds", n=48, shard_bytes=4000)
+    path = shapes_shards("mds", records=_features(shapes_records(48)), shard_bytes=4000)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_mds_rank_captions, args=(path, str(tmp_path), port, tiny_text_encoder()), nprocs=2)
+    mp.spawn(_mds_rank_captions, args=(path, str(tmp_path), port), nprocs=2)
     seen = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in range(2)]
     assert len(seen[0]) == len(seen[1]) == 24
     assert sorted(seen[0] + seen[1]) == sorted(r["caption"] for r in shapes_records(48))
