@@ -24,7 +24,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -17,7 +17,7 @@ from data_pipeline.readers import build_shard_loader, read_records
 from tests.data.conftest import shapes_records, write_records
 from tests.support.kill_run import run_and_kill
 from tests.support.tiny_models import save_tiny_clip, save_tiny_vae
-from trainer.cli import main
+from cluster.cli import main
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -92,13 +92,13 @@ def test_s3_in_and_out(bucket, tmp_path, models, capsys):
 
 
 def test_torchrun_ranks_split_the_shards(tmp_path, models):
-    """`torchrun --nproc-per-node 2 -m trainer.cli data features ...`: ranks from RANK/WORLD_SIZE, each
+    """`torchrun --nproc-per-node 2 -m cluster.cli data features ...`: ranks from RANK/WORLD_SIZE, each
     its own input shards, rank 0 merges; the same samples as one process (torchrun gives each rank
     one thread, so latents may differ in the last 16-bit place)."""
     raw = write_records("wds", str(tmp_path / "raw"), shapes_records(12, resolution=64), shard_bytes=2_000)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "trainer.cli",
+    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "cluster.cli",
                            *_features(raw, tmp_path / "ranks", models)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

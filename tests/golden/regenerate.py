@@ -19,7 +19,7 @@ from pathlib import Path
 from tests.golden import GOLDEN_FILE, golden, golden_overrides
 
 REPO = Path(__file__).resolve().parents[2]
-ENTRY_POINT = "trainer.cli"  # the `crossflow` console command's module
+ENTRY_POINT = "cluster.cli"  # the `crossflow` console command's module
 
 
 def versions() -> dict[str, str]:
