@@ -120,4 +120,3 @@ def test_s3_in_and_out(bucket, tmp_path, models, capsys):
     parts, done = map(int, re.search(r"(\d+) input shards, (\d+) already done", capsys.readouterr().out).groups())
     assert parts >= 2 and done == parts - 1  # only part 1 redone
     assert _stored(f"{bucket}/feat") == _stored(tmp_path / "feat")
-
