@@ -3,8 +3,7 @@
     PYTHONPATH=. python -m tests.golden.regenerate
 
 Commit the result only with the reason the numbers moved; the diff of the losses is the review.
-The learning run's ShapesEval (``shapes_eval``) is kept from the existing file: it comes from
-tests/test_training.py::test_tiny_preset_learns_in_200_steps (see its ``shapes_eval.produced_by``).
+The config and overrides are the file's own: edit them there first if the golden run itself changes.
 """
 from __future__ import annotations
 
