@@ -21,6 +21,18 @@ import torch.nn.functional as F
 
 from trainer.models.crossflow.flow_transformer import CONDITIONAL, UNCONDITIONAL
 
+# The contrastive logit scale (log of the inverse temperature) is clamped here, as in CLIP: a
+# temperature no lower than 1/100 keeps the logits from growing until the softmax saturates.
+# ln 100 = 4.60517..., written rounded as 4.6052 since the first version; kept so runs reproduce.
+MAX_LOGIT_SCALE = 4.6052
+
+# Per-sample noise seeds mix (seed, step, index) into one integer: each stride (a prime) exceeds the
+# range of what is added after it (steps < 1_000_003, sample indices < 2^31 - 1), so two samples of
+# a run never share a seed; the mask keeps it a non-negative int64, as torch.Generator.manual_seed takes.
+SEED_STEP_MIXER = 1_000_003
+SEED_INDEX_MIXER = 2_147_483_647  # 2^31 - 1
+SEED_MASK = 2**63 - 1
+
 
 @dataclass
 class Losses:
@@ -64,7 +76,7 @@ class Noise:
 
 
 def _sample_seed(seed: int, step: int, index: int) -> int:
-    return ((seed * 1_000_003 + step) * 2_147_483_647 + index) & (2**63 - 1)
+    return ((seed * SEED_STEP_MIXER + step) * SEED_INDEX_MIXER + index) & SEED_MASK
 
 
 def draw_noise(cfg, seed: int, step: int, first_index: int, micro_batch: int, rank: int, world_size: int,
@@ -112,7 +124,7 @@ def contrastive_loss(z0: torch.Tensor, image_emb: torch.Tensor, logit_scale: tor
     image = F.normalize(image_emb.float(), dim=1)  # (B, E)
     all_text, offset = _gather_with_grad(text)  # (W*B, E)
     all_image, _ = _gather_with_grad(image)
-    scale = logit_scale.float().clamp(max=4.6052).exp()  # temperature at most 1/100, as in CLIP
+    scale = logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()  # inverse temperature, at most 100
     labels = torch.arange(text.shape[0], device=text.device) + offset
     logits_t2i = scale * text @ all_image.t()  # (B, W*B)
     logits_i2t = scale * image @ all_text.t()  # (B, W*B)
