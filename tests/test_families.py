@@ -36,6 +36,44 @@ def test_family_trains_with_activation_checkpointing_and_compile(tiny_config, tm
         assert curves["compile"][step] == pytest.approx(curves["plain"][step], rel=1e-4), (family, step)
 
 
+def _leaf_forwards_per_block(model) -> dict[int, list[int]]:
+    """A counter of forward calls of the leaf modules inside each block the engine wraps; a
+    recomputation (activation checkpointing's backward) calls them again."""
+    counts: dict[int, list[int]] = {}
+    for i, block in enumerate(wrapped_blocks(model)):
+        counts[i] = [0]
+        for leaf in (m for m in block.modules() if not list(m.children())):
+            leaf.register_forward_hook(lambda *_, c=counts[i]: c.__setitem__(0, c[0] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("family", ["crossflow", "cross_attention_fm"])
+def test_activation_checkpointing_recomputes_every_block_in_backward(tiny_config, family):
+    """Through the real engine: with train.activation_checkpointing the backward re-runs every wrapped
+    block (its leaf modules are called again), without it nothing is called in backward."""
+    from tests.support.training_noise import training_noise
+    from trainer.engine import Engine, init_distributed
+    from trainer.models.crossflow.layers import TORCH_OPS
+    from trainer.objectives import crossflow_losses
+    calls = {}
+    for ac in (False, True):
+        cfg = tiny_config(**{"model.family": family, "model.depth": 2, "train.activation_checkpointing": ac})
+        torch.manual_seed(0)
+        model = model_from_args(resolve_model_args(cfg.model, (3, 16, 16), 24, 6))
+        counts = _leaf_forwards_per_block(model)
+        engine = Engine(model, cfg.train, cfg.optim, 4, init_distributed("cpu"))
+        z1, emb, mask = torch.randn(4, 3, 16, 16), torch.randn(4, 6, 24), torch.ones(4, 6, dtype=torch.bool)
+        losses = crossflow_losses(engine.module, z1, emb, mask, cfg.objective, TORCH_OPS,
+                                  training_noise(cfg.objective, z1))
+        after_forward = {i: c[0] for i, c in counts.items()}
+        engine.backward(losses.total)
+        calls[ac] = {i: (after_forward[i], c[0] - after_forward[i]) for i, c in counts.items()}  # (forward, backward)
+    assert len(calls[True]) >= 2  # the family's wrapped blocks (model.depth 2: at least the 2 flow blocks)
+    for i, (fwd, bwd) in calls[False].items():
+        assert fwd > 0 and bwd == 0, (family, i, calls[False][i])
+        assert calls[True][i][0] == fwd and calls[True][i][1] > 0, (family, i, calls[True][i])  # recomputed
+
+
 def test_each_family_names_its_repeated_blocks():
     cfg = ModelConfig(preset="tiny")
     cf = model_from_args(resolve_model_args(cfg, (3, 32, 32), 32, 12))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cluster.cli import main
 from tests.support.tiny_models import save_tiny_vae, tiny_text_encoder
-from trainer.cli import main
 
 
 def test_cross_attention_baseline_on_latents_decodes_and_refuses_other_data(tmp_path, tiny_config):

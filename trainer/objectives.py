@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.models.crossflow.layers import TORCH_OPS
 from trainer.models.crossflow.flow_transformer import CONDITIONAL, UNCONDITIONAL
 
 # The contrastive logit scale (log of the inverse temperature) is clamped here, as in CLIP: a
@@ -54,12 +53,6 @@ def sample_time(batch: int, cfg, device, generator: torch.Generator | None = Non
     return torch.sigmoid(cfg.time_mean + cfg.time_std * n)
 
 
-def draw_indicator(batch: int, uncond_prob: float, device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B,) long: CONDITIONAL, or UNCONDITIONAL with probability ``uncond_prob``."""
-    uncond = torch.rand(batch, device=device, generator=generator) < uncond_prob
-    return torch.where(uncond, UNCONDITIONAL, CONDITIONAL).long()
-
-
 def unconditional_partners(uncond: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """(M,) index of the sample whose image each sample trains towards: itself when conditional;
     for unconditional ones, the previous unconditional sample in ``keys`` order (a random cyclic
@@ -70,13 +63,6 @@ def unconditional_partners(uncond: torch.Tensor, keys: torch.Tensor) -> torch.Te
         order = idx[torch.argsort(keys[idx])]
         source[order] = order.roll(1)
     return source
-
-
-def swap_unconditional_targets(z1: torch.Tensor, indicator: torch.Tensor,
-                               generator: torch.Generator | None = None) -> torch.Tensor:
-    """Each unconditional sample's target becomes another unconditional sample's image."""
-    keys = torch.rand(indicator.numel(), generator=generator)
-    return z1[unconditional_partners((indicator == UNCONDITIONAL).cpu(), keys).to(z1.device)]
 
 
 @dataclass
@@ -156,21 +142,13 @@ def _gather_batch(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def crossflow_losses(model, z1: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor, cfg,
-                     ops=TORCH_OPS, noise: Noise | None = None,
-                     generator: torch.Generator | None = None) -> Losses:
-    """One forward of the whole objective for a batch (z1: target latents (B, C, H, W)).
-    ``noise`` (from ``draw_noise``) fixes every random draw; without it they come from ``generator``."""
-    B = z1.shape[0]
-    if noise is None:
-        z0, mu, logvar = model.encode_text(text_emb, text_mask, generator=generator)  # (B, C, H, W) each
-        indicator = draw_indicator(B, cfg.uncond_prob, z1.device, generator)  # (B,)
-        target = swap_unconditional_targets(z1, indicator, generator)  # (B, C, H, W)
-        t = sample_time(B, cfg, z1.device, generator)  # (B,)
-    else:
-        z0, mu, logvar = model.encode_text(text_emb, text_mask, eps=noise.eps)  # (B, C, H, W) each
-        indicator, t = noise.indicator, noise.t
-        target = _gather_batch(z1)[noise.target_source]  # uncond targets may come from other ranks
+def crossflow_losses(model, z1: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor, cfg, ops,
+                     noise: Noise) -> Losses:
+    """One forward of the whole objective for a batch (z1: target latents (B, C, H, W)); ``noise``
+    (from ``draw_noise``) fixes every random draw."""
+    z0, mu, logvar = model.encode_text(text_emb, text_mask, eps=noise.eps)  # (B, C, H, W) each
+    indicator, t = noise.indicator, noise.t
+    target = _gather_batch(z1)[noise.target_source]  # uncond targets may come from other ranks
     cond = model.text_condition(text_emb, text_mask)  # None for CrossFlow: its text is all in z0
     x_t = ops.interpolate(z0, target, t, cfg.sigma_min)  # (B, C, H, W)
     v = model.velocity(x_t, t, indicator, cond)

@@ -13,8 +13,8 @@ from PIL import Image
 from data_pipeline.features import ImageLatentEncoder, load_text_encoder
 from data_pipeline.metadata import FeatureMetadata, LatentSpec, TextSpec, read_feature_metadata
 from data_pipeline.readers import BadDataError, build_shard_loader, read_records
+from cluster.cli import main
 from tests.support.tiny_models import TINY_TEXT_WIDTH, save_tiny_vae, tiny_text_encoder
-from trainer.cli import main
 
 
 @pytest.fixture(scope="module")
