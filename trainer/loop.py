@@ -157,6 +157,31 @@ class StepStats:
         return {("loss" if k == "total" else k): float(v) for k, v in zip(keys, vec.tolist())}
 
 
+def optimizer_step(engine: Engine, stream, observers, codec, ops, cfg: Config, model_input: ModelInput,
+                   step: int, micro: int, rank: int, world: int) -> tuple[dict[str, torch.Tensor], bool]:
+    """Optimizer step ``step + 1``: for each of ``grad_accum`` micro-batches, batch -> z1 (codec) ->
+    noise keyed by the samples' place in the global batch -> losses -> backward -> DeepSpeed step
+    (at the boundary: clip, AdamW, schedule, EMA). Returns the losses averaged over the micro-batches
+    (detached, on the device) and whether the optimizer step was applied (False: non-finite, skipped)."""
+    device, sums = engine.device, None
+    for k in range(cfg.train.grad_accum):
+        batch = next(stream)
+        for observer in observers:
+            observer.on_batch(batch)
+        z1 = batch_target(batch, codec).to(device, non_blocking=True)  # (B, C, H, W)
+        emb = batch["text_emb"].to(device, non_blocking=True)  # (B, L, D_text)
+        mask = batch["text_mask"].to(device, non_blocking=True)  # (B, L)
+        noise = draw_noise(cfg.objective, cfg.train.seed, step, k * micro * world, micro, rank, world,
+                           model_input.latent_shape, device)
+        with engine.autocast():
+            losses = crossflow_losses(engine.module, z1, emb, mask, cfg.objective, ops, noise)
+        engine.backward(losses.total)
+        applied = engine.step()
+        d = losses.detached()
+        sums = d if sums is None else {n: sums[n] + d[n] for n in d}
+    return {n: v / cfg.train.grad_accum for n, v in sums.items()}, applied
+
+
 def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None = None,
           should_stop=None) -> dict:
     """Train per ``cfg`` as this process's rank; returns a summary (rank 0 writes summary.json).
@@ -221,27 +246,13 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
     module.train()
     try:
         while step < cfg.train.steps:
-            micro_losses = None
-            for k in range(cfg.train.grad_accum):
-                batch = next(stream)
-                for observer in observers:
-                    observer.on_batch(batch)
-                z1 = batch_target(batch, codec).to(device, non_blocking=True)
-                emb = batch["text_emb"].to(device, non_blocking=True)
-                mask = batch["text_mask"].to(device, non_blocking=True)
-                noise = draw_noise(cfg.objective, cfg.train.seed, step, k * micro * world, micro, rank, world,
-                                   model_input.latent_shape, device)
-                with engine.autocast():
-                    losses = crossflow_losses(module, z1, emb, mask, cfg.objective, ops, noise)
-                engine.backward(losses.total)
-                applied = engine.step()
-                d = losses.detached()
-                micro_losses = d if micro_losses is None else {n: micro_losses[n] + d[n] for n in d}
+            losses, applied = optimizer_step(engine, stream, observers, codec, ops, cfg, model_input, step, micro,
+                                             rank, world)
             step += 1
             metrics.advance()
             if applied:
                 skipped_in_row = 0
-                stats.add({n: v / cfg.train.grad_accum for n, v in micro_losses.items()}, engine.grad_norm())
+                stats.add(losses, engine.grad_norm())
             else:
                 skipped_total += 1
                 skipped_in_row += 1
