@@ -1,25 +1,31 @@
 """Benchmark the Triton ops in ``kernels`` against PyTorch at CrossFlow shapes.
 
-    python bench/kernels.py                 # on a CUDA machine: prints a markdown table
-    python bench/kernels.py --dtype float16 --ops attention
+    python bench/kernels.py                 # on a CUDA machine: prints markdown tables
+    python bench/kernels.py --ops attention --batches 32 --out results/
     python bench/kernels.py --smoke         # CPU, TRITON_INTERPRET=1, tiny shapes: checks the
                                             # script itself; the numbers mean nothing
 
 Without a CUDA device (and without --smoke) it prints "no CUDA device: nothing measured" and
 exits 0. Timings: triton.testing.do_bench, median over ~100 ms of repetitions.
 
-Attention (B=32, H in {16, 20}, N in {257, 1025}, D in {64, 128}, no padding): Triton vs SDPA
-with the flash backend pinned (torch.nn.attention.sdpa_kernel) and with the math backend.
-FLOPs: forward 4 B H N^2 D, backward 2.5x that (two matmuls in the forward, five in the
-backward). The other ops are memory-bound: GB/s counts the bytes an ideal fused kernel must
-move (same count for every implementation, so it is a normalized inverse time). "peak MiB" is
+Attention, B in {32, 64}, heads of the 0.95B width (1536 = H x D): N = 257 with D = 128 (the
+0.95B preset at 256 px), N = 1025 with D = 64 and 128 (512 px). Inputs are laid out as the model
+makes them: views of one (B, N, 3, H, D) qkv tensor (the gradient lands in it). Ours against
+every SDPA backend the device offers (flash, cuDNN, memory-efficient; pinned with
+torch.nn.attention.sdpa_kernel). FLOPs: forward 4 B H N^2 D, backward 2.5x that.
+The other ops are memory-bound: GB/s counts the bytes an ideal fused kernel must move (same
+count for every implementation, so it is a normalized inverse time), against eager PyTorch and
+torch.compile of the same reference (``--no-compile`` skips it). "peak MiB" is
 torch.cuda.max_memory_allocated during one forward+backward, above the inputs.
 In training z1 (the image latent) is frozen and z0 (the text latent) is not; the benchmark
-does the same.
+does the same. The last table gives, per op and shape, ours against the fastest other
+implementation (forward+backward): the figures behind ``model.kernels: auto``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -45,9 +51,18 @@ class Row:
     impl: str
     mode: str
     ms: float | None
-    rate: float | None  # TFLOP/s (attention) or GB/s (others)
+    rate: float | None  # TFLOP/s (attention) or GB/s (others), from graph_ms when measured
     unit: str
     peak_mib: float | None = None
+    graph_ms: float | None = None  # CUDA-graph replay: GPU time without the host's launch overhead
+
+
+def make_row(op, shape, impl, mode, res, work: float, scale: float, unit: str) -> Row:
+    """work: FLOPs or bytes of the mode; scale: 1e12 (TFLOP/s) or 1e9 (GB/s)."""
+    ms, graph_ms = res[mode], res.get("graph " + mode)
+    best = graph_ms if graph_ms is not None else ms
+    return Row(op, shape, impl, mode, ms, work / (best * 1e-3) / scale, unit,
+               res["peak"] if mode == "fwd+bwd" else None, graph_ms)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -94,10 +109,45 @@ def measure(fn: Callable, make_inputs: Callable[[], list[torch.Tensor]], timer) 
     result["fwd+bwd"] = timer(lambda: fn(*inputs).backward(dout), leaves)
     del out
     result["peak"] = peak_mib(fn, inputs, dout)
+    if inputs[0].device.type == "cuda":
+        try:
+            result["graph fwd"] = graph_time(lambda: fn(*inputs), [])
+            result["graph fwd+bwd"] = graph_time(lambda: fn(*inputs).backward(dout), leaves)
+            result["graph bwd"] = result["graph fwd+bwd"] - result["graph fwd"]
+        except RuntimeError as err:  # a kernel that cannot be captured: launch timings only
+            print(f"CUDA graph capture failed: {str(err).splitlines()[0][:160]}", file=sys.stderr)
+            torch.cuda.synchronize()
     return result
 
 
+def graph_time(fn: Callable[[], object], leaves: list[torch.Tensor]) -> float:
+    """Median ms of replaying one CUDA graph of fn: the GPU time, launch overhead excluded (the
+    training step runs ahead of the GPU, so this is what its kernels cost there). The backward
+    is captured together with its forward, so 'bwd' is reported as (fwd+bwd) - fwd."""
+    import triton.testing
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            fn()
+            for t in leaves:
+                t.grad = None
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for t in leaves:
+        t.grad = None
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+    del graph
+    return ms
+
+
 # ----------------------------------------------------------------------------- attention
+SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
+                 "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
+
+
 def sdpa_with(backend_name: str) -> Callable:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backend = getattr(SDPBackend, backend_name)
@@ -108,25 +158,31 @@ def sdpa_with(backend_name: str) -> Callable:
     return run
 
 
+def on_qkv(attn: Callable) -> Callable:
+    """attn(q, k, v) applied to views of one (B, N, 3, H, D) tensor, as the model calls it."""
+    def run(qkv):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, N, D) each, strided
+        return attn(q, k, v)
+    return run
+
+
 def bench_attention(shapes, dtype, device, timer, impls) -> list[Row]:
     rows = []
     for B, H, N, D in shapes:
         def make(B=B, H=H, N=N, D=D):
-            return [torch.randn(B, H, N, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+            return [torch.randn(B, N, 3, H, D, device=device, dtype=dtype, requires_grad=True)]
         flops_fwd = 4.0 * B * H * N * N * D
         flops = {"fwd": flops_fwd, "bwd": 2.5 * flops_fwd, "fwd+bwd": 3.5 * flops_fwd}
         for name, fn in impls.items():
             try:
-                res = measure(fn, make, timer)
-            except RuntimeError as err:  # e.g. flash SDPA has no fp32 kernel
+                res = measure(on_qkv(fn), make, timer)
+            except RuntimeError as err:  # a backend without a kernel for this shape or dtype
                 print(f"attention {name} B={B} H={H} N={N} D={D}: skipped ({str(err).splitlines()[0][:100]})",
                       file=sys.stderr)
                 continue
             for mode in MODES:
-                ms = res[mode]
-                rows.append(Row("attention", f"B{B} H{H} N{N} D{D}", name, mode, ms,
-                                flops[mode] / (ms * 1e-3) / 1e12, "TFLOP/s",
-                                res["peak"] if mode == "fwd+bwd" else None))
+                rows.append(make_row("attention", f"B{B} H{H} N{N} D{D}", name, mode, res, flops[mode], 1e12,
+                                     "TFLOP/s"))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -140,9 +196,7 @@ def bench_memory_bound(op: str, cases, impls, timer) -> list[Row]:
         for name, fn in impls.items():
             res = measure(fn, make, timer)
             for mode in MODES:
-                ms = res[mode]
-                rows.append(Row(op, label, name, mode, ms, nbytes[mode] / (ms * 1e-3) / 1e9, "GB/s",
-                                res["peak"] if mode == "fwd+bwd" else None))
+                rows.append(make_row(op, label, name, mode, res, nbytes[mode], 1e9, "GB/s"))
     return rows
 
 
@@ -193,15 +247,40 @@ def token_cases(token_shapes, dtype, device, op: str):
     return cases
 
 
-# ----------------------------------------------------------------------------- table
+# ----------------------------------------------------------------------------- tables
 def markdown(rows: list[Row]) -> str:
-    lines = ["| op | shape | impl | mode | ms | rate | peak MiB (fwd+bwd) |",
-             "|---|---|---|---|---:|---:|---:|"]
+    lines = ["| op | shape | impl | mode | ms (launched) | ms (graph) | rate | peak MiB (fwd+bwd) |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        ms = f"{r.ms:.3f}" if r.ms is not None else "n/a"
+        ms = f"{r.ms:.4f}" if r.ms is not None else "n/a"
+        graph_ms = f"{r.graph_ms:.4f}" if r.graph_ms is not None else "n/a"
         rate = f"{r.rate:.1f} {r.unit}" if r.rate is not None else "n/a"
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else ""
-        lines.append(f"| {r.op} | {r.shape} | {r.impl} | {r.mode} | {ms} | {rate} | {peak} |")
+        lines.append(f"| {r.op} | {r.shape} | {r.impl} | {r.mode} | {ms} | {graph_ms} | {rate} | {peak} |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[Row], ours: str = "triton") -> str:
+    """Per op and shape, forward+backward: ours against the fastest other implementation
+    (CUDA-graph times where measured, else launched times)."""
+    lines = ["| op | shape | ours fwd+bwd | fastest other | its fwd+bwd | speed-up (other / ours) | "
+             "peak MiB ours / other |", "|---|---|---:|---|---:|---:|---:|"]
+    cases: dict[tuple[str, str], dict[str, Row]] = {}
+    for r in rows:
+        if r.mode == "fwd+bwd":
+            cases.setdefault((r.op, r.shape), {})[r.impl] = r
+    for (op, shape), impls in cases.items():
+        mine = impls.get(ours)
+        others = [r for name, r in impls.items() if name != ours]
+        if mine is None or not others:
+            continue
+        def t(r):
+            return r.graph_ms if r.graph_ms is not None else r.ms
+        best = min(others, key=t)
+        peaks = f"{mine.peak_mib:.0f} / {best.peak_mib:.0f}" if mine.peak_mib is not None else "n/a"
+        rate = f" ({mine.rate:.0f} vs {best.rate:.0f} {mine.unit})"
+        lines.append(f"| {op} | {shape} | {t(mine):.4f} ms | {best.impl} | {t(best):.4f} ms | "
+                     f"{t(best) / t(mine):.2f}x{rate} | {peaks} |")
     return "\n".join(lines)
 
 
@@ -210,29 +289,43 @@ def parse_args(argv):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--ops", nargs="+", default=["attention", "flow_matching_loss", "interpolate",
                                                 "modulate", "gated_residual"])
-    p.add_argument("--compile", action="store_true",
-                   help="also time torch.compile of the references of the memory-bound ops")
+    p.add_argument("--batches", default="32,64", help="comma-separated batch sizes (GPU)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip torch.compile of the references of the memory-bound ops")
+    p.add_argument("--out", default="", help="folder for kernels.jsonl (every row)")
     p.add_argument("--smoke", action="store_true",
                    help="CPU under TRITON_INTERPRET=1 with tiny shapes: exercises this script, measures nothing")
     return p.parse_args(argv)
 
 
+def compiled(ref: Callable) -> Callable:
+    """torch.compile of a reference, one static graph per shape (no dynamic-shape kernels)."""
+    import torch._dynamo.config as dynamo_config
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, knob):
+            setattr(dynamo_config, knob, 64)
+    return torch.compile(ref, dynamic=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    width = 1536  # the 0.95B preset's hidden size: H = width / D
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before the op modules are imported
         device, timer = torch.device("cpu"), wall_timer
         dtype = torch.float32 if args.dtype == "bfloat16" else getattr(torch, args.dtype)  # bf16 is wrong there
         att_shapes, latents, tokens = [(1, 2, 65, 64)], [(2, 4, 8, 8)], [(2, 17, 128)]
+        args.no_compile = True  # inductor on CPU would only add minutes
     elif not torch.cuda.is_available():
         print("no CUDA device: nothing measured (bench/kernels.py times the Triton ops on a GPU; "
               "run it on a CUDA machine, or with --smoke to exercise the script on CPU)")
         return 0
     else:
         device, timer, dtype = torch.device("cuda"), gpu_timer, getattr(torch, args.dtype)
-        att_shapes = [(32, H, N, D) for D in (64, 128) for H in (16, 20) for N in (257, 1025)]
-        latents = [(32, 4, 32, 32), (32, 4, 64, 64), (32, 16, 32, 32)]
-        tokens = [(32, N, H * D) for D in (64, 128) for H in (16, 20) for N in (257, 1025)]
+        batches = [int(b) for b in args.batches.split(",")]
+        att_shapes = [(B, width // D, N, D) for B in batches for N, D in ((257, 128), (1025, 64), (1025, 128))]
+        latents = [(B, 4, 32, 32) for B in batches] + [(B, 4, 64, 64) for B in batches]
+        tokens = [(B, N, width) for B in batches for N in (257, 1025)]
 
     from kernels import reference
     from kernels.attention import attention
@@ -241,15 +334,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def with_compiled(ref):
         impls = {"torch eager": ref}
-        if args.compile:
-            impls["torch.compile"] = torch.compile(ref)
+        if not args.no_compile:
+            impls["torch.compile"] = compiled(ref)
         return impls
 
     rows: list[Row] = []
     if "attention" in args.ops:
-        impls = {"triton": attention, "sdpa-flash": sdpa_with("FLASH_ATTENTION"), "sdpa-math": sdpa_with("MATH")}
-        if args.smoke:
-            impls = {"triton": attention, "sdpa-math": sdpa_with("MATH")}
+        backends = ("sdpa-math",) if args.smoke else ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
+        impls = {"triton": attention, **{name: sdpa_with(SDPA_BACKENDS[name]) for name in backends},
+                 "sdpa-default": reference.attention}  # PyTorch's own backend choice: model.kernels torch
         rows += bench_attention(att_shapes, dtype, device, timer, impls)
     for op, triton_fn, cases in (
             ("flow_matching_loss", flow_matching_loss, latent_cases(latents, dtype, device, "flow_matching_loss")),
@@ -265,7 +358,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"dtype {dtype}; median of triton.testing.do_bench")
     else:
         header = f"--smoke on CPU under TRITON_INTERPRET=1, dtype {dtype}: NOT a measurement"
-    print(header + "\n\n" + markdown(rows))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        with open(Path(args.out) / "kernels.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+    from kernels.attention import tuned_configs
+    tuned = "\n".join(f"{kernel} {key}: {config}" for kernel, chosen in tuned_configs().items()
+                      for key, config in chosen.items())
+    print(header + "\n\nautotuned attention configs:\n" + tuned + "\n\n" + markdown(rows) + "\n\nforward+backward, ours against the fastest other:\n\n"
+          + summary(rows))
     return 0
 
 

@@ -53,7 +53,8 @@ def _add_feature_args(p: argparse.ArgumentParser, text_default: str | None) -> N
                    help="subtracted from the posterior mean before scaling (default: the VAE config's, else 0)")
     p.add_argument("--scale-samples", type=int, default=512,
                    help="images measured by --scaling-factor auto (default %(default)s)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda (one GPU per process or rank) or cuda:N (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per feature batch")
 
 

@@ -32,12 +32,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Callable, Iterator
 
 import numpy as np
 
-from data_pipeline.metadata import (FeatureMetadata, LatentSpec, TextSpec, read_feature_metadata,
-                                    write_feature_metadata)
+from data_pipeline.metadata import (DEFAULT_MAX_TOKENS, FeatureMetadata, LatentSpec, TextSpec,
+                                    read_feature_metadata, write_feature_metadata)
 from data_pipeline.s3 import check_bucket, is_remote, s3_filesystem, sync_endpoint_env
 from data_pipeline.writers import MDS_INDEX, WDS_INDEX, detect_format, open_writer
 
@@ -51,7 +52,7 @@ PLAN_WAIT_S = 3600.0  # torchrun ranks > 0 wait this long for rank 0's plan (its
 class FeatureSettings:
     """What the features are made with; a resumed run must give the same (the device may change)."""
     text_encoder: str | None = None  # spec for load_text_encoder; None = keep the input's text features
-    max_tokens: int = 77
+    max_tokens: int = DEFAULT_MAX_TOKENS
     text_hidden_layer: int = -1
     text_multiplier: float = 1.0
     vae: str | None = None  # local AutoencoderKL folder; None = keep the input's latents
@@ -75,6 +76,11 @@ class FeatureSettings:
                 raise ValueError(f"scaling factor must be positive or 'auto', got {self.scaling_factor}")
         if not (self.text_encoder or self.vae):
             raise ValueError("nothing to compute: give a text encoder and/or a VAE")
+        from data_pipeline.features import require_autoencoder_folder, require_text_encoder
+        if self.vae:
+            require_autoencoder_folder(self.vae)  # before any worker starts
+        if self.text_encoder:
+            require_text_encoder(self.text_encoder)
 
 
 @dataclass
@@ -142,6 +148,23 @@ class _Store:
     def read_json(self, rel: str) -> dict:
         raw = self._fs.cat_file(self.path(rel)) if self.remote else Path(self.path(rel)).read_bytes()
         return json.loads(raw)
+
+    def read_jsons(self, rels: list[str]) -> list[dict]:
+        """Many small files; on S3 fetched concurrently (one request each, not one after another)."""
+        if not self.remote:
+            return [self.read_json(r) for r in rels]
+        paths = [self.path(r) for r in rels]
+        raw = self._fs.cat(paths)  # keyed by path without "s3://"
+        return [json.loads(raw[self._fs._strip_protocol(p)]) for p in paths]
+
+    def names(self, rel: str) -> set[str]:
+        """File names in the folder ``rel`` (one listing, so polling a thousand markers is one request)."""
+        if self.remote:
+            self._fs.invalidate_cache()
+            if not self._fs.exists(self.path(rel)):
+                return set()
+            return {p.rstrip("/").rsplit("/", 1)[-1] for p in self._fs.ls(self.path(rel), detail=False)}
+        return set(os.listdir(self.path(rel))) if os.path.isdir(self.path(rel)) else set()
 
     def write_json(self, rel: str, obj: dict) -> None:
         data = json.dumps(obj, indent=1, sort_keys=True).encode()
@@ -227,7 +250,11 @@ class _ShardReader:
 
     def records(self, i: int, shard: dict) -> Iterator[dict]:
         if self._wds is not None:
-            yield from (rec for _, rec in self._wds._shard_records(i))
+            from data_pipeline.readers import BadDataError
+            for _, rec in self._wds._shard_records(i):
+                if isinstance(rec, str):  # a sample that cannot be read: name it, never skip it silently
+                    raise BadDataError(rec)
+                yield rec
             return
         with tempfile.TemporaryDirectory(prefix="crossflow-mds-shard-") as scratch:
             yield from _mds_shard_records(self.src, shard, scratch)
@@ -296,6 +323,8 @@ def open_plan(src: str, store: _Store, settings: FeatureSettings, cache_dir: str
     shards = input_shards(src, in_fmt)
     new = {"input": src, "input_format": in_fmt, "format": settings.format or in_fmt, "shards": shards,
            "settings": dataclasses.asdict(settings)}
+    if new["format"] == "wds" and settings.compression:
+        raise ValueError("WebDataset shards are written as plain tars: --compression is for --format mds only")
     if store.exists(PLAN_FILE):
         plan = store.read_json(PLAN_FILE)
         _check_same_run(plan, new, store.root)
@@ -330,7 +359,7 @@ def _wait_for_other_ranks(plan: dict, store: _Store) -> None:
         if not announced:
             print(f"rank 0: waiting for {len(left)} input shards of the other ranks", file=sys.stderr)
             announced = True
-        time.sleep(1.0)
+        time.sleep(5.0)
 
 
 def _scaling_of(plan: dict) -> float | None:
@@ -382,7 +411,9 @@ def featurize_part(plan: dict, i: int, reader: _ShardReader, featurizer, store: 
 
 
 def pending_parts(plan: dict, store: _Store, rank: int = 0, world: int = 1) -> list[int]:
-    return [i for i in range(rank, len(plan["shards"]), world) if not store.exists(_done_file(i))]
+    """Input shards of this rank without a completion marker."""
+    done = store.names(DONE_DIR)
+    return [i for i in range(rank, len(plan["shards"]), world) if f"{part_name(i)}.json" not in done]
 
 
 def run_rank(plan: dict, store: _Store, rank: int, world: int, device, cache_dir: str | None,
@@ -423,12 +454,13 @@ def _child_main(plan: dict, root: str, rank: int, world: int, device, cache_dir,
 
 
 def _device_for(rank: int, device):
+    """``device`` as given (``cpu``, ``cuda:3``); ``cuda`` or None with GPUs present: one GPU per rank."""
     import torch
-    if device is not None:
+    if device not in (None, "cuda"):
         return device
     if torch.cuda.is_available():
         return f"cuda:{rank % torch.cuda.device_count()}"
-    return "cpu"
+    return device or "cpu"
 
 
 def _run_children(plan: dict, store: _Store, num_procs: int, device, cache_dir, bar) -> None:
@@ -444,7 +476,7 @@ def _run_children(plan: dict, store: _Store, num_procs: int, device, cache_dir, 
         while any(p.is_alive() for p in procs) or not queue.empty():
             try:
                 n = queue.get(timeout=0.2)
-            except Exception:  # queue.Empty
+            except Empty:
                 continue
             if bar is not None:
                 bar.update(n)
@@ -488,7 +520,7 @@ def merge_parts(plan: dict, store: _Store) -> tuple[FeatureMetadata, dict]:
     merged index; the index goes last, so its presence means a complete dataset."""
     from data_pipeline.features import LatentStats
     n = len(plan["shards"])
-    markers = [store.read_json(_done_file(i)) for i in range(n)]
+    markers = store.read_jsons([_done_file(i) for i in range(n)])
     meta = read_feature_metadata(plan["input"])
     stats = LatentStats()
     for m in markers:

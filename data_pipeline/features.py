@@ -250,6 +250,19 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def require_autoencoder_folder(path: str | Path) -> None:
+    if not (Path(path).expanduser() / "config.json").is_file():
+        raise FileNotFoundError(
+            f"image autoencoder not found at {path}: give a local directory holding a diffusers AutoencoderKL "
+            f"(config.json and weights, as written by save_pretrained); crossflow never downloads weights")
+
+
+def require_text_encoder(spec: str) -> None:
+    """Fails now, naming the path, when ``spec`` is a folder that holds no model (no weights loaded)."""
+    if spec != "minilm" and not spec.startswith("hashed-words"):
+        _require_model_folder(Path(spec).expanduser())
+
+
 class ImageLatentEncoder:
     """Latents of a diffusers ``AutoencoderKL`` loaded from a local directory (never downloaded).
 
@@ -262,10 +275,7 @@ class ImageLatentEncoder:
     def __init__(self, path: str | Path, device: str | torch.device | None = None, batch_size: int = 32,
                  scaling_factor: float | None = None, shift_factor: float | None = None):
         path = Path(path).expanduser()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"image autoencoder not found at {path}: give a local directory holding a diffusers AutoencoderKL "
-                f"(config.json and weights, as written by save_pretrained); crossflow never downloads weights")
+        require_autoencoder_folder(path)
         from diffusers import AutoencoderKL
         self.device = torch.device(device or default_device())
         self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False).eval().to(self.device)

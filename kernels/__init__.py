@@ -5,6 +5,7 @@ Importing this package has no side effects and imports neither torch nor triton
 it knows, so there is deliberately no ``__version__``).
 
     ops = kernels.get_ops("auto", device)   # what the model uses: backend chosen by config
+    ops = kernels.compose_ops({"attention": "cudnn", "modulate": "triton", ...}, device)  # per op
     ops.attention(q, k, v, key_padding_mask)
     ops.flow_matching_loss(v_pred, z0, z1, sigma_min, weight)
     ops.interpolate(z0, z1, t, sigma_min)
@@ -12,7 +13,8 @@ it knows, so there is deliberately no ``__version__``).
     ops.gated_residual(x, gate, y)
 
 ``kernels.attention`` etc. are the Triton ops themselves (loaded on first access);
-``kernels.reference`` holds the PyTorch references with the same signatures.
+``kernels.reference`` holds the PyTorch references with the same signatures, and
+``kernels.sdpa.attention`` is SDPA with cuDNN as the first backend.
 Under the CPU interpreter, TRITON_INTERPRET=1 must be set before the first access.
 
 ``kernels.attention`` stays the function even though a submodule has the same name: use
@@ -42,11 +44,35 @@ _OP_MODULES = {
     "gated_residual": "modulation",
 }
 BACKENDS = ("auto", "triton", "torch")
+# "cudnn" (attention only): kernels.sdpa, SDPA with cuDNN first. "by-length" (attention only):
+# Triton up to BY_LENGTH_MAX_TRITON_N tokens, "cudnn" above.
+IMPLEMENTATIONS = ("triton", "torch", "cudnn", "by-length")
+BY_LENGTH_MAX_TRITON_N = 512
+
+# model.kernels: auto on CUDA, per op, the implementation measured faster. H100 SXM, bf16,
+# 2026-11-25, bench/kernels.py forward+backward as CUDA-graph GPU time at B = 64 and
+# bench/train_step.py (0.95B, ZeRO-2, micro-batch 128); the full tables are in bench/RESULTS.md.
+#   attention N=257 D=128:   Triton 0.892 ms, cuDNN 1.060, flash 1.308   -> Triton (1.19x)
+#             N=1025 D=64:   Triton 7.20 ms,  cuDNN 6.68,  flash 9.29    -> cuDNN (1.08x)
+#             N=1025 D=128:  Triton 6.28 ms,  cuDNN 5.70,  flash 7.93    -> cuDNN (1.10x)
+#     in the 0.95B step (same run): Triton attention 250.0 images/s, cuDNN 247.6
+#   modulate B64 N257:       Triton 0.137 ms, eager 0.418, compiled 0.190 -> Triton (3.1x eager)
+#   gated_residual B64 N257: Triton 0.161 ms, eager 0.305, compiled 0.147 -> Triton (1.9x eager)
+#   flow_matching_loss 64x4x32x32: Triton 0.014 ms, eager 0.044 -> Triton; interpolate: Triton
+#     0.012 ms, eager 0.022 -> Triton. Both run once per step (well under 0.1% of it).
+AUTO_ON_CUDA = {
+    "attention": "by-length",
+    "flow_matching_loss": "triton",
+    "interpolate": "triton",
+    "modulate": "triton",
+    "gated_residual": "triton",
+}
 
 
 @dataclass(frozen=True)
 class KernelOps:
-    """The five ops of one backend. ``backend`` is the resolved one: "triton" or "torch"."""
+    """The five ops. ``backend``: "triton", "torch", or "auto" (``implementations`` says which
+    implementation each op uses)."""
 
     backend: str
     attention: Callable
@@ -54,6 +80,12 @@ class KernelOps:
     interpolate: Callable
     modulate: Callable
     gated_residual: Callable
+
+    @property
+    def implementations(self) -> dict[str, str]:
+        """op -> "triton", "torch", "cudnn" or "by-length", read off each op's module."""
+        where = {"kernels.reference": "torch", "kernels.sdpa": "cudnn", __name__: "by-length"}
+        return {op: where.get(getattr(self, op).__module__, "triton") for op in _OP_MODULES}
 
 
 def _triton_op(name: str) -> Callable:
@@ -64,7 +96,8 @@ def _triton_op(name: str) -> Callable:
 def get_ops(backend: str = "auto", device: "torch.device | str" = "cpu") -> KernelOps:
     """The ops for ``backend`` on ``device``.
 
-    backend: "auto" = Triton on CUDA, the PyTorch reference anywhere else;
+    backend: "auto" = on CUDA, per op the implementation measured faster (``AUTO_ON_CUDA``);
+             the PyTorch reference anywhere else;
              "triton" = always Triton (on CPU only under TRITON_INTERPRET=1, else an error);
              "torch" = the PyTorch reference (``kernels.reference``).
     """
@@ -74,7 +107,9 @@ def get_ops(backend: str = "auto", device: "torch.device | str" = "cpu") -> Kern
     if backend not in BACKENDS:
         raise ValueError(f"kernels backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            return compose_ops(AUTO_ON_CUDA, device, backend="auto")
+        backend = "torch"
     if backend == "torch":
         from . import reference
         return KernelOps("torch", *(getattr(reference, name) for name in _OP_MODULES))
@@ -88,6 +123,39 @@ def get_ops(backend: str = "auto", device: "torch.device | str" = "cpu") -> Kern
     elif device.type != "cuda":
         raise RuntimeError(f"kernels backend 'triton' needs a CUDA device, got {device}")
     return KernelOps("triton", *(_triton_op(name) for name in _OP_MODULES))
+
+
+def compose_ops(choices: dict[str, str], device: "torch.device | str" = "cpu", backend: str = "auto") -> KernelOps:
+    """Ops picked one by one: ``choices`` maps an op to "triton", "torch" or (attention only)
+    "cudnn" or "by-length"; ops not named use the PyTorch reference."""
+    unknown = set(choices) - set(_OP_MODULES)
+    if unknown:
+        raise ValueError(f"unknown kernel ops {sorted(unknown)}; known: {list(_OP_MODULES)}")
+    for op, impl in choices.items():
+        if impl not in IMPLEMENTATIONS or (impl in ("cudnn", "by-length") and op != "attention"):
+            raise ValueError(f"kernels: {op} can't use {impl!r}; choose from triton, torch"
+                             + (", cudnn, by-length" if op == "attention" else ""))
+    torch_ops = get_ops("torch", device)
+    needs_triton = any(impl in ("triton", "by-length") for impl in choices.values())
+    triton_ops = get_ops("triton", device) if needs_triton else None
+
+    def pick(op: str) -> Callable:
+        impl = choices.get(op, "torch")
+        if impl in ("cudnn", "by-length"):
+            from . import sdpa
+            if impl == "cudnn":
+                return sdpa.attention
+            return _attention_by_length(triton_ops.attention, sdpa.attention)
+        return getattr(triton_ops if impl == "triton" else torch_ops, op)
+    return KernelOps(backend, *(pick(op) for op in _OP_MODULES))
+
+
+def _attention_by_length(short: Callable, long: Callable) -> Callable:
+    def attention(q, k, v, key_padding_mask=None):
+        """Triton up to BY_LENGTH_MAX_TRITON_N tokens, SDPA with cuDNN first above."""
+        fn = short if q.shape[2] <= BY_LENGTH_MAX_TRITON_N else long
+        return fn(q, k, v, key_padding_mask)  # (B, H, N, D)
+    return attention
 
 
 def __getattr__(name: str):

@@ -24,7 +24,11 @@ rows (as in SDPA): their outputs and gradients are computed and match the refere
 A batch row whose keys are ALL padding has no defined softmax (SDPA returns NaN); here its
 output is 0 and its q, k, v gradients are 0 (lse is stored as +inf for such rows).
 
-Timings: no GPU was available when this was written; see bench/kernels.py and bench/RESULTS.md.
+Timings (H100 SXM, bf16, B = 64, H x D = 1536, forward+backward GPU time as CUDA-graph replays,
+bench/kernels.py, 2026-11-25): N = 257, D = 128: 0.892 ms (102 TFLOP/s; cuDNN SDPA 1.060 ms, flash
+1.308); N = 1025, D = 64: 7.20 ms (201 TFLOP/s; cuDNN 6.68); N = 1025, D = 128: 6.28 ms (230
+TFLOP/s; cuDNN 5.70). ``model.kernels: auto`` therefore uses this kernel up to 512 tokens and SDPA
+with cuDNN first above (kernels.AUTO_ON_CUDA); bench/RESULTS.md has the tables.
 """
 from __future__ import annotations
 
@@ -79,7 +83,9 @@ def _attn_fwd_kernel(
                     mask=n_in[:, None], other=0.0)  # (BLOCK_N, D)
         v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
                     mask=n_in[:, None], other=0.0)  # (BLOCK_N, D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        # .to(fp32): torch.compile launches user kernels with Python floats as fp64 scalars,
+        # which would make the loop-carried running max fp64 (a Triton type error).
+        s = (tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale).to(tl.float32)  # (BLOCK_M, BLOCK_N)
         s = tl.where(keep[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only padding so far has m_new = -inf: shift by 0 instead, so
@@ -155,7 +161,7 @@ def _attn_bwd_dkdv_kernel(
         # Out-of-range queries: lse = +inf makes their P column exactly 0.
         lse = tl.load(LSE + pid_bh * N + offs_m, mask=q_in, other=float("inf"))  # (BLOCK_M,)
         delta = tl.load(DELTA + pid_bh * N + offs_m, mask=q_in, other=0.0)  # (BLOCK_M,)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        s_t = (tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale).to(tl.float32)  # (BLOCK_N, BLOCK_M)
         s_t = tl.where(keep[:, None], s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse[None, :])  # P^T
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -201,7 +207,7 @@ def _attn_bwd_dq_kernel(
                     mask=n_in[:, None], other=0.0)
         v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
                     mask=n_in[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = (tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale).to(tl.float32)  # (BLOCK_M, BLOCK_N)
         s = tl.where(keep[None, :], s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -219,6 +225,22 @@ _INTERPRETER_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
 _DELTA_BLOCK_M = 64
 
 
+def _fp32_small_tiles(configs, named_args, **kwargs):
+    """fp32 inputs use full-precision (non-tensor-core) dots: large tiles spill registers and take
+    minutes to compile, so only tiles of at most 64 x 64 are tried for them."""
+    if named_args["Q"].dtype != torch.float32:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+
+
+def tuned_configs() -> dict[str, dict]:
+    """What the autotuner chose so far: kernel -> {key: config} (for benchmarks' reports)."""
+    if _INTERPRETED:
+        return {}
+    return {name: {str(k): str(v) for k, v in kernel.cache.items()}
+            for name, kernel in (("fwd", _fwd), ("dkdv", _dkdv), ("dq", _dq))}
+
+
 def _configs(tiles):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
@@ -228,12 +250,21 @@ if _INTERPRETED:
     _META = _INTERPRETER_BLOCKS
 else:  # pragma: no cover - needs a GPU
     _KEY = ["N", "HEAD_DIM", "HAS_MASK"]
-    _fwd = triton.autotune(_configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                                     (128, 32, 4, 4), (64, 32, 4, 4)]), key=_KEY)(_attn_fwd_kernel)
-    _dkdv = triton.autotune(_configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3),
-                                      (64, 64, 4, 3)]), key=_KEY)(_attn_bwd_dkdv_kernel)
-    _dq = triton.autotune(_configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3),
-                                    (64, 64, 4, 3)]), key=_KEY)(_attn_bwd_dq_kernel)
+    _PRUNE = {"early_config_prune": _fp32_small_tiles}
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages). Every config costs a compile and a timing per
+    # (N, D, mask, dtype) at first use, so the lists hold what won on an H100 (bf16, 2026-11-25:
+    # fwd 64x64/4w at N=257, 128x64/8w at N=1025 D=64, 128x128/8w at D=128; dkdv 32x64/4w at
+    # N=257, 32x128/4w and 64x64/4w at 1025; dq 64x32/4w at 257, 128x64/8w at 1025) plus close
+    # neighbours. Small tiles matter at N = 257 (256 tokens + the indicator): the last block of
+    # a 128-wide tile would be almost all padding.
+    _fwd = triton.autotune(_configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                                     (64, 32, 4, 4), (128, 64, 8, 3)]),
+                           key=_KEY, prune_configs_by=_PRUNE)(_attn_fwd_kernel)
+    _dkdv = triton.autotune(_configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
+                                      (32, 128, 4, 3)]),
+                            key=_KEY, prune_configs_by=_PRUNE)(_attn_bwd_dkdv_kernel)
+    _dq = triton.autotune(_configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3)]),
+                          key=_KEY, prune_configs_by=_PRUNE)(_attn_bwd_dq_kernel)
     _META = {}
 
 

@@ -19,7 +19,10 @@ Memory traffic (E = B N D elements, s = bytes per element):
     gated_residual fwd: reads x, y, writes out (3 E s); bwd: reads dout, y, writes dy (3 E s).
 Arithmetic is fp32; outputs take the promoted dtype of the inputs (as the reference does).
 Reductions over N go through per-chunk partial sums, not atomics: deterministic.
-Timings: no GPU was available when this was written; see bench/kernels.py.
+Timings (H100 SXM, bf16, x of 64x257x1536, forward+backward GPU time, bench/kernels.py,
+2026-11-25): modulate 0.137 ms = 1.85 TB/s of ideal traffic (eager 0.418, torch.compile 0.190;
+peak memory 101 MiB, eager 193); gated_residual 0.161 ms (eager 0.305, compiled 0.147). At
+64x1025x1536: modulate 0.43 ms (compiled 0.73), gated_residual 0.56 ms (compiled 0.56).
 """
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ class ModelConfig:
     text_proj_dim: int = _f(0, "learned MLP projecting the text features to this width before the Text VE (or the "
                                "baseline's cross-attention); the reimplementation: 1024 for T5-XXL's 4096; 0 = none")
     image_encoder_width: int = _f(32, "base channel count of the contrastive image encoder (a small CNN)")
-    kernels: str = _f("auto", "op implementation: auto (Triton on CUDA, PyTorch otherwise), triton, torch")
+    kernels: str = _f("auto", "op implementation: auto (CUDA: the measured faster one per op, kernels.AUTO_ON_CUDA; "
+                              "PyTorch elsewhere), triton, torch")
 
     def validate(self) -> None:
         from trainer.models.crossflow.presets import PRESETS
@@ -78,7 +79,8 @@ class DataConfig:
     max_groups: int = _f(1, "shapes: 1 = one group of shapes per image, 2 = also 'X on the left and Y on the right'")
     num_samples: int = _f(50_000, "shapes: number of distinct training scenes (the epoch length)")
     seed: int = _f(0, "shapes: generator seed (changes every scene)")
-    text_encoder: str = _f("minilm", "minilm (packaged all-MiniLM-L6-v2), hashed-words (tests only), or a local transformers model path")
+    text_encoder: str = _f("minilm", "minilm (packaged all-MiniLM-L6-v2), hashed-words (tests only), or a local transformers "
+                                     "folder: CLIP or CLIP-text (its text tower), T5 or T5-encoder (its encoder), any encoder-only model")
     max_tokens: int = _f(DEFAULT_MAX_TOKENS, "text tokens per caption (padded or truncated); the Text VE flattens this many")
     text_hidden_layer: int = _f(-1, "text encoder layer whose states are the features: -1 last (after the final norm), -2 penultimate, ...")
     text_multiplier: float = _f(1.0, "text features are multiplied by this (the reimplementation's T5-XXL uses 10)")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from data_pipeline.features import ImageLatentEncoder, load_text_encoder
 from data_pipeline.metadata import FeatureMetadata, LatentSpec, TextSpec, read_feature_metadata
-from data_pipeline.readers import build_shard_loader, read_records
+from data_pipeline.readers import BadDataError, build_shard_loader, read_records
 from tests.support.tiny_models import save_tiny_vae
 from trainer.cli import main
 
@@ -101,3 +101,30 @@ def test_help_texts(capsys):
         assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--shard-size" in out and "--vae" in out and "s3://" in out
+
+
+def test_features_missing_models_fail_before_any_work(tmp_path, shapes_shards):
+    raw = shapes_shards("wds", n=4)
+    for flags, message in ((["--vae", str(tmp_path / "no-vae")], "image autoencoder not found at .*no-vae"),
+                           (["--text-encoder", str(tmp_path / "no-clip")], r"text encoder not found at .*no-clip")):
+        with pytest.raises(FileNotFoundError, match=message):
+            main(["data", "features", "--in", raw, "--out", str(tmp_path / "out"), "--num-procs", "2", *flags])
+        assert not (tmp_path / "out").exists()
+
+
+def test_features_names_a_bad_input_sample(tmp_path, shapes_shards):
+    """A WebDataset sample without a caption stops `data features` with its shard and key."""
+    import tarfile
+    raw = shapes_shards("wds", n=4)
+    shard = Path(raw) / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if not m.name.startswith("000000001.txt")]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            tar.addfile(m, io.BytesIO(data))
+    index = json.loads((Path(raw) / "shardindex.json").read_text())
+    index["shardlist"][0]["filesize"] = shard.stat().st_size
+    (Path(raw) / "shardindex.json").write_text(json.dumps(index))
+    with pytest.raises(BadDataError, match=r"shard-000000.tar sample 1 \(key '000000001'\): no caption"):
+        main(["data", "features", "--in", raw, "--out", str(tmp_path / "out"), "--text-encoder", "hashed-words-8",
+              "--no-progress"])

@@ -83,3 +83,12 @@ def test_training_embeds_prompts_as_configured(folders, tmp_path):
     ref_emb, ref_mask = load_text_encoder(folders["t5-encoder"], hidden_layer=-2, multiplier=10).encode(CAPTIONS, 12)
     np.testing.assert_array_equal(emb.numpy(), ref_emb.astype(np.float32))
     np.testing.assert_array_equal(mask.numpy(), ref_mask)
+
+
+def test_tiny_models_are_deterministic(tmp_path):
+    """tests/support/tiny_models.py: the same seed writes the same weights (tests compare runs)."""
+    from tests.support.tiny_models import save_tiny_vae
+    for save, weights in ((save_tiny_vae, "diffusion_pytorch_model.safetensors"),
+                          (lambda d: save_tiny_t5(d, encoder_only=True), "model.safetensors")):
+        a, b = save(tmp_path / f"a-{weights}"), save(tmp_path / f"b-{weights}")
+        assert (tmp_path / a / weights).read_bytes() == (tmp_path / b / weights).read_bytes()

@@ -145,3 +145,20 @@ def test_rejects_unsupported_head_dim(device):
     q = torch.randn(1, 1, 8, 80, device=device)
     with pytest.raises(ValueError, match="head dim 80"):
         attention(q, q, q)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="torch.compile launches the kernels on a GPU")
+def test_under_torch_compile():
+    """train.compile with the Triton attention: torch.compile traces through the autograd
+    Function and launches the kernels itself (with fp64 scalars: the kernels cast them)."""
+    q, k, v = (torch.randn(2, 4, 257, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v).float().square().sum())
+    compiled(q, k, v).backward()
+    got = [x.grad for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    attention(q, k, v).float().square().sum().backward()
+    for a, b in zip(got, (q.grad, k.grad, v.grad)):
+        assert_close(a, b, torch.bfloat16, "compiled gradient")

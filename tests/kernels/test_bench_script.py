@@ -1,6 +1,8 @@
-"""bench/kernels.py runs: the no-GPU message, and --smoke through every op on CPU."""
+"""The bench scripts run: kernels.py's no-GPU message and --smoke through every op on CPU, and
+train_step.py through the engine in miniature."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +30,16 @@ def test_smoke_run_covers_every_op():
     assert "NOT a measurement" in proc.stdout
     for op in ("attention", "flow_matching_loss", "interpolate", "modulate", "gated_residual"):
         assert f"| {op} |" in proc.stdout
+
+
+def test_train_step_bench_runs_on_cpu(tmp_path):
+    """bench/train_step.py through the real engine in miniature: one setting, one batch, its
+    markdown row and its JSON line (the per-op kernel mix exercises compose_ops)."""
+    script = SCRIPT.parent / "train_step.py"
+    proc = subprocess.run([sys.executable, str(script), "--batches", "2", "--steps", "1", "--warmup", "1",
+                           "--kernels", "attention=torch+modulate=torch", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| attention=torch+modulate=torch | False | False | 2 |" in proc.stdout, proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "train_step.jsonl").read_text().splitlines()]
+    assert rows[0]["micro_batch"] == 2 and rows[0]["images_s"] > 0 and rows[0]["resolved_ops"]["attention"] == "torch"

@@ -43,11 +43,31 @@ def test_get_ops_backends(device):
     assert torch_ops.backend == "torch"
     assert all(getattr(torch_ops, op) is getattr(reference, op) for op in OPS)
     auto = kernels.get_ops("auto", device)
-    assert auto.backend == ("triton" if device.type == "cuda" else "torch")
+    if device.type == "cuda":  # per op, the measured faster implementation
+        assert auto.backend == "auto" and auto.implementations == kernels.AUTO_ON_CUDA
+    else:
+        assert auto.backend == "torch"
     triton_ops = kernels.get_ops("triton", device)  # CPU: the conftest set TRITON_INTERPRET=1
     assert triton_ops.backend == "triton"
     with pytest.raises(ValueError, match="backend"):
         kernels.get_ops("cuda", device)
+
+
+def test_compose_ops_picks_each_op(device):
+    ops = kernels.compose_ops({"attention": "cudnn", "modulate": "triton"}, device)
+    assert ops.implementations == {"attention": "cudnn", "flow_matching_loss": "torch", "interpolate": "torch",
+                                   "modulate": "triton", "gated_residual": "torch"}
+    q = torch.randn(2, 3, 9, 16, device=device)
+    torch.testing.assert_close(ops.attention(q, q, q), reference.attention(q, q, q))
+    by_length = kernels.compose_ops({"attention": "by-length"}, device)
+    assert by_length.implementations["attention"] == "by-length"
+    for n in (9, kernels.BY_LENGTH_MAX_TRITON_N + 1):  # one length per side of the switch
+        x = torch.randn(1, 2, n, 16, device=device)
+        torch.testing.assert_close(by_length.attention(x, x, x), reference.attention(x, x, x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="modulate can't use 'cudnn'"):
+        kernels.compose_ops({"modulate": "cudnn"}, device)
+    with pytest.raises(ValueError, match="unknown kernel ops"):
+        kernels.compose_ops({"softmax": "triton"}, device)
 
 
 def test_module_attributes_are_the_triton_ops():
