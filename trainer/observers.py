@@ -4,8 +4,8 @@
 ``on_batch(batch)`` for every micro-batch it draws, ``on_step_end(step)`` after each optimizer step
 (after that step's logging and checkpoint) and ``on_train_end(step, stopped)`` after the final
 checkpoint. Sampling runs the EMA weights and is collective under ZeRO-3 (every rank runs the
-forward passes); rank 0 writes the files. Observers draw their noise from their own seeded
-generators: the training RNG streams, and so the losses, are the same with or without them.
+forward passes); rank 0 writes the files. Sampling draws z0 from generators seeded per grid
+column (``trainer.sampling.encode_prompts``), not from the training RNG streams.
 """
 from __future__ import annotations
 
