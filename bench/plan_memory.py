@@ -51,7 +51,7 @@ def measure(a: argparse.Namespace, preset: str, ac: bool) -> tuple[float, float]
         if a.device == "cpu":  # RSS holds only the touched part of the reduce bucket
             wb = 2 if a.precision == "bf16" else 4
             estimate -= wb * (REDUCE_BUCKET_ELEMENTS - min(REDUCE_BUCKET_ELEMENTS, plan.trainable_params)) / GIB
-        cmd = [sys.executable, "-m", "trainer.cli", "train", "--no-ray", *over]
+        cmd = [sys.executable, "-m", "cluster.cli", "train", "--no-ray", *over]
         subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
         records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
         measured = max(r["peak_memory_gb"] for r in records if "peak_memory_gb" in r)

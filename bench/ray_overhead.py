@@ -32,7 +32,7 @@ def overrides(out_dir: Path, steps: int, log_every: int) -> list[str]:
 
 def timed_run(launcher: str, out_dir: Path, steps: int, log_every: int) -> dict:
     extra = ["--no-ray", "--nproc", "2"] if launcher == "torchrun" else ["--nproc", "2"]
-    cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", "configs/demo.yaml", *extra,
+    cmd = [sys.executable, "-m", "cluster.cli", "train", "--config", "configs/demo.yaml", *extra,
            *overrides(out_dir, steps, log_every)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     t0 = time.time()

@@ -1,10 +1,15 @@
-"""``crossflow submit`` and ``crossflow jobs status|logs|stop``: parse, dispatch to cluster.jobs.
-Ray is imported only when one of them runs."""
+"""The ``crossflow`` entry point (setup.cfg's console script; ``python -m cluster.cli``): one parser
+registers every command group: ``train`` (here: on Ray Train, under torchrun or in this process), the
+trainer's (trainer.cli), the data pipeline's (data_pipeline.cli), ``sweep run``, ``submit`` and
+``jobs status|logs|stop`` (here). It sits on top so imports flow one way (kernels <- trainer <-
+cluster); Ray is imported only when a command needs it."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from trainer.cli import OVERRIDES_HELP, add_trainer_commands, print_summary
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -61,12 +66,11 @@ def _jobs_command(args: argparse.Namespace, address: str) -> int:
 
 
 def add_cluster_commands(subparsers: argparse._SubParsersAction) -> None:
-    from trainer.cli import OVERRIDES_HELP
     addr_help = f"Ray dashboard address (default: RAY_ADDRESS, else {DEFAULT_ADDRESS})"
 
     p = subparsers.add_parser("submit", help="submit training to a Ray cluster as a Ray Job",
                               description="Submit `crossflow train --config CONFIG [overrides]` as a Ray Job "
-                                          "that runs the shipped code (`python -m trainer.cli train`). "
+                                          "that runs the shipped code (`python -m cluster.cli train`). "
                                           "cluster.runtime_env says what the job's runtime_env ships: "
                                           "working_dir (the working directory minus .git, .venv, runs/, "
                                           "wandb/, caches, shards, files over cluster.max_file_mb), pip (that "
@@ -93,3 +97,88 @@ def add_cluster_commands(subparsers: argparse._SubParsersAction) -> None:
         if name == "logs":
             q.add_argument("--follow", action="store_true", help="stream until the job ends")
         q.set_defaults(func=_jobs)
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run this command as ``nproc`` processes on this node under torchrun (gloo on CPU, nccl on GPU)."""
+    import subprocess
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "cluster.cli", *argv]
+    return subprocess.call(cmd)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    cfg = load_config(args.config, args.overrides)  # fail on a bad config before any worker starts
+    if (cfg.cluster.use_ray and not args.no_ray or (args.nproc or 1) > 1) and "RANK" not in os.environ:
+        from trainer.loop import check_data_before_launch
+        try:  # shards, metadata, config and autoencoder that disagree fail here, not in every worker
+            check_data_before_launch(cfg)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"crossflow: data error: {e}", file=sys.stderr)
+            return 2
+    if "RANK" not in os.environ:  # the launcher, once: refuse a run that cannot fit the GPU memory
+        from trainer.plan import check_memory_at_start
+        use_ray = cfg.cluster.use_ray and not args.no_ray
+        check_memory_at_start(cfg, (args.nproc or cfg.cluster.num_workers) if use_ray else (args.nproc or 1), use_ray)
+    if cfg.cluster.use_ray and not args.no_ray and "RANK" not in os.environ:
+        from cluster.ray_train import run_training  # Ray Train: embedded cluster unless an address is given
+        cfg.cluster.address = args.address or cfg.cluster.address
+        cfg.cluster.num_workers = args.nproc or cfg.cluster.num_workers
+        summary = run_training(cfg)
+    elif (args.nproc or 1) > 1 and "RANK" not in os.environ:
+        return launch_torchrun(args.nproc, ["train", "--config", args.config, *args.overrides])
+    else:
+        from trainer.loop import train
+        summary = train(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print_summary(summary)
+    return 0
+
+
+def add_train_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML config",
+                       description="Train CrossFlow. Values: dataclass defaults <- --config YAML <- overrides.")
+    p.add_argument("--config", default="configs/demo.yaml", help="YAML config file (default: configs/demo.yaml)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="training processes (one per GPU, or CPU workers on gloo): Ray workers "
+                        "(cluster.num_workers), or with --no-ray torchrun processes on this node")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (auto, host:port); default: RAY_ADDRESS, else an embedded local cluster")
+    p.add_argument("--no-ray", action="store_true",
+                   help="debugging: train in this process (or under torchrun with --nproc), without Ray")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=_train)
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crossflow", description=(
+        "Train and sample CrossFlow: text-to-image flow matching from the text's latent, "
+        "no noise source and no cross-attention (arXiv 2412.15213)."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_command(sub)  # `crossflow train`
+    sweep_sub = add_trainer_commands(sub)  # sample, interpolate, arithmetic, export, config, plan, eval, sweep analyze
+    from data_pipeline.cli import add_data_commands  # `crossflow data convert|features`
+    add_data_commands(sub)
+    from cluster.sweep import add_sweep_run_command  # `crossflow sweep run` (Ray imported lazily)
+    add_sweep_run_command(sweep_sub)
+    add_cluster_commands(sub)  # `crossflow submit`, `crossflow jobs ...` (Ray imported lazily)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] != "--help":
+        argv.insert(1, "run")  # `crossflow sweep --config X` is `crossflow sweep run --config X`
+    args = build_parser().parse_args(argv)
+    from trainer.config import ConfigError
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"crossflow: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

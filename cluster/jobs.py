@@ -2,7 +2,7 @@
 
 The job's runtime_env ships the code and its environment as ``cluster.runtime_env`` says
 (``cluster/runtime_env.py``: the working directory, with pip requirements, or a container image),
-and the entrypoint runs ``python -m trainer.cli train --config <config> <overrides>`` from that
+and the entrypoint runs ``python -m cluster.cli train --config <config> <overrides>`` from that
 shipped code on the head node, which then starts the Ray Train workers on the cluster
 (``cluster.*``); they inherit the job's runtime_env. ``jobs stop`` sends SIGTERM to that driver:
 the workers stop at the next logging step with a final checkpoint, within

@@ -175,10 +175,10 @@ def build_runtime_env(cluster: ClusterConfig, working_dir: str | Path, env_vars:
 
 def job_entrypoint(cluster: ClusterConfig, config_rel: Path, overrides: list[str], working_dir: Path,
                    python: str = "python") -> str:
-    """The job's shell command: ``python -m trainer.cli train ...`` run from the shipped code (Ray
+    """The job's shell command: ``python -m cluster.cli train ...`` run from the shipped code (Ray
     starts it in the unpacked working_dir; an image or a shared file system: ``cd`` there first)."""
     args = ["train", "--config", config_rel.as_posix(), *overrides]
-    cmd = f"{python} -m trainer.cli " + " ".join(shlex.quote(a) for a in args)
+    cmd = f"{python} -m cluster.cli " + " ".join(shlex.quote(a) for a in args)
     if cluster.runtime_env == "image":
         return f"cd {shlex.quote(cluster.image_workdir)} && {cmd}"
     if cluster.runtime_env == "none":

@@ -1,4 +1,4 @@
-"""``crossflow data convert`` and ``crossflow data features`` (registered by trainer.cli through
+"""``crossflow data convert`` and ``crossflow data features`` (registered by cluster.cli through
 :func:`add_data_commands`)."""
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ FEATURES_DESCRIPTION = """Read every sample of existing MDS or WebDataset shards
 embeddings and/or image latents once, and write new shards.
 
 At dataset scale: --num-procs N worker processes (or the ranks of `torchrun --nproc-per-node N
--m trainer.cli data features ...`) each take every N-th input shard and write its features to
+-m cluster.cli data features ...`) each take every N-th input shard and write its features to
 <out>/part-<i>/; the parts' indexes are merged into one at the end. Resumable: a part is marked
 done (<out>/_features_progress/done/) only once complete, so the same command run again after a
 crash or a kill keeps finished parts, redoes unfinished ones, and gives the same shards as an

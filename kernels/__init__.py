@@ -12,28 +12,28 @@ it knows, so there is deliberately no ``__version__``).
     ops.modulate(x, shift, scale)
     ops.gated_residual(x, gate, y)
 
-``kernels.attention`` etc. are the Triton ops themselves (loaded on first access);
-``kernels.reference`` holds the PyTorch references with the same signatures, and
-``kernels.sdpa.attention`` is SDPA with cuDNN as the first backend.
-Under the CPU interpreter, TRITON_INTERPRET=1 must be set before the first access.
+The Triton ops live one file each, with their launchers and autograd Functions:
+``from kernels.attention import attention``, ``from kernels.flow_loss import flow_matching_loss,
+interpolate``, ``from kernels.modulation import modulate, gated_residual`` (what
+``get_ops("triton")`` returns). ``kernels.reference`` holds the PyTorch references with the same
+signatures, and ``kernels.sdpa.attention`` is SDPA with cuDNN as the first backend.
+Under the CPU interpreter, TRITON_INTERPRET=1 must be set before a Triton file is first imported.
 
-``kernels.attention`` stays the function even though a submodule has the same name: use
-``from kernels.attention import FlashAttentionFunction`` (or ``sys.modules["kernels.attention"]``)
-to reach the module; ``import kernels.attention as m`` binds the function.
+The package does not re-export the ops: ``kernels.attention`` is the file. A package attribute
+named like a submodule is overwritten by the import system when that submodule loads, so neither a
+module-level ``__getattr__`` (PEP 562) nor a plain assignment could keep it the function without
+replacing the module's class.
 """
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["KernelOps", "get_ops", "attention", "flow_matching_loss", "interpolate",
-           "modulate", "gated_residual"]
+__all__ = ["KernelOps", "get_ops", "compose_ops"]
 
 # op name -> submodule holding its Triton implementation
 _OP_MODULES = {
@@ -156,29 +156,3 @@ def _attention_by_length(short: Callable, long: Callable) -> Callable:
         fn = short if q.shape[2] <= BY_LENGTH_MAX_TRITON_N else long
         return fn(q, k, v, key_padding_mask)  # (B, H, N, D)
     return attention
-
-
-def __getattr__(name: str):
-    """``kernels.attention`` etc.: the Triton op, imported on first use."""
-    if name in _OP_MODULES:
-        op = _triton_op(name)
-        globals()[name] = op
-        return op
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """Keeps ``kernels.attention`` the op, not the submodule of the same name.
-
-    Importing ``kernels.attention`` (the file) makes Python set the package attribute
-    ``attention`` to that submodule; ignoring that one assignment keeps the public name
-    pointing at the function. The submodule stays reachable via ``sys.modules``.
-    """
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _OP_MODULES and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

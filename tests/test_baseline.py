@@ -8,6 +8,8 @@ from trainer.config import ModelConfig, ObjectiveConfig
 from trainer.models.crossflow.baselines import CrossAttentionFM, TextCondition, resolve_baseline_args
 from trainer.models.crossflow.crossflow import CrossFlow, resolve_args
 from trainer.models.families import model_from_args, resolve_model_args
+from tests.support.training_noise import training_noise
+from trainer.models.crossflow.layers import TORCH_OPS
 from trainer.objectives import crossflow_losses
 from trainer.sampling import guided_velocity, solve
 
@@ -99,12 +101,12 @@ def test_gradient_reaches_every_parameter():
     cfg = ObjectiveConfig(uncond_prob=0.5)  # the null text needs unconditional rows
     emb, mask = text(8)
     z1 = torch.randn(8, 3, 16, 16)
-    for _ in range(3):
+    for step in range(3):
         opt.zero_grad()
-        crossflow_losses(m, z1, emb, mask, cfg).total.backward()
+        crossflow_losses(m, z1, emb, mask, cfg, TORCH_OPS, training_noise(cfg, z1, step)).total.backward()
         opt.step()
     opt.zero_grad()
-    losses = crossflow_losses(m, z1, emb, mask, cfg)
+    losses = crossflow_losses(m, z1, emb, mask, cfg, TORCH_OPS, training_noise(cfg, z1, 3))
     losses.total.backward()
     assert losses.kl.item() == 0.0 and losses.contrastive.item() == 0.0  # noise source: neither applies
     missing = [n for n, p in m.named_parameters()

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.cli import main
+from cluster.cli import main
 from trainer.config import ConfigError, load_config, per_rank_batch_size
 
 REPO = Path(__file__).resolve().parents[1]

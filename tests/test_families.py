@@ -3,6 +3,9 @@ checkpointing and torch.compile (CrossFlow and the cross-attention baseline trai
 the real engine), and the learned text down-projection before the Text VE / cross-attention."""
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 import torch
 
@@ -31,6 +34,44 @@ def test_family_trains_with_activation_checkpointing_and_compile(tiny_config, tm
     for step in (1, 2, 3):
         assert curves["ac"][step] == pytest.approx(curves["plain"][step], rel=1e-5), (family, step)
         assert curves["compile"][step] == pytest.approx(curves["plain"][step], rel=1e-4), (family, step)
+
+
+def _leaf_forwards_per_block(model) -> dict[int, list[int]]:
+    """A counter of forward calls of the leaf modules inside each block the engine wraps; a
+    recomputation (activation checkpointing's backward) calls them again."""
+    counts: dict[int, list[int]] = {}
+    for i, block in enumerate(wrapped_blocks(model)):
+        counts[i] = [0]
+        for leaf in (m for m in block.modules() if not list(m.children())):
+            leaf.register_forward_hook(lambda *_, c=counts[i]: c.__setitem__(0, c[0] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("family", ["crossflow", "cross_attention_fm"])
+def test_activation_checkpointing_recomputes_every_block_in_backward(tiny_config, family):
+    """Through the real engine: with train.activation_checkpointing the backward re-runs every wrapped
+    block (its leaf modules are called again), without it nothing is called in backward."""
+    from tests.support.training_noise import training_noise
+    from trainer.engine import Engine, init_distributed
+    from trainer.models.crossflow.layers import TORCH_OPS
+    from trainer.objectives import crossflow_losses
+    calls = {}
+    for ac in (False, True):
+        cfg = tiny_config(**{"model.family": family, "model.depth": 2, "train.activation_checkpointing": ac})
+        torch.manual_seed(0)
+        model = model_from_args(resolve_model_args(cfg.model, (3, 16, 16), 24, 6))
+        counts = _leaf_forwards_per_block(model)
+        engine = Engine(model, cfg.train, cfg.optim, 4, init_distributed("cpu"))
+        z1, emb, mask = torch.randn(4, 3, 16, 16), torch.randn(4, 6, 24), torch.ones(4, 6, dtype=torch.bool)
+        losses = crossflow_losses(engine.module, z1, emb, mask, cfg.objective, TORCH_OPS,
+                                  training_noise(cfg.objective, z1))
+        after_forward = {i: c[0] for i, c in counts.items()}
+        engine.backward(losses.total)
+        calls[ac] = {i: (after_forward[i], c[0] - after_forward[i]) for i, c in counts.items()}  # (forward, backward)
+    assert len(calls[True]) >= 2  # the family's wrapped blocks (model.depth 2: at least the 2 flow blocks)
+    for i, (fwd, bwd) in calls[False].items():
+        assert fwd > 0 and bwd == 0, (family, i, calls[False][i])
+        assert calls[True][i][0] == fwd and calls[True][i][1] > 0, (family, i, calls[True][i])  # recomputed
 
 
 def test_each_family_names_its_repeated_blocks():
@@ -68,3 +109,57 @@ def test_text_projection_maps_wide_features_and_learns(family):
     assert rebuilt.text_proj is not None
     no_proj = model_from_args(resolve_model_args(ModelConfig(preset="tiny", family=family), (3, 32, 32), 96, 12))
     assert no_proj.text_proj is None
+
+
+# model_args as checkpoints written before the shared trunk stored them (json key order of that time)
+OLD_CROSSFLOW_ARGS = {"latent_shape": [3, 16, 16], "text_dim": 24, "max_tokens": 6, "hidden_size": 64, "depth": 1,
+                      "head_dim": 64, "patch_size": 4, "mlp_ratio": 4.0, "pos_embed": "learned", "text_ve_width": 64,
+                      "text_ve_depth": 1, "text_ve_reduced_width": 32, "text_ve_dropout": 0.0,
+                      "image_encoder_width": 8, "init_temperature": 0.07, "text_proj_dim": 0, "family": "crossflow"}
+OLD_BASELINE_ARGS = {"latent_shape": [3, 16, 16], "text_dim": 24, "max_tokens": 6, "hidden_size": 64, "depth": 1,
+                     "head_dim": 64, "patch_size": 4, "mlp_ratio": 4.0, "pos_embed": "learned", "text_proj_dim": 16,
+                     "family": "cross_attention_fm"}
+# the state-dict names those checkpoints hold for the flow networks (CrossFlow's under ``flow.``)
+PATCH_AND_TIME = ["patch_embed.weight", "patch_embed.bias", "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias",
+                  "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias"]
+ATTN = ["attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias"]
+CROSS = ["cross_norm.weight", "cross_norm.bias", "cross_attn.q.weight", "cross_attn.q.bias", "cross_attn.kv.weight",
+         "cross_attn.kv.bias", "cross_attn.proj.weight", "cross_attn.proj.bias"]
+MLP_ADALN = ["mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias", "adaLN_modulation.1.weight",
+             "adaLN_modulation.1.bias"]
+FINAL = ["final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias", "final_layer.linear.weight",
+         "final_layer.linear.bias"]
+OLD_FLOW_NAMES = ["pos_embed", "indicator", *PATCH_AND_TIME, *(f"blocks.0.{n}" for n in ATTN + MLP_ADALN), *FINAL]
+OLD_BASELINE_NAMES = ["pos_embed", "null_text", *PATCH_AND_TIME, "text_proj.mlp.0.weight", "text_proj.mlp.0.bias",
+                      "text_proj.mlp.2.weight", "text_proj.mlp.2.bias", "text_norm.weight", "text_norm.bias",
+                      *(f"blocks.0.{n}" for n in ATTN + CROSS + MLP_ADALN), *FINAL]
+
+
+def test_both_families_share_one_trunk_and_old_checkpoints_keep_their_names():
+    """One DiT trunk (patchify, position and time embeddings, blocks, final layer, init) and one
+    argument resolution serve both families; args dicts and state-dict names written before the
+    trunk existed still build and load, in the order their parameters were created."""
+    from trainer.models.crossflow.trunk import DiTTrunk, TrunkArgs
+    cf, base = model_from_args(OLD_CROSSFLOW_ARGS), model_from_args(OLD_BASELINE_ARGS)
+    assert isinstance(cf.flow, DiTTrunk) and isinstance(base, DiTTrunk)
+    assert [n for n in cf.state_dict() if n.startswith("flow.")] == [f"flow.{n}" for n in OLD_FLOW_NAMES]
+    assert list(base.state_dict()) == OLD_BASELINE_NAMES
+    for model, old in ((cf, OLD_CROSSFLOW_ARGS), (base, OLD_BASELINE_ARGS)):
+        stored = dataclasses.asdict(model.args)
+        assert {**stored, "latent_shape": list(stored["latent_shape"])} == old  # the same fields and values
+        model_from_args(old).load_state_dict(model.state_dict())  # strict: every name matches
+    config = ModelConfig(preset="tiny", hidden_size=64, depth=1)
+    sizes = [dataclasses.asdict(resolve_model_args(dataclasses.replace(config, family=f), (3, 16, 16), 24, 6))
+             for f in ("crossflow", "cross_attention_fm")]
+    shared = [f.name for f in dataclasses.fields(TrunkArgs) if f.name != "family"]
+    assert [sizes[0][k] for k in shared] == [sizes[1][k] for k in shared]
+
+
+def test_config_accepts_exactly_the_registered_families():
+    """model.family's check in the config (which imports no model code) names the registry's families."""
+    from trainer.config import ConfigError
+    from trainer.models.families import FAMILIES
+    for name in FAMILIES:
+        ModelConfig(family=name).validate()
+    with pytest.raises(ConfigError, match=re.escape(str(list(FAMILIES)))):
+        ModelConfig(family="unregistered").validate()

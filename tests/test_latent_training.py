@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tests.support.tiny_models import save_tiny_vae
-from trainer.cli import main
+from cluster.cli import main
 
 
 def test_cross_attention_baseline_on_latents_decodes_and_refuses_other_data(tmp_path, tiny_config):

@@ -3,6 +3,8 @@ import torch
 
 from trainer.config import ModelConfig, ObjectiveConfig
 from trainer.models.crossflow.crossflow import CrossFlow, resolve_args
+from tests.support.training_noise import training_noise
+from trainer.models.crossflow.layers import TORCH_OPS
 from trainer.objectives import crossflow_losses
 
 
@@ -72,12 +74,12 @@ def test_gradient_reaches_every_parameter(pos_embed):
     cfg = ObjectiveConfig(uncond_prob=0.5)
     emb, mask = torch.randn(8, 6, 24), torch.ones(8, 6, dtype=torch.bool)
     z1 = torch.randn(8, 3, 16, 16)
-    for _ in range(3):
+    for step in range(3):
         opt.zero_grad()
-        crossflow_losses(m, z1, emb, mask, cfg).total.backward()
+        crossflow_losses(m, z1, emb, mask, cfg, TORCH_OPS, training_noise(cfg, z1, step)).total.backward()
         opt.step()
     opt.zero_grad()
-    crossflow_losses(m, z1, emb, mask, cfg).total.backward()
+    crossflow_losses(m, z1, emb, mask, cfg, TORCH_OPS, training_noise(cfg, z1, 3)).total.backward()
     missing = [n for n, p in m.named_parameters()
                if p.requires_grad and (p.grad is None or torch.count_nonzero(p.grad) == 0)]
     assert not missing, f"no gradient reaches: {missing}"
@@ -90,6 +92,7 @@ def test_encoder_gets_flow_matching_gradient():
     for p in m.flow.final_layer.parameters():
         torch.nn.init.normal_(p, std=0.02)
     cfg = ObjectiveConfig(kl_weight=0.0, contrastive_weight=0.0)
-    crossflow_losses(m, torch.randn(4, 3, 16, 16), torch.randn(4, 6, 24),
-                     torch.ones(4, 6, dtype=torch.bool), cfg).total.backward()
+    z1 = torch.randn(4, 3, 16, 16)
+    crossflow_losses(m, z1, torch.randn(4, 6, 24), torch.ones(4, 6, dtype=torch.bool), cfg, TORCH_OPS,
+                     training_noise(cfg, z1)).total.backward()
     assert m.text_ve.head.weight.grad.abs().sum() > 0

@@ -6,8 +6,7 @@ import torch
 from kernels import reference
 from trainer.config import ObjectiveConfig
 from trainer.models.crossflow.flow_transformer import CONDITIONAL, UNCONDITIONAL
-from trainer.objectives import (contrastive_loss, draw_indicator, kl_divergence, sample_time,
-                                swap_unconditional_targets)
+from trainer.objectives import contrastive_loss, draw_noise, kl_divergence, sample_time, unconditional_partners
 
 
 def test_interpolant_and_target_by_hand():
@@ -58,23 +57,33 @@ def test_time_samplers_in_range():
 
 
 def test_indicator_rate():
-    ind = draw_indicator(20_000, 0.1, "cpu")
-    assert set(ind.unique().tolist()) == {CONDITIONAL, UNCONDITIONAL}
-    assert abs((ind == UNCONDITIONAL).float().mean().item() - 0.1) < 0.01
+    """draw_noise (what training draws) makes a sample unconditional with probability uncond_prob."""
+    noise = draw_noise(ObjectiveConfig(uncond_prob=0.1), 0, 0, 0, 4000, 0, 1, (1, 1, 1), "cpu")
+    assert set(noise.indicator.unique().tolist()) == {CONDITIONAL, UNCONDITIONAL}
+    assert abs((noise.indicator == UNCONDITIONAL).float().mean().item() - 0.1) < 0.02  # 4 sigma
 
 
 def test_unconditional_swap():
-    z1 = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 2, 2, 2).clone()
     ind = torch.tensor([1, 0, 1, 0, 0, 1, 0, 1])
-    out = swap_unconditional_targets(z1, ind)
-    uncond = (ind == UNCONDITIONAL).nonzero().flatten()
-    cond = (ind == CONDITIONAL).nonzero().flatten()
-    assert torch.equal(out[cond], z1[cond])  # conditional targets untouched
-    got = out[uncond, 0, 0, 0]
-    assert sorted(got.tolist()) == sorted(z1[uncond, 0, 0, 0].tolist())  # a permutation among uncond
-    assert (got != z1[uncond, 0, 0, 0]).all()  # none keeps its own image
-    one = torch.tensor([1, 1, 0, 1, 1, 1, 1, 1])
-    assert torch.equal(swap_unconditional_targets(z1, one), z1)  # a single one cannot swap
+    uncond = ind == UNCONDITIONAL
+    source = unconditional_partners(uncond, torch.rand(8))
+    assert torch.equal(source[~uncond], (~uncond).nonzero().flatten())  # conditional targets untouched
+    assert sorted(source[uncond].tolist()) == uncond.nonzero().flatten().tolist()  # a permutation among uncond
+    assert (source[uncond] != uncond.nonzero().flatten()).all()  # none keeps its own image
+    one = torch.tensor([1, 1, 0, 1, 1, 1, 1, 1]) == UNCONDITIONAL
+    assert torch.equal(unconditional_partners(one, torch.rand(8)), torch.arange(8))  # a single one cannot swap
+
+
+def test_ranks_draw_what_one_process_draws():
+    """Noise is keyed by the sample's place in the global batch: 2 ranks' draws, put together, are
+    one process's draws for the same global batch (what the golden-number tests rely on)."""
+    cfg = ObjectiveConfig(uncond_prob=0.5)
+    one = draw_noise(cfg, 3, 7, 8, 8, 0, 1, (2, 2, 2), "cpu")
+    ranks = [draw_noise(cfg, 3, 7, 8, 4, r, 2, (2, 2, 2), "cpu") for r in (0, 1)]
+    place = torch.tensor([i * 2 + r for r in (0, 1) for i in range(4)])  # the global position of rank-major rows
+    assert torch.equal(torch.cat([n.t for n in ranks]), one.t[place])
+    assert torch.equal(torch.cat([n.indicator for n in ranks]), one.indicator[place])
+    assert torch.equal(torch.cat([n.eps for n in ranks]), one.eps[place])
 
 
 @pytest.mark.parametrize("weight", [None, torch.tensor([0.5, 2.0])])

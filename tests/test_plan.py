@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tiny_overrides
-from trainer.cli import main
+from cluster.cli import main
 from trainer.config import ConfigError, load_config
 from trainer.models.families import BlockStack
 from trainer.plan import (Hardware, activation_bytes_per_sample, build_meta_model, check_memory_at_start,

@@ -74,7 +74,7 @@ def test_fit_recovers_exponents_and_writes_outputs(sweep):
 
 
 def test_cli_analyze_and_higher_is_better_metric(sweep, capsys):
-    from trainer.cli import main
+    from cluster.cli import main
     assert main(["sweep", "analyze", str(sweep), "--out", str(sweep / "out"), "--metric", "shapes_eval/overall"]) == 0
     printed = capsys.readouterr().out
     assert "shapes_eval/overall vs params [crossflow]" in printed

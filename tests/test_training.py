@@ -25,7 +25,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -127,11 +127,20 @@ def test_interpolate_and_arithmetic_commands(tmp_path):
 
 
 def test_training_logs_shapes_eval(tmp_path, tiny_config):
-    summary = train(tiny_config(**{"train.steps": 2, "eval.every": 1, "train.out_dir": tmp_path}))
-    assert 0.0 <= summary["shapes_eval/overall"] <= 1.0
+    """ShapesEval every step: logged, summarized and tabled consistently, over the whole suite; a
+    2-step model draws noise, which must pass no task (the learning test checks that it can pass)."""
+    summary = train(tiny_config(**{"train.steps": 2, "eval.every": 1, "train.out_dir": tmp_path,
+                                   "eval.images_per_prompt": 1}))
+    tasks = ("object", "count", "color", "position", "size", "overall")
+    assert {t: summary[f"shapes_eval/{t}"] for t in tasks} == dict.fromkeys(tasks, 0.0)
+    assert summary["shapes_eval/n_prompts"] == 60 and summary["shapes_eval/n_images"] == 60  # 1 per prompt
     evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "shapes_eval/overall" in r]
     assert [r["step"] for r in evals] == [1, 2]
-    assert (tmp_path / "eval" / "shapes_step_00000002.txt").read_text().count("\n") > 60
+    assert {k: v for k, v in evals[-1].items() if k.startswith("shapes_eval/")} == {
+        k: v for k, v in summary.items() if k.startswith("shapes_eval/")}  # the final eval is the step-2 one
+    table = (tmp_path / "eval" / "shapes_step_00000002.txt").read_text().splitlines()
+    assert len(table) == 60 + 5  # header, rule, a row per prompt, rule, "all", the held-out line
+    assert table[-2].split()[1:] == ["60"] + ["0.00"] * len(tasks)
 
 
 def test_triton_kernels_train_like_torch(tiny_config, tmp_path):

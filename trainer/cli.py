@@ -1,8 +1,9 @@
-"""``crossflow`` command line: parse, dispatch, nothing else."""
+"""The trainer's commands of ``crossflow`` (sample, interpolate, arithmetic, export, config, plan, eval,
+sweep analyze): parse, dispatch, nothing else. The entry point that registers every command group,
+``train`` included, is cluster/cli.py (the top layer: it may launch on Ray)."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from trainer.cli_args import add_sampling_args
@@ -10,46 +11,12 @@ from trainer.cli_args import add_sampling_args
 OVERRIDES_HELP = "config overrides as section.key=value (e.g. optim.lr=3e-4 train.steps=200)"
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """Re-run this command as ``nproc`` processes on this node under torchrun (gloo on CPU, nccl on GPU)."""
-    import subprocess
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "trainer.cli", *argv]
-    return subprocess.call(cmd)
-
-
-def _train(args: argparse.Namespace) -> int:
-    import os
-
-    from trainer.config import load_config
-    cfg = load_config(args.config, args.overrides)  # fail on a bad config before any worker starts
-    if (cfg.cluster.use_ray and not args.no_ray or (args.nproc or 1) > 1) and "RANK" not in os.environ:
-        from trainer.loop import check_data_before_launch
-        try:  # shards, metadata, config and autoencoder that disagree fail here, not in every worker
-            check_data_before_launch(cfg)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"crossflow: data error: {e}", file=sys.stderr)
-            return 2
-    if "RANK" not in os.environ:  # the launcher, once: refuse a run that cannot fit the GPU memory
-        from trainer.plan import check_memory_at_start
-        use_ray = cfg.cluster.use_ray and not args.no_ray
-        check_memory_at_start(cfg, (args.nproc or cfg.cluster.num_workers) if use_ray else (args.nproc or 1), use_ray)
-    if cfg.cluster.use_ray and not args.no_ray and "RANK" not in os.environ:
-        from cluster.ray_train import run_training  # Ray Train: embedded cluster unless an address is given
-        cfg.cluster.address = args.address or cfg.cluster.address
-        cfg.cluster.num_workers = args.nproc or cfg.cluster.num_workers
-        summary = run_training(cfg)
-    elif (args.nproc or 1) > 1 and "RANK" not in os.environ:
-        return launch_torchrun(args.nproc, ["train", "--config", args.config, *args.overrides])
-    else:
-        from trainer.loop import train
-        summary = train(cfg)
-    if int(os.environ.get("RANK", 0)) != 0:
-        return 0
+def print_summary(summary: dict) -> None:
+    """What a finished (or stopped) training run tells the person who started it (rank 0)."""
     if summary.get("stopped"):
         print(f"stopped at step {summary['steps']}: checkpoint {summary['checkpoint']} "
               f"(continue with train.resume=auto)")
-        return 0
+        return
     if summary["first_loss"] is not None:
         print(f"trained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
     else:
@@ -60,7 +27,6 @@ def _train(args: argparse.Namespace) -> int:
         tasks = " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in summary.items()
                          if k.startswith("shapes_eval/") and not k.endswith(("n_prompts", "n_images")))
         print(f"ShapesEval: {tasks}")
-    return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -140,25 +106,10 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crossflow", description=(
-        "Train and sample CrossFlow: text-to-image flow matching from the text's latent, "
-        "no noise source and no cross-attention (arXiv 2412.15213)."))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("train", help="train a model from a YAML config",
-                       description="Train CrossFlow. Values: dataclass defaults <- --config YAML <- overrides.")
-    p.add_argument("--config", default="configs/demo.yaml", help="YAML config file (default: configs/demo.yaml)")
-    p.add_argument("--nproc", type=int, default=None,
-                   help="training processes (one per GPU, or CPU workers on gloo): Ray workers "
-                        "(cluster.num_workers), or with --no-ray torchrun processes on this node")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to join (auto, host:port); default: RAY_ADDRESS, else an embedded local cluster")
-    p.add_argument("--no-ray", action="store_true",
-                   help="debugging: train in this process (or under torchrun with --nproc), without Ray")
-    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    p.set_defaults(func=_train)
-
+def add_trainer_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Register the commands on a trained model and the training tools: sample, interpolate,
+    arithmetic, export, config, plan, eval, sweep analyze. Returns ``sweep``'s subcommands (the
+    cluster layer adds ``sweep run``). ``train`` itself, which may launch on Ray, is cluster.cli's."""
     p = sub.add_parser("sample", help="generate an image grid from prompts",
                        description="Sample a trained checkpoint with the EMA weights and classifier-free guidance; "
                                    "latent-space models decode through the autoencoder their checkpoint names "
@@ -207,31 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from trainer.plan import add_plan_command  # `crossflow plan`
     add_plan_command(sub)
-    from data_pipeline.cli import add_data_commands  # `crossflow data convert|features`
-    add_data_commands(sub)
     from trainer.eval.cli import add_eval_commands  # `crossflow eval shapes|fid|clip`
     add_eval_commands(sub)
     from trainer.sweep_cli import add_sweep_commands  # `crossflow sweep analyze`
-    sweep_sub = add_sweep_commands(sub)
-    from cluster.sweep import add_sweep_run_command  # `crossflow sweep run` (Ray imported lazily)
-    add_sweep_run_command(sweep_sub)
-    from cluster.cli import add_cluster_commands  # `crossflow submit`, `crossflow jobs ...` (Ray imported lazily)
-    add_cluster_commands(sub)
-    return parser
+    return add_sweep_commands(sub)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["sweep"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] != "--help":
-        argv.insert(1, "run")  # `crossflow sweep --config X` is `crossflow sweep run --config X`
-    args = build_parser().parse_args(argv)
-    from trainer.config import ConfigError
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"crossflow: config error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,6 +27,12 @@ from trainer.models.families import wrapped_blocks
 
 NO_DECAY_NAMES = ("indicator", "pos_embed", "logit_scale")
 
+# The EMA's warm-up (TensorFlow's ExponentialMovingAverage with num_updates): after n updates the
+# decay is min(decay, (1 + n) / (EMA_WARMUP + n)), 0.18 after one update and 0.9 after 80, so the
+# average forgets the random initial weights within the first hundred steps instead of the
+# 1 / (1 - decay) steps a fixed decay takes.
+EMA_WARMUP = 10
+
 
 # ----------------------------------------------------------------------------- process group
 @dataclass(frozen=True)
@@ -159,7 +165,7 @@ def _is_partitioned(p: torch.Tensor) -> bool:
 
 
 class EMA:
-    """Exponential moving average of the weights, kept in fp32, warm-up min(decay, (1+n)/(10+n)).
+    """Exponential moving average of the weights, kept in fp32, warm-up min(decay, (1+n)/(EMA_WARMUP+n)).
 
     Under ZeRO-3 each rank averages only its own partition of every parameter (``ds_tensor``):
     no gather per step, memory split like the weights. ``swapped_in`` temporarily writes the EMA
@@ -177,7 +183,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        d = min(self.decay, (1 + self.updates) / (EMA_WARMUP + self.updates))
         for n, p in model.named_parameters():
             self.shadow[n].lerp_(self._local(p).float(), 1.0 - d)
 

@@ -19,8 +19,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.models.crossflow.layers import TORCH_OPS
 from trainer.models.crossflow.flow_transformer import CONDITIONAL, UNCONDITIONAL
+
+# The contrastive logit scale (log of the inverse temperature) is clamped here, as in CLIP: a
+# temperature no lower than 1/100 keeps the logits from growing until the softmax saturates.
+# ln 100 = 4.60517..., written rounded as 4.6052 since the first version; kept so runs reproduce.
+MAX_LOGIT_SCALE = 4.6052
+
+# Per-sample noise seeds mix (seed, step, index) into one integer: each stride (a prime) exceeds the
+# range of what is added after it (steps < 1_000_003, sample indices < 2^31 - 1), so two samples of
+# a run never share a seed; the mask keeps it a non-negative int64, as torch.Generator.manual_seed takes.
+SEED_STEP_MIXER = 1_000_003
+SEED_INDEX_MIXER = 2_147_483_647  # 2^31 - 1
+SEED_MASK = 2**63 - 1
 
 
 @dataclass
@@ -42,12 +53,6 @@ def sample_time(batch: int, cfg, device, generator: torch.Generator | None = Non
     return torch.sigmoid(cfg.time_mean + cfg.time_std * n)
 
 
-def draw_indicator(batch: int, uncond_prob: float, device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B,) long: CONDITIONAL, or UNCONDITIONAL with probability ``uncond_prob``."""
-    uncond = torch.rand(batch, device=device, generator=generator) < uncond_prob
-    return torch.where(uncond, UNCONDITIONAL, CONDITIONAL).long()
-
-
 def unconditional_partners(uncond: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """(M,) index of the sample whose image each sample trains towards: itself when conditional;
     for unconditional ones, the previous unconditional sample in ``keys`` order (a random cyclic
@@ -58,13 +63,6 @@ def unconditional_partners(uncond: torch.Tensor, keys: torch.Tensor) -> torch.Te
         order = idx[torch.argsort(keys[idx])]
         source[order] = order.roll(1)
     return source
-
-
-def swap_unconditional_targets(z1: torch.Tensor, indicator: torch.Tensor,
-                               generator: torch.Generator | None = None) -> torch.Tensor:
-    """Each unconditional sample's target becomes another unconditional sample's image."""
-    keys = torch.rand(indicator.numel(), generator=generator)
-    return z1[unconditional_partners((indicator == UNCONDITIONAL).cpu(), keys).to(z1.device)]
 
 
 @dataclass
@@ -78,7 +76,7 @@ class Noise:
 
 
 def _sample_seed(seed: int, step: int, index: int) -> int:
-    return ((seed * 1_000_003 + step) * 2_147_483_647 + index) & (2**63 - 1)
+    return ((seed * SEED_STEP_MIXER + step) * SEED_INDEX_MIXER + index) & SEED_MASK
 
 
 def draw_noise(cfg, seed: int, step: int, first_index: int, micro_batch: int, rank: int, world_size: int,
@@ -126,7 +124,7 @@ def contrastive_loss(z0: torch.Tensor, image_emb: torch.Tensor, logit_scale: tor
     image = F.normalize(image_emb.float(), dim=1)  # (B, E)
     all_text, offset = _gather_with_grad(text)  # (W*B, E)
     all_image, _ = _gather_with_grad(image)
-    scale = logit_scale.float().clamp(max=4.6052).exp()  # temperature at most 1/100, as in CLIP
+    scale = logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()  # inverse temperature, at most 100
     labels = torch.arange(text.shape[0], device=text.device) + offset
     logits_t2i = scale * text @ all_image.t()  # (B, W*B)
     logits_i2t = scale * image @ all_text.t()  # (B, W*B)
@@ -142,21 +140,13 @@ def _gather_batch(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def crossflow_losses(model, z1: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor, cfg,
-                     ops=TORCH_OPS, noise: Noise | None = None,
-                     generator: torch.Generator | None = None) -> Losses:
-    """One forward of the whole objective for a batch (z1: target latents (B, C, H, W)).
-    ``noise`` (from ``draw_noise``) fixes every random draw; without it they come from ``generator``."""
-    B = z1.shape[0]
-    if noise is None:
-        z0, mu, logvar = model.encode_text(text_emb, text_mask, generator=generator)  # (B, C, H, W) each
-        indicator = draw_indicator(B, cfg.uncond_prob, z1.device, generator)  # (B,)
-        target = swap_unconditional_targets(z1, indicator, generator)  # (B, C, H, W)
-        t = sample_time(B, cfg, z1.device, generator)  # (B,)
-    else:
-        z0, mu, logvar = model.encode_text(text_emb, text_mask, eps=noise.eps)  # (B, C, H, W) each
-        indicator, t = noise.indicator, noise.t
-        target = _gather_batch(z1)[noise.target_source]  # uncond targets may come from other ranks
+def crossflow_losses(model, z1: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor, cfg, ops,
+                     noise: Noise) -> Losses:
+    """One forward of the whole objective for a batch (z1: target latents (B, C, H, W)); ``noise``
+    (from ``draw_noise``) fixes every random draw."""
+    z0, mu, logvar = model.encode_text(text_emb, text_mask, eps=noise.eps)  # (B, C, H, W) each
+    indicator, t = noise.indicator, noise.t
+    target = _gather_batch(z1)[noise.target_source]  # uncond targets may come from other ranks
     cond = model.text_condition(text_emb, text_mask)  # None for CrossFlow: its text is all in z0
     x_t = ops.interpolate(z0, target, t, cfg.sigma_min)  # (B, C, H, W)
     v = model.velocity(x_t, t, indicator, cond)

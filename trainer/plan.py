@@ -58,6 +58,12 @@ REDUCE_BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size (our conf
 FIXED_OVERHEAD_GIB = 1.0  # CUDA context, cuBLAS and NCCL workspaces (outside torch's allocator)
 ALLOCATOR_SLACK = 0.05  # fragmentation of the caching allocator, as a fraction of the tensors
 ACTIVATION_ELEMENTS_PER_TOKEN_OUTSIDE_BLOCKS = 6  # patch embedding, position, final layer (x T D)
+# Measured on an H100 (bench/RESULTS.md, 0.95B, bf16, ZeRO-2): with per-block activation
+# checkpointing a sample costs 84.6 MiB where the formula gives 39.5 (without checkpointing the
+# formula is within 1%: 388 vs 386 MiB; on CPU in fp32 the checkpointed term matched within 5%).
+# The cause is not located yet; until it is, bf16 checkpointed estimates are scaled by the measured
+# ratio so that the start-up check and the largest micro-batch err on the safe side.
+AC_BF16_MEASURED_RATIO = 84.6 / 39.5
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,8 @@ def make_plan(cfg: Config, hw: Hardware = Hardware(), micro_batch: int | None = 
     state = state_bytes(P, world, t.zero_stage, wb, t.offload_optimizer, t.ema_decay > 0)
     stacks = fam.block_stacks(model.args)
     per_sample = {ac: activation_bytes_per_sample(stacks, wb, ac) for ac in (False, True)}
+    if t.precision == "bf16":
+        per_sample[True] *= AC_BF16_MEASURED_RATIO
     act = per_sample[t.activation_checkpointing]
     static = state["weights"] + state["gradients"] + state["optimizer"] + state["ema"]
     budget = hw.gpu_memory_gb * GIB - FIXED_OVERHEAD_GIB * GIB

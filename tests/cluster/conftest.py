@@ -32,7 +32,7 @@ def ray_tiny_overrides(out_dir, **extra) -> list[str]:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "trainer.cli", *args]
+    return [sys.executable, "-m", "cluster.cli", *args]
 
 
 def run(cmd: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:

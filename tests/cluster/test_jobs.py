@@ -71,7 +71,7 @@ def ray_head():
 
 def test_entrypoint_needs_the_config_inside_the_working_dir(tmp_path):
     cmd = build_entrypoint(str(REPO / "configs/demo.yaml"), ["train.steps=3", "log.wandb_name=a b"], REPO)
-    assert cmd == "python -m trainer.cli train --config configs/demo.yaml train.steps=3 'log.wandb_name=a b'"
+    assert cmd == "python -m cluster.cli train --config configs/demo.yaml train.steps=3 'log.wandb_name=a b'"
     (tmp_path / "c.yaml").write_text("train: {steps: 3}\n")
     with pytest.raises(ConfigError, match="outside the working directory"):
         build_entrypoint(str(tmp_path / "c.yaml"), [], REPO)
@@ -150,7 +150,7 @@ def test_runtime_env_from_config(tmp_path, monkeypatch, capsys):
     assert image == {"image_uri": "registry.example/crossflow:1", "env_vars": {"WANDB_MODE": "offline"}}
     RuntimeEnv(**image)
     assert build_entrypoint(str(wd / "configs/a.yaml"), ["train.steps=2"], wd, cluster=image_cfg) == \
-        "cd /workspace/crossflow && python -m trainer.cli train --config configs/a.yaml train.steps=2"
+        "cd /workspace/crossflow && python -m cluster.cli train --config configs/a.yaml train.steps=2"
     with pytest.raises(ConfigError, match="cluster.image='x' is set but cluster.runtime_env='pip'"):
         load_config(None, ["cluster.runtime_env=pip", "cluster.image=x"])
 
@@ -159,7 +159,7 @@ def test_runtime_env_from_config(tmp_path, monkeypatch, capsys):
 
 
 def test_submit_names_an_unreachable_dashboard(capsys):
-    from trainer.cli import main
+    from cluster.cli import main
     address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     assert main(["submit", "--address", address, "--config", str(REPO / "configs/demo.yaml")]) == 2
     assert f"no Ray dashboard answers at {address}" in capsys.readouterr().err

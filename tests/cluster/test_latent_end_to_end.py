@@ -14,7 +14,7 @@ from data_pipeline.metadata import read_feature_metadata
 from tests.cluster.conftest import cli, ray_tiny_overrides, run
 from tests.support.tiny_models import save_tiny_clip, save_tiny_vae
 from trainer.checkpoint import latest_checkpoint, load_features
-from trainer.cli import main
+from cluster.cli import main
 
 pytestmark = pytest.mark.slow
 

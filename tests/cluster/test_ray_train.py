@@ -14,6 +14,7 @@ import torch
 
 from cluster.ray_train import PID_DIR, rank_files
 from tests.cluster.conftest import REPO, cli, ray_tiny_overrides, run as run_cli
+from tests.golden import assert_matches_golden, golden, golden_overrides
 from tests.support.faults import fault_env, kill_before_report
 from trainer.checkpoint import latest_checkpoint
 from trainer.metrics import read_metrics
@@ -52,13 +53,16 @@ def test_rank_files_partition_a_checkpoint(tmp_path):
 
 
 def test_worker_killed_mid_run_resumes_from_last_checkpoint(tmp_path):
-    """SIGKILL rank 1 after the first checkpoint: Ray restarts the group from it, the run ends at
-    the planned step, at most one checkpoint interval is redone and the redone steps see the same
-    data (same losses), and the data position at the end is exactly the planned number of batches."""
+    """The golden run's config on 2 Ray workers, 40 steps: steps 1-20 reproduce the golden losses
+    (tests/golden/tiny_run.json). SIGKILL rank 1 after the first checkpoint: Ray restarts the group
+    from it, the run ends at the planned step, at most one checkpoint interval is redone and the
+    redone steps see the same data (same losses), and the data position at the end is exactly the
+    planned number of batches."""
     run, steps, every = tmp_path / "run", 40, 20
-    cmd = cli("train", "--config", "configs/demo.yaml",
-              *ray_tiny_overrides(run, **{"train.steps": steps, "train.ckpt_every": every, "train.log_every": 5,
-                                          "cluster.max_failures": 1}))
+    cmd = cli("train", "--config", golden()["config"],
+              *golden_overrides(run, **{"train.steps": steps, "train.ckpt_every": every, "log.progress": False,
+                                        "cluster.num_workers": 2, "cluster.cpus_per_worker": 1,
+                                        "cluster.max_failures": 1}))
     # Ray's controller polls every 0.5 s (default 2 s), so it has registered checkpoint 20 when the kill
     # comes; a report lost with the worker is the next test's case.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
@@ -92,9 +96,11 @@ def test_worker_killed_mid_run_resumes_from_last_checkpoint(tmp_path):
     assert again and min(again) > resume_step, (sorted(first), sorted(again))  # the redone logging steps
     for s, loss in again.items():  # same batches, same noise: the data stream resumed where it was
         assert loss == pytest.approx(first[s], rel=1e-5), s
+    assert_matches_golden(first, "Ray, 2 workers")  # steps 1-20, before the kill
 
     final = torch.load(run / "checkpoints" / f"step_{steps:08d}" / "trainer.pt", weights_only=False)
-    per_epoch = 512 // 2 // 4  # samples / ranks / per-rank batch
+    o = golden()["overrides"]
+    per_epoch = o["data.num_samples"] // 2 // (o["train.global_batch_size"] // 2)  # samples / ranks / per-rank batch
     assert final["step"] == steps
     assert final["data"]["epoch"] * per_epoch + final["data"]["batch_in_epoch"] == steps  # nothing skipped
     ray_ckpt = run / "ray" / run.name / f"step_{steps:08d}"  # Ray's merged copy: every rank's files

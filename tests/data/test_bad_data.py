@@ -120,7 +120,7 @@ def test_shards_made_with_other_text_settings_are_refused_by_name(tmp_path):
     data.text_multiplier=1 would embed sample-time prompts differently: refused, naming both values."""
     from data_pipeline.features import text_encoder_from_config
     from tests.conftest import tiny_overrides
-    from trainer.cli import main
+    from cluster.cli import main
     from trainer.config import load_config
     from trainer.loop import build_dataloader
 

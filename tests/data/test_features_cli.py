@@ -14,7 +14,7 @@ from data_pipeline.features import ImageLatentEncoder, load_text_encoder
 from data_pipeline.metadata import FeatureMetadata, LatentSpec, TextSpec, read_feature_metadata
 from data_pipeline.readers import BadDataError, build_shard_loader, read_records
 from tests.support.tiny_models import save_tiny_vae
-from trainer.cli import main
+from cluster.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from data_pipeline.readers import build_shard_loader, read_records
 from tests.data.conftest import shapes_records, write_records
 from tests.support.kill_run import run_and_kill
 from tests.support.tiny_models import save_tiny_clip, save_tiny_vae
-from trainer.cli import main
+from cluster.cli import main
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -85,7 +85,7 @@ def test_killed_run_resumes_to_the_same_shards_and_torchrun_agrees(tmp_path, mod
     # torchrun: ranks from RANK/WORLD_SIZE (one thread each, as the workers above), rank 0 merges
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "trainer.cli",
+    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "cluster.cli",
                            *command(tmp_path / "ranks")[:-2]], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rank 0 merges the index" in proc.stdout and "wrote 48 samples" in proc.stdout
@@ -120,4 +120,3 @@ def test_s3_in_and_out(bucket, tmp_path, models, capsys):
     parts, done = map(int, re.search(r"(\d+) input shards, (\d+) already done", capsys.readouterr().out).groups())
     assert parts >= 2 and done == parts - 1  # only part 1 redone
     assert _stored(f"{bucket}/feat") == _stored(tmp_path / "feat")
-

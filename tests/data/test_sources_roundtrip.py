@@ -132,7 +132,7 @@ def test_img2dataset_tars_from_s3(bucket, tmp_path, capsys):
     the same samples as the local tars, and `crossflow data convert` turns them into shards on the
     real S3 server (Ceph RGW); a missing bucket or an empty prefix is named."""
     from data_pipeline.s3 import s3_filesystem
-    from trainer.cli import main
+    from cluster.cli import main
     local = tmp_path / "tars"
     local.mkdir()
     _img2dataset_tar(local / "00000.tar", 0, 5, bad_caption_at=3)

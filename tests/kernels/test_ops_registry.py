@@ -1,4 +1,4 @@
-"""The `kernels` package surface: no import-time side effects, get_ops backends, lazy ops,
+"""The `kernels` package surface: no import-time side effects, get_ops backends, the ops' files,
 and a DiT-style block giving the same loss and gradients with either backend."""
 from __future__ import annotations
 
@@ -70,14 +70,20 @@ def test_compose_ops_picks_each_op(device):
         kernels.compose_ops({"softmax": "triton"}, device)
 
 
-def test_module_attributes_are_the_triton_ops():
-    import kernels.attention  # noqa: F401  (the submodule must not shadow the op)
-    from kernels.flow_loss import FlowMatchingLossFunction  # noqa: F401
+def test_triton_ops_are_the_functions_in_their_files():
+    """get_ops("triton") hands out the functions of kernels/attention.py, flow_loss.py and
+    modulation.py; the package is a plain module (its submodules are its attributes)."""
+    import types
+
+    from kernels.attention import attention
+    from kernels.flow_loss import flow_matching_loss, interpolate
+    from kernels.modulation import gated_residual, modulate
 
     triton_ops = kernels.get_ops("triton", "cuda" if torch.cuda.is_available() else "cpu")
-    for op in OPS:
-        assert callable(getattr(kernels, op)) and getattr(kernels, op) is getattr(triton_ops, op)
-    assert kernels.attention.__module__ == "kernels.attention"
+    files = dict(attention=attention, flow_matching_loss=flow_matching_loss, interpolate=interpolate,
+                 modulate=modulate, gated_residual=gated_residual)
+    assert {op: getattr(triton_ops, op) for op in OPS} == files
+    assert type(kernels) is types.ModuleType and isinstance(kernels.attention, types.ModuleType)
     with pytest.raises(AttributeError):
         kernels.no_such_op  # noqa: B018
 

@@ -1,6 +1,6 @@
 """Kill a real ``crossflow data features`` run mid-way, from outside (no hook in production code).
 
-``run_and_kill(argv, done_dir, after)`` starts ``python -m trainer.cli <argv>`` in its own process
+``run_and_kill(argv, done_dir, after)`` starts ``python -m cluster.cli <argv>`` in its own process
 group, waits until ``after`` input shards are marked done in ``done_dir``, then SIGKILLs the whole
 group (the parent and its ``--num-procs`` workers: what a scheduler's kill or a lost node does).
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 def run_and_kill(argv: list[str], done_dir: str | Path, after: int, timeout: float = 300.0) -> int:
     """Returns how many input shards were marked done when the kill landed."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", *argv], env=env, start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", *argv], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     done_dir = Path(done_dir)
     deadline = time.monotonic() + timeout

@@ -7,7 +7,9 @@ family from outside (as torchtitan's per-model ``parallelize`` does):
   which ``crossflow plan`` counts activation memory without building anything;
 - ``param_counts(model)``: parameters per component (flow transformer, Text VE, ...).
 
-Every family has CrossFlow's interface: ``encode_text``, ``text_condition``, ``velocity``,
+Both families' flow networks are the DiT trunk (``crossflow/trunk.py``), and their args classes
+extend its ``TrunkArgs``: ``args_cls.from_config`` resolves any family's config against the size
+preset. Every family has CrossFlow's interface: ``encode_text``, ``text_condition``, ``velocity``,
 ``flow_params``, ``flops_per_sample``. The engine knows no model internals.
 """
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Callable
 
 import torch.nn as nn
 
-from trainer.models.crossflow.baselines import CrossAttentionFM, CrossAttentionFMArgs, resolve_baseline_args
-from trainer.models.crossflow.crossflow import CrossFlow, CrossFlowArgs, resolve_args
+from trainer.models.crossflow.baselines import CrossAttentionFM, CrossAttentionFMArgs
+from trainer.models.crossflow.crossflow import CrossFlow, CrossFlowArgs
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,7 @@ class BlockStack:
 @dataclass(frozen=True)
 class Family:
     model_cls: type[nn.Module]
-    args_cls: type
-    resolve_args: Callable  # (model_cfg, latent_shape, text_dim, max_tokens, init_temperature) -> args
+    args_cls: type  # a TrunkArgs: ``args_cls.from_config`` resolves a config against the size preset
     blocks: Callable[[nn.Module], list[nn.Module]]
     block_stacks: Callable[[object], list[BlockStack]]
     param_counts: Callable[[nn.Module], dict[str, int]]
@@ -68,6 +69,10 @@ def _crossflow_params(model: CrossFlow) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- cross-attention baseline
+def _baseline_blocks(model: CrossAttentionFM) -> list[nn.Module]:
+    return list(model.blocks)
+
+
 def _baseline_stacks(a: CrossAttentionFMArgs) -> list[BlockStack]:
     image_tokens = (a.latent_shape[1] // a.patch_size) * (a.latent_shape[2] // a.patch_size)
     return [BlockStack("flow transformer", a.depth, image_tokens, a.hidden_size, a.hidden_size // a.head_dim,
@@ -80,13 +85,9 @@ def _baseline_params(model: CrossAttentionFM) -> dict[str, int]:
 
 
 FAMILIES: dict[str, Family] = {
-    "crossflow": Family(CrossFlow, CrossFlowArgs, resolve_args, _crossflow_blocks, _crossflow_stacks,
-                        _crossflow_params),
-    "cross_attention_fm": Family(
-        CrossAttentionFM, CrossAttentionFMArgs,
-        lambda model_cfg, shape, text_dim, tokens, _temperature: resolve_baseline_args(model_cfg, shape, text_dim,
-                                                                                       tokens),
-        lambda model: list(model.blocks), _baseline_stacks, _baseline_params),
+    "crossflow": Family(CrossFlow, CrossFlowArgs, _crossflow_blocks, _crossflow_stacks, _crossflow_params),
+    "cross_attention_fm": Family(CrossAttentionFM, CrossAttentionFMArgs, _baseline_blocks, _baseline_stacks,
+                                 _baseline_params),
 }
 
 
@@ -105,7 +106,8 @@ def resolve_model_args(model_cfg, latent_shape, text_dim: int, max_tokens: int, 
     """The args of ``model_cfg.family`` at its preset, with the config's overrides."""
     if model_cfg.family not in FAMILIES:
         raise ValueError(f"model.family must be one of {list(FAMILIES)}, got {model_cfg.family!r}")
-    return FAMILIES[model_cfg.family].resolve_args(model_cfg, latent_shape, text_dim, max_tokens, init_temperature)
+    return FAMILIES[model_cfg.family].args_cls.from_config(model_cfg, latent_shape, text_dim, max_tokens,
+                                                           init_temperature)
 
 
 def model_from_args(args) -> nn.Module:

@@ -28,7 +28,6 @@ class ImageEncoder(nn.Module):
         self.head = nn.Sequential(nn.Linear(4 * width * 16, 4 * width), nn.SiLU(), nn.Linear(4 * width, self.out_dim))
 
     def forward(self, z1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z1 (B, C, H, W) -> (embedding (B, C*H*W) unnormalized, logit scale (1,)).
-        The scale is returned from forward so ZeRO-3 has gathered it when the loss reads it."""
+        """z1 (B, C, H, W) -> (embedding (B, C*H*W) unnormalized, logit scale (1,))."""
         x = self.pool(self.stages(self.stem(z1)))  # (B, 4w, 4, 4)
-        return self.head(x.flatten(1)), self.logit_scale * 1.0
+        return self.head(x.flatten(1)), self.logit_scale

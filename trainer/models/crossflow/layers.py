@@ -1,8 +1,8 @@
-"""Building blocks shared by the Text VE and the flow transformer.
+"""Building blocks shared by the Text VE and the flow networks.
 
 Modules that run a fusable op hold ``self.ops``: a namespace with ``attention``, ``modulate``,
 ``gated_residual`` (see ``kernels.reference``). The model is built with the PyTorch references;
-``CrossFlow.set_ops`` swaps in the Triton ops from outside, so model code never picks kernels.
+``set_ops`` (``SwappableOps``) swaps in the Triton ops from outside, so model code never picks kernels.
 """
 from __future__ import annotations
 
@@ -13,7 +13,16 @@ import torch.nn as nn
 
 from kernels import get_ops
 
-TORCH_OPS = get_ops("torch")  # the default; CrossFlow.set_ops swaps in others
+TORCH_OPS = get_ops("torch")  # the default; set_ops swaps in others
+
+
+class SwappableOps:
+    """Mixin for a model: ``set_ops`` swaps the fusable ops of every submodule that holds ``ops``."""
+
+    def set_ops(self, ops) -> None:
+        for m in self.modules():
+            if hasattr(m, "ops"):
+                m.ops = ops
 
 
 class Attention(nn.Module):
@@ -86,30 +95,3 @@ def register_pos_embed(module: nn.Module, kind: str, dim: int, grid: int) -> Non
         module.pos_embed = nn.Parameter(sincos_2d(dim, grid)[None].clone())
     else:
         raise ValueError(f"pos_embed must be sincos or learned, got {kind!r}")
-
-
-def init_dit_weights(model: nn.Module) -> None:
-    """DiT's initialization, shared by the flow networks: xavier Linears, the patch embedding like
-    a Linear, N(0, 0.02) time embedder, and adaLN-Zero: every block's modulation and the final
-    layer start at zero, so each block is the identity and the velocity starts at zero."""
-    def xavier(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    model.apply(xavier)
-    w = model.patch_embed.weight.data
-    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-    nn.init.zeros_(model.patch_embed.bias)
-    if isinstance(model.pos_embed, nn.Parameter):
-        grid, dim = int(model.pos_embed.shape[1] ** 0.5), model.pos_embed.shape[2]
-        model.pos_embed.data.copy_(sincos_2d(dim, grid)[None])
-    for lin in (model.t_embedder.mlp[0], model.t_embedder.mlp[2]):
-        nn.init.normal_(lin.weight, std=0.02)
-    for block in model.blocks:
-        nn.init.zeros_(block.adaLN_modulation[-1].weight)
-        nn.init.zeros_(block.adaLN_modulation[-1].bias)
-    nn.init.zeros_(model.final_layer.adaLN_modulation[-1].weight)
-    nn.init.zeros_(model.final_layer.adaLN_modulation[-1].bias)
-    nn.init.zeros_(model.final_layer.linear.weight)
-    nn.init.zeros_(model.final_layer.linear.bias)

@@ -1,8 +1,9 @@
 """The baseline CrossFlow is measured against: standard flow matching from Gaussian noise, the
 text injected by cross-attention (the paper's 1.04B baseline next to CrossFlow's 0.95B).
 
-A DiT over latent patches whose blocks run self-attention, cross-attention to the text tokens
-(with their padding mask) and an MLP; time conditions every block through adaLN-Zero. It keeps
+The shared DiT trunk (``trunk.py``) over latent patches, its blocks running self-attention,
+cross-attention to the text tokens (with their padding mask) and an MLP; time conditions every
+block through adaLN-Zero. It keeps
 CrossFlow's interface, so the objective, the sampler and the loop run either model unchanged:
 
     encode_text(emb, mask)             -> z0 ~ N(0, I), mu = 0, logvar = 0   (so KL is exactly 0)
@@ -22,10 +23,10 @@ import torch
 import torch.nn as nn
 
 from kernels import reference
-from trainer.models.crossflow.flow_transformer import UNCONDITIONAL, FinalLayer
-from trainer.models.crossflow.layers import Attention, Mlp, TimestepEmbedder, init_dit_weights, register_pos_embed
-from trainer.models.crossflow.presets import PRESETS
+from trainer.models.crossflow.flow_transformer import UNCONDITIONAL
+from trainer.models.crossflow.layers import Attention, Mlp
 from trainer.models.crossflow.text_ve import TextProjection
+from trainer.models.crossflow.trunk import DiTTrunk, TrunkArgs
 
 __all__ = ["CrossAttentionFM", "CrossAttentionFMArgs", "TextCondition", "resolve_baseline_args"]
 
@@ -33,35 +34,14 @@ FAMILY = "cross_attention_fm"
 
 
 @dataclass(frozen=True)
-class CrossAttentionFMArgs:
-    """Everything needed to rebuild the baseline (stored in checkpoints and exports)."""
-    latent_shape: tuple[int, int, int]
-    text_dim: int
-    max_tokens: int
-    hidden_size: int
-    depth: int
-    head_dim: int
-    patch_size: int
-    mlp_ratio: float
-    pos_embed: str
-    text_proj_dim: int = 0  # learned projection of the text tokens before cross-attention; 0 = none
+class CrossAttentionFMArgs(TrunkArgs):
+    """Everything needed to rebuild the baseline (stored in checkpoints and exports): the trunk's
+    size fields alone, at the same size preset as CrossFlow (no Text VE or image encoder);
+    ``text_proj_dim`` projects the text tokens before cross-attention."""
     family: str = FAMILY
 
 
-def resolve_baseline_args(model_cfg, latent_shape, text_dim: int, max_tokens: int) -> CrossAttentionFMArgs:
-    """The same size preset as CrossFlow (width, depth, heads, patch), overridden by every non-None
-    field of ``model_cfg``; the Text VE and image-encoder fields do not apply to the baseline."""
-    p = PRESETS[model_cfg.preset]
-
-    def pick(name: str):
-        v = getattr(model_cfg, name)
-        return getattr(p, name) if v is None else v
-
-    return CrossAttentionFMArgs(
-        latent_shape=tuple(latent_shape), text_dim=text_dim, max_tokens=max_tokens,
-        hidden_size=pick("hidden_size"), depth=pick("depth"), head_dim=pick("head_dim"),
-        patch_size=pick("patch_size"), mlp_ratio=model_cfg.mlp_ratio, pos_embed=model_cfg.pos_embed,
-        text_proj_dim=model_cfg.text_proj_dim)
+resolve_baseline_args = CrossAttentionFMArgs.from_config  # (model_cfg, latent_shape, text_dim, max_tokens)
 
 
 @dataclass
@@ -123,38 +103,30 @@ class CrossDiTBlock(nn.Module):
         return self.ops.gated_residual(x, gate_m, self.mlp(self.ops.modulate(x, shift_m, scale_m)))
 
 
-class CrossAttentionFM(nn.Module):
-    """Flow matching from N(0, I) to the image latent, conditioned on text by cross-attention."""
+class CrossAttentionFM(DiTTrunk):
+    """Flow matching from N(0, I) to the image latent, conditioned on text by cross-attention:
+    the DiT trunk with cross-attention blocks, a text path and a learned null text."""
 
     source_from_text = False  # z0 is noise: no contrastive loss, no z0 interpolation or arithmetic
 
     def __init__(self, args: CrossAttentionFMArgs):
-        super().__init__()
         if args.family != FAMILY:
             raise ValueError(f"CrossAttentionFM needs family {FAMILY!r}, got {args.family!r}")
-        C, H, W = args.latent_shape
-        if H != W or H % args.patch_size:
-            raise ValueError(f"latent {args.latent_shape} must be square with a side divisible by patch {args.patch_size}")
-        self.args = args
-        D = args.hidden_size
-        self.grid = H // args.patch_size
-        self.patch_embed = nn.Conv2d(C, D, kernel_size=args.patch_size, stride=args.patch_size)
-        register_pos_embed(self, args.pos_embed, D, self.grid)
-        self.t_embedder = TimestepEmbedder(D)
-        text_width = args.text_proj_dim or args.text_dim
-        self.text_proj = TextProjection(args.text_dim, args.text_proj_dim) if args.text_proj_dim else None
-        self.text_norm = nn.LayerNorm(text_width, eps=1e-6)
-        # What unconditional rows attend to; 1-D, so the engine does not weight-decay it.
-        self.null_text = nn.Parameter(torch.zeros(text_width))
-        self.blocks = nn.ModuleList(CrossDiTBlock(D, text_width, args.head_dim, args.mlp_ratio)
-                                    for _ in range(args.depth))
-        self.final_layer = FinalLayer(D, args.patch_size, C)
-        self.initialize_weights()
+        super().__init__(args)
 
-    def initialize_weights(self) -> None:
-        init_dit_weights(self)  # adaLN-Zero: blocks start as the identity, the velocity at zero
+    def add_condition_inputs(self, args: CrossAttentionFMArgs) -> None:
+        self.text_width = args.text_proj_dim or args.text_dim
+        self.text_proj = TextProjection(args.text_dim, args.text_proj_dim) if args.text_proj_dim else None
+        self.text_norm = nn.LayerNorm(self.text_width, eps=1e-6)
+        # What unconditional rows attend to; 1-D, so the engine does not weight-decay it.
+        self.null_text = nn.Parameter(torch.zeros(self.text_width))
+
+    def make_block(self, args: CrossAttentionFMArgs) -> nn.Module:
+        return CrossDiTBlock(args.hidden_size, self.text_width, args.head_dim, args.mlp_ratio)
+
+    def initialize_condition(self) -> None:
         nn.init.normal_(self.null_text, std=0.02)
-        for block in self.blocks:  # and a zero cross-attention output
+        for block in self.blocks:  # and a zero cross-attention output: each block starts as the identity
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
 
@@ -183,7 +155,7 @@ class CrossAttentionFM(nn.Module):
         -> v (B, C, H, W). Unconditional rows (and captions with no real token) see the null text."""
         if cond is None:
             raise ValueError("the cross-attention baseline needs the text: pass cond=model.text_condition(emb, mask)")
-        x = self.patch_embed(x_t).flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D)
+        x = self.embed_patches(x_t)  # (B, T, D)
         text = cond.emb.to(x.dtype)  # (B, n, d)
         if self.text_proj is not None:
             text = self.text_proj(text)  # (B, n, text_proj_dim)
@@ -196,18 +168,6 @@ class CrossAttentionFM(nn.Module):
             x = block(x, c, text, mask)
         return self.unpatchify(self.final_layer(x, c))  # (B, C, H, W)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, p*p*C) -> (B, C, H, W)."""
-        B, p, g, C = x.shape[0], self.args.patch_size, self.grid, self.args.latent_shape[0]
-        x = x.view(B, g, g, p, p, C)
-        return torch.einsum("bhwpqc->bchpwq", x).reshape(B, C, g * p, g * p)
-
-    def set_ops(self, ops) -> None:
-        """Swap the fusable ops (attention, modulate, gated_residual) of every submodule."""
-        for m in self.modules():
-            if hasattr(m, "ops"):
-                m.ops = ops
-
     # ------------------------------------------------------------------ size and cost
     def flow_params(self) -> int:
         """Every parameter: the whole model is the flow network (there is no Text VE)."""
@@ -219,8 +179,7 @@ class CrossAttentionFM(nn.Module):
         modulation once per sample, plus the attention products (self T x T, cross T x n)."""
         a = self.args
         T, n, D = self.grid ** 2, a.max_tokens, a.hidden_size
-        per_sample = sum(p.numel() for name, p in self.named_parameters()
-                         if "adaLN_modulation" in name or name.startswith("t_embedder"))
+        per_sample = self.per_sample_params()
         text_side = sum(p.numel() for name, p in self.named_parameters()  # run on the n text tokens
                         if ".cross_attn.kv." in name or name.startswith("text_proj."))
         per_token = self.flow_params() - per_sample - text_side
