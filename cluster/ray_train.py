@@ -9,7 +9,7 @@ WORLD_SIZE, LOCAL_RANK; ``trainer.engine.init_distributed`` joins it.
 Checkpoints: the loop writes ``<out_dir>/checkpoints/step_XXXXXXXX`` collectively; after each one,
 every rank reports the files it wrote (its ZeRO shards, RNG, EMA partition; rank 0 also the
 shared files) and Ray merges them into ``<storage_path>/<name>/step_XXXXXXXX``: the same flat
-layout, so ``trainer.loop.load_checkpoint`` reads Ray's copy directly.
+layout, so ``trainer.checkpoint.load_checkpoint`` reads Ray's copy directly.
 
 Failures: when a worker dies, Ray restarts the group (``cluster.max_failures``); the new workers
 get the last reported checkpoint from ``ray.train.get_checkpoint()`` and resume from it (weights,
@@ -47,8 +47,6 @@ from trainer.checkpoint import atomic_write_text, tmp_tag
 from trainer.config import Config, config_from_dict
 
 LAUNCH_FILE = "ray_launch.json"  # in rank 0's part of every reported checkpoint
-# Fault injection for the restart test: "RANK:STEP" SIGKILLs that rank before it reports that checkpoint.
-KILL_BEFORE_REPORT_ENV = "CROSSFLOW_FAULT_KILL_BEFORE_REPORT"
 PID_DIR = "ray_workers"  # <out_dir>/ray_workers/rank{r}.pid and .checkpoint.json: pid, last checkpoint saved
 # Files a rank writes for itself; everything else in a checkpoint is written by rank 0.
 RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|(?:rng|ema)_rank(\d+)\.pt$")
@@ -143,8 +141,6 @@ class CheckpointReporter:
         # lets a restart resume from the run's copy instead.
         atomic_write_text(launch_record(self.out_dir, self.rank),
                           json.dumps({"launch_id": self.launch_id, "checkpoint": str(Path(ckpt_dir).resolve())}))
-        if os.environ.get(KILL_BEFORE_REPORT_ENV) == f"{self.rank}:{step}":
-            os.kill(os.getpid(), signal.SIGKILL)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
                          checkpoint_dir_name=Path(ckpt_dir).name)
         shutil.rmtree(staging, ignore_errors=True)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.golden import assert_matches_golden, golden, golden_overrides
+from tests.support.faults import fault_env, installed, kill_in_save, nan_loss_at
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import load_config
 from trainer.metrics import read_metrics
@@ -132,7 +133,7 @@ def test_resume_after_kill_is_exact(runs, tmp_path, stage):
 
 def test_kill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     run = tmp_path / "run"
-    proc = torchrun(run, nproc=1, env={"CROSSFLOW_FAULT_KILL_IN_SAVE": "8"},
+    proc = torchrun(run, nproc=1, env=fault_env(kill_in_save(8)),
                     **{"train.ckpt_every": 4, "train.steps": 12})
     proc.wait(timeout=400)
     assert proc.returncode == -signal.SIGKILL, output(proc)  # killed inside the save of step 8
@@ -168,17 +169,15 @@ def test_export_loads_into_a_plain_model_and_samples(runs, tmp_path):
 
 def test_nan_steps_are_skipped_and_counted(tmp_path):
     from trainer.loop import NonFiniteLossError, train
-    summary = train(config(tmp_path / "a", **{"train.steps": 6,
-                                                                    "train.inject_nan_steps": "[3]"}))
+    with installed(nan_loss_at([3])):
+        summary = train(config(tmp_path / "a", **{"train.steps": 6}))
     assert summary["skipped_steps"] == 1
     records = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
     assert records[-1]["skipped_steps"] == 1 and all(r["loss"] == r["loss"] for r in records)  # finite
 
     run = tmp_path / "b"
-    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row"):
-        train(config(run, **{"train.steps": 10, "train.ckpt_every": 2,
-                                                  "train.inject_nan_steps": "[3, 4, 5]",
-                                                  "train.max_nonfinite_steps": 3}))
+    with installed(nan_loss_at([3, 4, 5])), pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row"):
+        train(config(run, **{"train.steps": 10, "train.ckpt_every": 2, "train.max_nonfinite_steps": 3}))
     good = latest_checkpoint(run)
     assert good.name == "step_00000004"  # saved during the streak: the skipped steps changed nothing
     summary = train(config(run, **{"train.steps": 8, "train.resume": "auto"}))
@@ -200,7 +199,7 @@ def test_wandb_offline_run_holds_metrics_and_samples(tmp_path):
 
 def _agree_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     import torch.distributed as dist
-    from trainer.loop import agree_on_resume
+    from trainer.checkpoint import agree_on_resume
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     root_path = Path(root)
     # rank 0 sees step 20 (Ray's copy) and step 40 (the run's own); rank 1's node lacks its step-40 file

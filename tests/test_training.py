@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from tests.conftest import tiny_overrides
-from trainer.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from data_pipeline.streams import EpochSampler
+from trainer.checkpoint import latest_checkpoint, list_checkpoints, tmp_tag
 from trainer.config import load_config
-from trainer.loop import EpochSampler, train
+from trainer.loop import train
 from trainer.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,17 +80,25 @@ def test_resume_is_exact(tiny_config, tmp_path):
         assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
 
 
-def test_checkpoint_save_is_atomic(tmp_path):
-    save_checkpoint(tmp_path, 5, {"weights.pt": {"x": torch.ones(2)}}, {"a": 1}, keep_last=2)
-    # a save killed midway leaves a temporary directory and no pointer change
-    (tmp_path / "checkpoints" / ".tmp-step_00000010-99999").mkdir()
-    (tmp_path / "checkpoints" / ".tmp-step_00000010-99999" / "weights.pt").write_bytes(b"partial")
+def test_checkpoint_save_is_atomic(tiny_config, tmp_path):
+    """The save training runs (every rank's part into a temporary directory, then one commit): a
+    save killed midway leaves its temporary directory and no pointer change; the next save deletes
+    it, keeps the newest ``keep_last`` and moves ``latest`` to a complete checkpoint."""
+    common = {"train.ckpt_every": 5, "train.keep_last": 2, "train.out_dir": tmp_path, "eval.shapes": False,
+              "sample.num_prompts": 1}
+    train(tiny_config(**common, **{"train.steps": 5}))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005"]
+    # saves killed midway leave temporary directories (this run's name and another's) and no pointer change
+    for leftover in (tmp_tag(10), ".tmp-step_00000010-99999"):
+        (tmp_path / "checkpoints" / leftover).mkdir()
+        (tmp_path / "checkpoints" / leftover / "trainer.pt").write_bytes(b"partial")
     assert latest_checkpoint(tmp_path).name == "step_00000005"
-    for step in (10, 15, 20):
-        save_checkpoint(tmp_path, step, {"weights.pt": {"x": torch.full((2,), step)}}, {}, keep_last=2)
+    train(tiny_config(**common, **{"train.steps": 20, "train.resume": "auto"}))  # saves 10, 15, 20
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000015", "step_00000020"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # leftovers cleaned
-    assert torch.load(latest_checkpoint(tmp_path) / "weights.pt")["x"][0] == 20
+    latest = latest_checkpoint(tmp_path)
+    assert torch.load(latest / "trainer.pt", weights_only=False)["step"] == 20
+    assert (latest / "weights.safetensors").is_file() and (latest / "rng_rank0.pt").is_file()
 
 
 def test_epoch_sampler_partitions_and_resumes():

@@ -15,18 +15,27 @@ Layout under ``<out_dir>/checkpoints/``:
 All ranks write into a hidden temporary directory; after a barrier rank 0 fsyncs it, renames it
 into place (atomic on POSIX) and only then moves ``latest``. A save killed midway leaves the
 previous checkpoint and pointer intact; the next save deletes the leftover.
+
+Training state (``save_checkpoint`` / ``load_checkpoint``, collective): the DeepSpeed engine (weights,
+ZeRO optimizer shards, schedule), the EMA, the data stream's position and every rank's RNG states;
+resuming from them replays the same steps, batch for batch and draw for draw.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
+
+from data_pipeline.metadata import FeatureMetadata, write_feature_metadata
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 WEIGHTS_FILE = "weights.safetensors"
@@ -108,15 +117,6 @@ def commit_checkpoint(out_dir: str | Path, step: int, config: dict, keep_last: i
     return final
 
 
-def save_checkpoint(out_dir: str | Path, step: int, files: dict[str, object], config: dict,
-                    keep_last: int) -> Path:
-    """Single-writer save: ``files`` (name -> object for torch.save) plus the config."""
-    tmp = prepare_checkpoint(out_dir, step)
-    for name, obj in files.items():
-        write_torch(tmp / name, obj)
-    return commit_checkpoint(out_dir, step, config, keep_last)
-
-
 def prune_checkpoints(out_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` checkpoints (never the one ``latest`` names), and
     temporary directories that a killed save left behind."""
@@ -174,8 +174,6 @@ def read_weights_metadata(path: str | Path) -> tuple[dict, dict, "FeatureMetadat
     """(model_args, config, feature metadata) of a weights file or export, without reading its
     tensors; the feature metadata is empty for files written before it existed."""
     from safetensors import safe_open
-
-    from data_pipeline.metadata import FeatureMetadata
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
@@ -232,3 +230,93 @@ def load_file(ckpt: Path, name: str, map_location="cpu"):
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
+
+
+# ----------------------------------------------------------------------------- training state
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def save_checkpoint(engine, stream, cfg, step: int, rank: int, features: FeatureMetadata | None = None) -> Path:
+    """Collective: every rank writes its part of checkpoint ``step`` (``engine``: a
+    ``trainer.engine.Engine``; ``stream``: the data stream, its ``state_dict`` is the position) into a
+    temporary directory; rank 0 commits it. ``features``: how the training data's latents and text
+    features were made (sampling finds the autoencoder in it)."""
+    out_dir = Path(cfg.train.out_dir)
+    if rank == 0:
+        prepare_checkpoint(out_dir, step)
+    barrier()
+    tmp = checkpoint_root(out_dir) / tmp_tag(step)
+    engine.save(str(checkpoint_root(out_dir)), tmp_tag(step))  # DeepSpeed: model + ZeRO optimizer shards
+    write_torch(tmp / f"rng_rank{rank}.pt", rng_state())
+    ema = engine.ema_state_for_rank()
+    if ema is not None:
+        write_torch(tmp / (f"ema_rank{rank}.pt" if engine.zero_stage == 3 else "ema.pt"), ema)
+    weights = engine.ema_full_state_dict()  # collective under ZeRO-3
+    if rank == 0:
+        write_torch(tmp / "trainer.pt", {"step": step, "data": stream.state_dict()})
+        features = features or FeatureMetadata()
+        save_weights(tmp / WEIGHTS_FILE, weights, engine.module.args, cfg.to_dict(), features=features.to_dict())
+        write_feature_metadata(tmp, features)
+    barrier()
+    final = checkpoint_root(out_dir) / f"step_{step:08d}"
+    if rank == 0:
+        final = commit_checkpoint(out_dir, step, cfg.to_dict(), cfg.train.keep_last)
+    barrier()
+    return final
+
+
+def load_checkpoint(engine, stream, ckpt: Path, rank: int) -> int:
+    """Restore engine, EMA, data position and this rank's RNG from ``ckpt``; returns its step."""
+    engine.load(str(ckpt.parent), ckpt.name)
+    state = load_file(ckpt, "trainer.pt")
+    stream.load_state_dict(state["data"])
+    set_rng_state(load_file(ckpt, f"rng_rank{rank}.pt"))
+    if engine.ema is not None:
+        name = f"ema_rank{rank}.pt" if engine.zero_stage == 3 else "ema.pt"
+        engine.ema.load_state_dict(load_file(ckpt, name, map_location=engine.device))
+    return int(state["step"])
+
+
+def check_same_input(ckpt: Path, current) -> None:
+    """A checkpoint trained on other latents (or pixels) than this run's data (``current``: a
+    ``trainer.model_input.ModelInput``) is refused, naming both."""
+    from trainer.model_input import check_same_latents, saved_model_input
+    if (Path(ckpt) / WEIGHTS_FILE).is_file():  # else load_checkpoint names what is missing
+        check_same_latents(saved_model_input(ckpt), current, str(ckpt))
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The step a checkpoint directory holds: from its ``step_N`` name, else from its trainer.pt."""
+    m = STEP_DIR.match(ckpt.name)
+    return int(m.group(1)) if m else int(load_file(ckpt, "trainer.pt")["step"])
+
+
+def agree_on_resume(candidates: list[Path], rank: int) -> Path | None:
+    """Collective: of the candidate checkpoints, the newest one that every rank can read (its
+    trainer.pt and this rank's RNG file present); this rank's path to it, or None when the ranks
+    share none. Candidates may differ per rank (a node-local copy, Ray's downloaded one)."""
+    mine: dict[int, Path] = {}
+    for ckpt in candidates:
+        if (ckpt / "trainer.pt").is_file() and (ckpt / f"rng_rank{rank}.pt").is_file():
+            mine.setdefault(checkpoint_step(ckpt), ckpt)  # earlier candidates win a tie
+    views: list = [None] * dist.get_world_size()
+    dist.all_gather_object(views, sorted(mine))
+    common = set.intersection(*(set(v) for v in views))
+    return mine[max(common)] if common else None

@@ -198,7 +198,6 @@ class TrainConfig:
     gpu_memory_gb: float = _f(0.0, "GPU memory per worker in GiB for the start-up memory check; 0 = the local CUDA "
                                    "device's, or no check when this machine has none")
     max_nonfinite_steps: int = _f(5, "stop with an error after this many optimizer steps in a row skipped for NaN/Inf")
-    inject_nan_steps: list[int] = _f([], "fault injection for tests: make the loss NaN at these steps (1-based)")
 
     def validate(self) -> None:
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))

@@ -13,9 +13,10 @@ import psutil
 import pytest
 import torch
 
-from cluster.ray_train import KILL_BEFORE_REPORT_ENV, PID_DIR, rank_files
+from cluster.ray_train import PID_DIR, rank_files
 from tests.cluster.conftest import REPO, cli, ray_tiny_overrides, run as run_cli
 from tests.golden import assert_matches_golden, golden, golden_overrides
+from tests.support.faults import fault_env, kill_before_report
 from trainer.checkpoint import latest_checkpoint
 from trainer.metrics import read_metrics
 
@@ -132,7 +133,7 @@ def test_worker_lost_before_reporting_resumes_from_the_runs_own_copy_with_s3_sto
     cmd = cli("train", "--config", "configs/demo.yaml",
               *ray_tiny_overrides(run, **{"train.steps": steps, "train.ckpt_every": 10, "train.log_every": 5,
                                           "cluster.max_failures": 1, "cluster.storage_path": f"{bucket}/ray"}))
-    out = run_cli(cmd, env={KILL_BEFORE_REPORT_ENV: "1:20"}, timeout=400)
+    out = run_cli(cmd, env=fault_env(kill_before_report(rank=1, step=20)), timeout=400)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / 'step_00000020'} at step 20" in out.stdout
     final = torch.load(run / "checkpoints" / f"step_{steps:08d}" / "trainer.pt", weights_only=False)

@@ -99,10 +99,10 @@ def test_shards_with_another_token_count_are_refused_by_name(shapes_shards, tmp_
     """Shards featurized with 20 tokens per caption against data.max_tokens=12: the trainer says
     which key to set instead of failing on a shape inside the Text VE."""
     from data_pipeline.convert import Featurizer
-    from data_pipeline.features import load_text_encoder
+    from data_pipeline.features import load_text_encoder, text_encoder_from_config
     from tests.conftest import tiny_overrides
     from trainer.config import load_config
-    from trainer.loop import build_dataloader
+    from trainer.loop import build_dataloader, describe_data
     from trainer.model_input import resolve_model_input
 
     records = Featurizer(load_text_encoder(tiny_text_encoder()), max_tokens=20)(shapes_records(8))
@@ -110,13 +110,16 @@ def test_shards_with_another_token_count_are_refused_by_name(shapes_shards, tmp_
     cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"data.source": fmt, "data.path": path}))
     with pytest.raises(ValueError, match=r"20 text tokens per caption but data.max_tokens=12: "
                                          r"set data.max_tokens=20"):
-        data = build_dataloader(cfg, 4, 0, 1)
-        resolve_model_input(cfg, data.shards, data.metadata, data.encoder_dim)
+        encoder = text_encoder_from_config(cfg.data)
+        data = describe_data(cfg)
+        build_dataloader(cfg, encoder, 4, 0, 1)
+        resolve_model_input(cfg, data.shards, data.metadata, encoder.dim)
 
 
 def test_shards_made_with_other_text_settings_are_refused_by_name(tmp_path):
     """`data convert --text-multiplier 10` records it in crossflow_features.json; training with
     data.text_multiplier=1 would embed sample-time prompts differently: refused, naming both values."""
+    from data_pipeline.features import text_encoder_from_config
     from tests.conftest import tiny_overrides
     from cluster.cli import main
     from trainer.config import load_config
@@ -129,4 +132,4 @@ def test_shards_made_with_other_text_settings_are_refused_by_name(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"data.source": "wds", "data.path": path}))
     with pytest.raises(ValueError, match=r"text_multiplier=10.0 \(crossflow_features.json\) but "
                                          r"data.text_multiplier=1.0: set data.text_multiplier=10.0"):
-        build_dataloader(cfg, 4, 0, 1)
+        build_dataloader(cfg, text_encoder_from_config(cfg.data), 4, 0, 1)

@@ -68,15 +68,16 @@ def test_bad_folders_and_settings_are_clear_errors(folders, tmp_path):
 
 
 def test_training_embeds_prompts_as_configured(folders, tmp_path):
-    """build_dataloader's caption cache (what sampling prompts go through) uses the configured T5
+    """Training's caption cache (what sampling prompts go through) uses the configured T5
     folder, hidden layer and multiplier: the same numbers `data features` stores."""
     from tests.conftest import tiny_overrides
     from trainer.config import load_config
-    from trainer.loop import build_dataloader
+    from trainer.loop import build_dataloader, caption_cache
     cfg = load_config(None, tiny_overrides(tmp_path / "run", **{
         "data.text_encoder": folders["t5-encoder"], "data.text_hidden_layer": -2, "data.text_multiplier": 10,
         "data.num_samples": 8}))
-    emb, mask = build_dataloader(cfg, 4, 0, 1).captions.encode(CAPTIONS)
+    encoder = text_encoder_from_config(cfg.data)
+    emb, mask = caption_cache(cfg, encoder, build_dataloader(cfg, encoder, 4, 0, 1)).encode(CAPTIONS)
     ref_emb, ref_mask = load_text_encoder(folders["t5-encoder"], hidden_layer=-2, multiplier=10).encode(CAPTIONS, 12)
     np.testing.assert_array_equal(emb.numpy(), ref_emb.astype(np.float32))
     np.testing.assert_array_equal(mask.numpy(), ref_mask)

@@ -1,0 +1,102 @@
+"""Endless, resumable batch streams for training: ``next(stream)`` is a batch dict, ``state_dict()``
+is where the stream stands and ``load_state_dict`` resumes exactly the batches that follow.
+
+``ShapesStream``: the synthetic shapes dataset, one permutation per (seed, epoch) dealt to the ranks.
+``ShardStream``: MDS or WebDataset shards (local or s3://) through ``data_pipeline.readers``.
+Nothing here knows the model, the training loop or the launcher.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from data_pipeline.datasets import ShapesTextDataset
+
+
+@dataclass
+class DataPosition:
+    """Where the shapes stream stands: resuming from it replays exactly the batches that follow."""
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation per (seed, epoch), dealt round-robin to ranks, starting at ``start``."""
+
+    def __init__(self, n: int, seed: int, epoch: int, rank: int, world_size: int, start: int = 0):
+        self.n, self.seed, self.epoch, self.rank, self.world, self.start = n, seed, epoch, rank, world_size, start
+
+    def indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        per_rank = self.n // self.world  # every rank gets the same count
+        return perm[self.rank::self.world][:per_rank][self.start:].tolist()
+
+    def __iter__(self):
+        return iter(self.indices())
+
+    def __len__(self) -> int:
+        return self.n // self.world - self.start
+
+
+def iterate_batches(dataset, batch_size: int, seed: int, rank: int, world_size: int, num_workers: int,
+                    position: DataPosition):
+    """Batches forever, epoch after epoch; ``position`` is advanced as each batch is handed out."""
+    while True:
+        sampler = EpochSampler(len(dataset), seed, position.epoch, rank, world_size,
+                               position.batch_in_epoch * batch_size)
+        if len(sampler) < batch_size and position.batch_in_epoch == 0:
+            raise ValueError(f"dataset of {len(dataset)} samples is smaller than one batch per rank ({batch_size})")
+        # Its own generator: creating an iterator must not draw from the global RNG (exact resume).
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                            num_workers=num_workers, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(seed + position.epoch))
+        for batch in loader:
+            position.batch_in_epoch += 1
+            yield batch
+        position.epoch += 1
+        position.batch_in_epoch = 0
+
+
+class ShapesStream:
+    """The synthetic shapes dataset as an endless, resumable stream of batches."""
+
+    def __init__(self, dataset: ShapesTextDataset, batch_size: int, seed: int, rank: int, world_size: int,
+                 num_workers: int):
+        self.dataset, self.position = dataset, DataPosition()
+        self._args = (dataset, batch_size, seed, rank, world_size, num_workers)
+        self._it = None
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = iterate_batches(*self._args, self.position)
+        return next(self._it)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.position.epoch, "batch_in_epoch": self.position.batch_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position, self._it = DataPosition(**state), None
+
+
+class ShardStream:
+    """MDS or WebDataset shards (local or s3://) as an endless, resumable stream of batches."""
+
+    def __init__(self, loader):
+        from data_pipeline.readers import iterate_forever
+        self.loader, self._iterate = loader, iterate_forever
+        self._it = None
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = self._iterate(self.loader)
+        return next(self._it)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._it = None

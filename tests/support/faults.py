@@ -1,0 +1,116 @@
+"""Fault injection for tests, installed from outside production code.
+
+A fault wraps a production function after import; production code has no hook for it.
+
+- ``nan_loss_at(steps)``: the loss of those optimizer steps (1-based) becomes NaN before backward,
+  so their gradients are non-finite and DeepSpeed skips the step (the NaN guard's case).
+- ``kill_in_save(step)``: SIGKILL the process inside the save of ``step``, right after DeepSpeed
+  wrote its files into the temporary directory (the atomic-save case).
+- ``kill_before_report(rank, step)``: SIGKILL that Ray Train worker after its checkpoint of
+  ``step`` is complete but before it reports it to Ray (the lost-report case).
+
+In this process: ``with installed(nan_loss_at([3])): train(cfg)``. In child processes (torchrun
+ranks, Ray workers: they inherit the environment): ``env=fault_env(kill_in_save(8))`` puts
+``faults_site/`` first on PYTHONPATH, whose ``sitecustomize`` installs the faults that
+``CROSSFLOW_FAULTS`` names as their modules are imported.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+FAULTS_ENV = "CROSSFLOW_FAULTS"  # JSON list of [name, args] pairs
+SITE_DIR = Path(__file__).resolve().parent / "faults_site"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """``patch(module)`` wraps a function of ``module`` and returns an undo."""
+    name: str
+    args: tuple
+    module: str  # the module whose import installs the fault
+
+    def patch(self, module):
+        return PATCHES[self.name](module, *self.args)
+
+
+def nan_loss_at(steps) -> Fault:
+    return Fault("nan_loss_at", (sorted(int(s) for s in steps),), "trainer.engine")
+
+
+def kill_in_save(step: int) -> Fault:
+    return Fault("kill_in_save", (int(step),), "trainer.engine")
+
+
+def kill_before_report(rank: int, step: int) -> Fault:
+    return Fault("kill_before_report", (int(rank), int(step)), "ray.train")
+
+
+def _replace(owner, name: str, wrap):
+    original = getattr(owner, name)
+    setattr(owner, name, wrap(original))
+    return lambda: setattr(owner, name, original)
+
+
+def _patch_nan_loss(engine_module, steps: list[int]):
+    def wrap(backward):
+        def backward_with_nan(self, loss):
+            # DeepSpeed's global_steps counts optimizer steps taken or skipped (restored on resume)
+            if self.ds.global_steps + 1 in steps:
+                loss = loss * float("nan")
+            return backward(self, loss)
+        return backward_with_nan
+    return _replace(engine_module.Engine, "backward", wrap)
+
+
+def _patch_kill_in_save(engine_module, step: int):
+    from trainer.checkpoint import tmp_tag
+
+    def wrap(save):
+        def save_then_die(self, directory, tag):
+            save(self, directory, tag)
+            if tag == tmp_tag(step):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return save_then_die
+    return _replace(engine_module.Engine, "save", wrap)
+
+
+def _patch_kill_before_report(train_module, rank: int, step: int):
+    def wrap(report):
+        def die_then_report(metrics, *args, **kwargs):
+            if train_module.get_context().get_world_rank() == rank and metrics.get("step") == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return report(metrics, *args, **kwargs)
+        return die_then_report
+    return _replace(train_module, "report", wrap)
+
+
+PATCHES = {"nan_loss_at": _patch_nan_loss, "kill_in_save": _patch_kill_in_save,
+           "kill_before_report": _patch_kill_before_report}
+
+
+@contextlib.contextmanager
+def installed(*faults: Fault):
+    """The faults, in this process, for the duration of the block."""
+    import importlib
+    undo = [f.patch(importlib.import_module(f.module)) for f in faults]
+    try:
+        yield
+    finally:
+        for u in reversed(undo):
+            u()
+
+
+def fault_env(*faults: Fault, base: dict | None = None) -> dict:
+    """Environment variables that install ``faults`` in every child Python process."""
+    base = os.environ if base is None else base
+    path = os.pathsep.join(p for p in (str(SITE_DIR), base.get("PYTHONPATH", "")) if p)
+    return {FAULTS_ENV: json.dumps([[f.name, list(f.args), f.module] for f in faults]), "PYTHONPATH": path}
+
+
+def faults_from_env(value: str) -> list[Fault]:
+    return [Fault(name, tuple(args), module) for name, args, module in json.loads(value)]

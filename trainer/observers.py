@@ -1,0 +1,177 @@
+"""Observers of training: sample grids and ShapesEval. They watch, never change training.
+
+``trainer.loop.train`` calls, on every rank and in this order, each observer's
+``on_batch(batch)`` for every micro-batch it draws, ``on_step_end(step)`` after each optimizer step
+(after that step's logging and checkpoint) and ``on_train_end(step, stopped)`` after the final
+checkpoint. Sampling runs the EMA weights and is collective under ZeRO-3 (every rank runs the
+forward passes); rank 0 writes the files. Sampling draws z0 from generators seeded per grid
+column (``trainer.sampling.encode_prompts``), not from the training RNG streams.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.features import CaptionCache
+from data_pipeline.shapes import ShapesGenerator, caption as scene_caption, render
+from trainer.inference import Generator, image_grid
+
+GRID_SEEDS = 4  # samples per prompt in a grid: enough to see the spread a prompt gets, one row wide
+GRID_SCALE = 4  # grid pixels per image pixel: 32-pixel shapes samples are legible at 128
+
+
+class Observer:
+    """Base: every hook does nothing."""
+
+    def on_batch(self, batch: dict) -> None:
+        pass
+
+    def on_step_end(self, step: int) -> None:
+        pass
+
+    def on_train_end(self, step: int, stopped: bool) -> None:
+        pass
+
+    def summary(self) -> dict[str, float]:
+        """What this observer adds to the run's summary.json."""
+        return {}
+
+
+def heldout_prompts(cfg, n: int) -> list:
+    """The first ``n`` scenes of the held-out split (attribute pairs never seen in training)."""
+    gen = ShapesGenerator(cfg.data.resolution, cfg.data.max_groups, "heldout", cfg.data.seed)
+    return [gen.scene(i) for i in range(n)]
+
+
+class SeenSamples:
+    """The first ``limit`` training samples' captions and targets (stored latent or image, on the
+    CPU): prompts and reference column of the sample grids for shard data."""
+
+    def __init__(self, limit: int):
+        self.limit, self.captions, self.targets = limit, [], []
+
+    def add(self, batch: dict) -> None:
+        take = self.limit - len(self.captions)
+        if take <= 0:
+            return
+        self.captions += list(batch["caption"])[:take]
+        target = batch["latent"] if "latent" in batch else batch.get("image")
+        if target is not None:
+            self.targets += list(target[:take].detach().cpu())  # each (C, h, w)
+
+
+def sample_grid_rows(gen: Generator, prompts: list[str], references: list | None, seeds: int = GRID_SEEDS) -> list:
+    samples = [gen.generate(prompts, seed=k) for k in range(seeds)]  # seeds x B images
+    return [([references[i]] if references else []) + [samples[k][i] for k in range(seeds)]
+            for i in range(len(prompts))]
+
+
+def reference_images(gen: Generator, seen: SeenSamples, n: int, side: int) -> list[np.ndarray] | None:
+    """The stored samples behind the first ``n`` seen captions as (side, side, 3) uint8 images: a latent
+    decoded by the codec, an image as it is; resized to the samples' side."""
+    if len(seen.targets) < n:
+        return None
+    from PIL import Image
+    images = gen.images(torch.stack(seen.targets[:n]))  # (n, C, h, w) -> n x (H, W, 3)
+    return [im if im.shape[0] == side else np.asarray(Image.fromarray(im).resize((side, side), Image.BICUBIC))
+            for im in images]
+
+
+class SampleGrids(Observer):
+    """Every ``train.sample_every`` steps and at the end (not after a stop request: it wants the
+    checkpoint, not the minutes of sampling): ``samples/step_N.png`` / ``final.png``, one row per
+    prompt (``sample.prompts_file``, else held-out shapes scenes with the generator's own rendering
+    first, else captions seen in training with their stored sample, decoded, first), then
+    ``GRID_SEEDS`` EMA samples decoded by ``codec``; logged as images."""
+
+    def __init__(self, cfg, engine, codec, captions: CaptionCache, metrics, rank: int):
+        self.cfg, self.engine, self.codec, self.captions = cfg, engine, codec, captions
+        self.metrics, self.rank = metrics, rank
+        self.seen = SeenSamples(cfg.sample.num_prompts)
+        self.final_path = Path(cfg.train.out_dir) / "samples" / "final.png"
+
+    def on_batch(self, batch: dict) -> None:
+        self.seen.add(batch)
+
+    def on_step_end(self, step: int) -> None:
+        every = self.cfg.train.sample_every
+        if every and step % every == 0 and step < self.cfg.train.steps:
+            self.write(Path(self.cfg.train.out_dir) / "samples" / f"step_{step:08d}.png", step)
+
+    def on_train_end(self, step: int, stopped: bool) -> None:
+        if not stopped:
+            self.write(self.final_path, step)
+
+    def prompts(self) -> tuple[list[str], list | None]:
+        """The grid's prompts and, when known without sampling, their reference images."""
+        cfg = self.cfg
+        if cfg.sample.prompts_file:
+            lines = Path(cfg.sample.prompts_file).read_text().splitlines()
+            return [line.strip() for line in lines if line.strip()][:cfg.sample.num_prompts], None
+        if cfg.data.source == "shapes":
+            scenes = heldout_prompts(cfg, cfg.sample.num_prompts)
+            return [scene_caption(s) for s in scenes], [render(s, cfg.data.resolution) for s in scenes]
+        return self.seen.captions[:cfg.sample.num_prompts], None
+
+    def write(self, path: Path, step: int) -> None:
+        prompts, refs = self.prompts()
+        with self.engine.ema_weights() as model:
+            model.eval()
+            gen = Generator(model, self.codec, self.captions, self.cfg, self.engine.device)
+            rows = sample_grid_rows(gen, prompts, refs)
+            if refs is None and not self.cfg.sample.prompts_file:
+                refs = reference_images(gen, self.seen, len(prompts), rows[0][0].shape[0])
+                rows = [[refs[i]] + row for i, row in enumerate(rows)] if refs else rows
+            model.train()
+        if self.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image_grid(rows, scale=GRID_SCALE).save(path)
+            path.with_suffix(".txt").write_text("\n".join(f"row {i}: {p}" for i, p in enumerate(prompts)) + "\n")
+        self.metrics.log_image(path, step)
+
+
+class ShapesEvalObserver(Observer):
+    """ShapesEval of the EMA weights every ``eval.every`` steps and at the end (not after a stop
+    request); rank 0 writes ``eval/shapes_step_N.txt``; the scores are logged as metrics and the
+    final ones kept in ``final_scores`` (``shapes_eval/<name>``) for the run's summary."""
+
+    def __init__(self, cfg, engine, codec, captions: CaptionCache, metrics, rank: int):
+        self.cfg, self.engine, self.codec, self.captions = cfg, engine, codec, captions
+        self.metrics, self.rank = metrics, rank
+        self.final_scores: dict[str, float] = {}
+
+    def on_step_end(self, step: int) -> None:
+        every = self.cfg.eval.every
+        if every and step % every == 0 and step < self.cfg.train.steps:
+            self.metrics.log({"step": step, **self.evaluate(step)})
+
+    def on_train_end(self, step: int, stopped: bool) -> None:
+        if not stopped:
+            self.final_scores = self.evaluate(step)
+            self.metrics.log({"step": step, **self.final_scores})
+
+    def summary(self) -> dict[str, float]:
+        return self.final_scores
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        from trainer.eval.cli import sample_shapes_eval
+        with self.engine.ema_weights() as model:
+            model.eval()
+            gen = Generator(model, self.codec, self.captions, self.cfg, self.engine.device)
+            report = sample_shapes_eval(gen, self.cfg.data.max_groups, self.cfg.eval.images_per_prompt)
+            model.train()
+        if self.rank == 0:
+            out = Path(self.cfg.train.out_dir) / "eval"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"shapes_step_{step:08d}.txt").write_text(report.table() + "\n")
+        return {f"shapes_eval/{k}": float(v) for k, v in report.summary().items()}
+
+
+def build_observers(cfg, engine, codec, captions: CaptionCache, metrics, rank: int) -> list[Observer]:
+    """Sample grids always; ShapesEval when ``eval.shapes`` and the data is the shapes generator."""
+    observers: list[Observer] = [SampleGrids(cfg, engine, codec, captions, metrics, rank)]
+    if cfg.eval.shapes and cfg.data.source == "shapes":
+        observers.append(ShapesEvalObserver(cfg, engine, codec, captions, metrics, rank))
+    return observers
