@@ -104,7 +104,8 @@ class Featurizer:
         return meta
 
 
-def _batched(it: Iterable, n: int) -> Iterator[list]:
+def batched(it: Iterable, n: int) -> Iterator[list]:
+    """Lists of ``n`` items (the last one shorter) from an iterable."""
     buf = []
     for x in it:
         buf.append(x)
@@ -144,7 +145,7 @@ def convert(items: Iterable[SourceItem], fmt: str, out: str, *, shard_bytes: int
                    "meta": item.meta}
 
     try:
-        for batch in _batched(good_records(), batch_size):
+        for batch in batched(good_records(), batch_size):
             for rec in featurizer(batch) if featurizer else batch:
                 writer.write(rec)
         summary.absorb(writer.close())

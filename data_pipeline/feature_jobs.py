@@ -39,6 +39,7 @@ import numpy as np
 
 from data_pipeline.metadata import (DEFAULT_MAX_TOKENS, FeatureMetadata, LatentSpec, TextSpec,
                                     read_feature_metadata, write_feature_metadata)
+from data_pipeline.convert import batched as _batched
 from data_pipeline.s3 import check_bucket, is_remote, s3_filesystem, sync_endpoint_env
 from data_pipeline.writers import MDS_INDEX, WDS_INDEX, detect_format, open_writer
 
@@ -258,17 +259,6 @@ class _ShardReader:
             return
         with tempfile.TemporaryDirectory(prefix="crossflow-mds-shard-") as scratch:
             yield from _mds_shard_records(self.src, shard, scratch)
-
-
-def _batched(it, n: int) -> Iterator[list]:
-    buf = []
-    for x in it:
-        buf.append(x)
-        if len(buf) == n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,16 +154,24 @@ def save_weights(path: Path, state_dict: dict, model_args, config: dict, prefix:
     os.replace(tmp, path)
 
 
-def load_weights(path: str | Path) -> tuple[dict, dict, dict]:
-    """(state_dict, model_args, config) of a weights file; an export's ``ema.`` weights win when present."""
+def _crossflow_metadata(path: str | Path) -> dict:
+    """The safetensors header metadata of a crossflow weights file or export (no tensors read)."""
     from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        if "model_args" not in meta:
-            raise CheckpointError(f"{path} has no crossflow model_args metadata: not a crossflow export")
+    if "model_args" not in meta:
+        raise CheckpointError(f"{path} has no crossflow model_args metadata: not a crossflow export")
+    return meta
+
+
+def load_weights(path: str | Path) -> tuple[dict, dict, dict]:
+    """(state_dict, model_args, config) of a weights file; an export's ``ema.`` weights win when present."""
+    from safetensors import safe_open
+    meta = _crossflow_metadata(path)
+    with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
         prefix = "ema." if any(k.startswith("ema.") for k in keys) else ("model." if keys[0].startswith("model.") else "")
         state = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
@@ -173,14 +181,7 @@ def load_weights(path: str | Path) -> tuple[dict, dict, dict]:
 def read_weights_metadata(path: str | Path) -> tuple[dict, dict, "FeatureMetadata"]:
     """(model_args, config, feature metadata) of a weights file or export, without reading its
     tensors; the feature metadata is empty for files written before it existed."""
-    from safetensors import safe_open
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "model_args" not in meta:
-        raise CheckpointError(f"{path} has no crossflow model_args metadata: not a crossflow export")
+    meta = _crossflow_metadata(path)
     features = FeatureMetadata.from_dict(json.loads(meta.get("features") or "{}"))
     return json.loads(meta["model_args"]), json.loads(meta["config"]), features
 
