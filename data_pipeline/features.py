@@ -217,11 +217,17 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def require_autoencoder_folder(path: str | Path) -> None:
-    if not (Path(path).expanduser() / "config.json").is_file():
+def require_autoencoder_folder(path: str | Path, what: str = "image autoencoder") -> dict:
+    """The config.json of a local diffusers AutoencoderKL folder, no weights loaded; a clear error
+    naming ``what`` and the path when it is missing."""
+    config = Path(path).expanduser() / "config.json"
+    if not config.is_file():
         raise FileNotFoundError(
-            f"image autoencoder not found at {path}: give a local directory holding a diffusers AutoencoderKL "
-            f"(config.json and weights, as written by save_pretrained); crossflow never downloads weights")
+            f"{what} not found at {str(path)!r}: give a local directory holding a diffusers AutoencoderKL "
+            f"(config.json and weights, diffusion_pytorch_model.safetensors, as written by save_pretrained); "
+            f"crossflow never downloads weights")
+    import json
+    return json.loads(config.read_text())
 
 
 def require_text_encoder(spec: str) -> None:

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from data_pipeline.features import text_encoder_dim
 from data_pipeline.metadata import FeatureMetadata, LatentSpec, TextSpec, check_text_settings
-
-# Widths of text encoders known without loading them (anything else: set data.text_dim or load it).
-KNOWN_TEXT_DIMS = {"minilm": 384}
-
 
 @dataclass(frozen=True)
 class ModelInput:
@@ -33,14 +30,6 @@ class ModelInput:
         """Image tokens of the flow transformer for a patch size p: (h/p)*(w/p) (plus one indicator token)."""
         _, h, w = self.latent_shape
         return (h // patch_size) * (w // patch_size)
-
-
-def known_text_dim(spec: str) -> int | None:
-    """The width of a text encoder without loading its weights: its name, or its folder's config.json."""
-    if spec in KNOWN_TEXT_DIMS:
-        return KNOWN_TEXT_DIMS[spec]
-    from data_pipeline.features import text_encoder_dim
-    return text_encoder_dim(spec)
 
 
 def _space(cfg, shards: dict | None) -> str:
@@ -68,7 +57,7 @@ def declared_model_input(cfg, encoder_dim: int | None = None) -> ModelInput:
     d = cfg.data
     space = d.space if d.space != "auto" else ("pixels" if d.source == "shapes" else "latent")
     shape = declared_shape(d, space)
-    text_dim = d.text_dim or encoder_dim or known_text_dim(d.text_encoder)
+    text_dim = d.text_dim or encoder_dim or text_encoder_dim(d.text_encoder)
     if not text_dim:
         raise ValueError(f"the width of data.text_encoder={d.text_encoder!r} is not known without loading it: "
                          f"set data.text_dim (768 for CLIP ViT-L/14, 4096 for T5-XXL)")
@@ -157,7 +146,7 @@ def _text_dim(cfg, shards: dict | None, encoder_dim: int | None, where: str) -> 
     if d.text_dim and (text_dim or encoder_dim) and d.text_dim != (text_dim or encoder_dim):
         raise ValueError(f"data.text_dim={d.text_dim} but {where if text_dim else 'data.text_encoder'} gives "
                          f"{text_dim or encoder_dim}-d text features")
-    text_dim = text_dim or encoder_dim or d.text_dim or known_text_dim(d.text_encoder)
+    text_dim = text_dim or encoder_dim or d.text_dim or text_encoder_dim(d.text_encoder)
     if not text_dim:
         raise ValueError("cannot tell the text feature width: set data.text_dim")
     return int(text_dim)

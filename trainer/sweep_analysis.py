@@ -83,19 +83,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def text_dim_of(spec: str) -> int:
     """Width of the text encoder's token embeddings, without loading its weights when possible."""
-    if spec == "minilm":
-        from data_pipeline.features import minilm_path
-        path = minilm_path()
-    else:
-        path = Path(spec)
-    config = path / "config.json"
-    if config.is_file():
-        values = json.loads(config.read_text())
-        for key in ("hidden_size", "d_model"):
-            if key in values:
-                return int(values[key])
-    from data_pipeline.features import load_text_encoder
-    return load_text_encoder(spec).dim
+    from data_pipeline.features import load_text_encoder, text_encoder_dim
+    return text_encoder_dim(spec) or load_text_encoder(spec).dim
 
 
 def model_on_meta(cfg):

@@ -8,14 +8,12 @@ diffusers AutoencoderKL loaded from a local folder (the paper's SD-VAE setting):
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
+from data_pipeline.features import require_autoencoder_folder
 from data_pipeline.metadata import LatentSpec
-
-AUTOENCODER_FILES = "config.json and the weights (diffusion_pytorch_model.safetensors), as save_pretrained writes them"
 
 
 class PixelCodec:
@@ -41,11 +39,7 @@ class PixelCodec:
 # ----------------------------------------------------------------------------- autoencoder folders
 def autoencoder_config(folder: str | Path, what: str = "autoencoder") -> dict:
     """The config.json of a local diffusers AutoencoderKL folder; a clear error when it is missing."""
-    path = Path(folder)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{what} not found at {str(folder)!r}: give a local folder holding a diffusers "
-                                f"AutoencoderKL ({AUTOENCODER_FILES}); crossflow never downloads weights")
-    return json.loads((path / "config.json").read_text())
+    return require_autoencoder_folder(folder, what)
 
 
 def autoencoder_downsample(config: dict) -> int:
