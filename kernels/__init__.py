@@ -49,6 +49,7 @@ BACKENDS = ("auto", "triton", "torch")
 IMPLEMENTATIONS = ("triton", "torch", "cudnn", "by-length")
 BY_LENGTH_MAX_TRITON_N = 512
 
+
 @dataclass(frozen=True)
 class KernelOps:
     """The five ops. ``backend``: "triton", "torch", or "auto" (``implementations`` says which
