@@ -9,20 +9,20 @@ WORLD_SIZE, LOCAL_RANK; ``trainer.engine.init_distributed`` joins it.
 Checkpoints: the loop writes ``<out_dir>/checkpoints/step_XXXXXXXX`` collectively; after each one,
 every rank reports the files it wrote (its ZeRO shards, RNG, EMA partition; rank 0 also the
 shared files) and Ray merges them into ``<storage_path>/<name>/step_XXXXXXXX``: the same flat
-layout, so ``trainer.checkpoint.load_checkpoint`` reads Ray's copy directly.
+layout, so ``trainer.checkpoint.load_checkpoint`` reads a rank's part of it as it is.
 
 Failures: when a worker dies, Ray restarts the group (``cluster.max_failures``); the new workers
 get the last reported checkpoint from ``ray.train.get_checkpoint()`` and resume from it (weights,
 optimizer, step, data position, RNG), so at most one ``train.ckpt_every`` interval is redone. Each
 worker fetches only the files its rank reads (``trainer.checkpoint.resume_files``: its ZeRO shards,
 RNG and EMA partition, and the shared files), not every rank's shards, into its node's
-``<out_dir>/checkpoints/step_XXXXXXXX`` (hard links when the storage is a local folder).
+``<out_dir>/checkpoints/step_XXXXXXXX`` (hard links when the storage is a local folder). Each
+launch has an id written into its checkpoints: a checkpoint of an earlier launch of the same run
+name is resumed only with ``train.resume=auto``.
 
 Several nodes: ``out_dir`` may be one shared folder or the same path on each node's own disk; then
 rank 0's node holds the committed checkpoints and every other node its ranks' part, and after each
 checkpoint is stored (every rank reported) each node prunes its own folder to ``train.keep_last``.
-Each launch has an id written into its checkpoints: a checkpoint of an earlier launch of the same
-run name is resumed only with ``train.resume=auto``.
 
 Shutdown: the first Ctrl-C / SIGTERM on the driver asks the workers to stop; they agree at the
 next logging step, write a final checkpoint and return. A second signal, or
@@ -226,8 +226,8 @@ def fetch_resume_files(checkpoint: ray.train.Checkpoint, rank: int, dest: Path) 
     wanted = set(resume_files({name.split("/")[0] for name in stored}, rank))
     mine = {n: i for n, i in stored.items() if n.split("/")[0] in wanted}
     shared = {n: i for n, i in mine.items() if file_rank(n.split("/")[0]) is None}
-    lock = Path(tempfile.gettempdir()) / f"crossflow-fetch-{hashlib.sha1(str(dest.resolve()).encode()).hexdigest()[:16]}.lock"
-    with filelock.FileLock(lock):
+    node_lock = hashlib.sha1(str(dest.resolve()).encode()).hexdigest()[:16]
+    with filelock.FileLock(Path(tempfile.gettempdir()) / f"crossflow-fetch-{node_lock}.lock"):
         fetched = [n for n, info in sorted(shared.items()) if _fetch_file(fs, info, dest / n)]
     return fetched + [n for n, info in sorted(mine.items()) if n not in shared and _fetch_file(fs, info, dest / n)]
 

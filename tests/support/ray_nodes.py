@@ -56,7 +56,8 @@ def start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
     deadline = time.monotonic() + 120
     while "Ray runtime started" not in log.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"{shlex.join(cmd[:6])}... did not start (rc {proc.poll()}):\n{log.read_text()[-3000:]}")
+            raise AssertionError(f"{shlex.join(cmd[:6])}... did not start (rc {proc.poll()}):\n"
+                                 f"{log.read_text()[-3000:]}")
         time.sleep(0.2)
     return proc
 
