@@ -1,10 +1,11 @@
 """Two Ray nodes on one machine, as ``ray start`` makes them on two: a head and a node that joins it.
 
-``two_nodes(root, run_dir, node_b_disk)`` starts ``ray start --head --block`` (node A, IP 127.0.0.1)
-and ``ray start --address ... --block`` (node B, IP 127.0.0.2: another loopback address, so Ray
-sees two hosts and gives each its own local ranks), each with one CPU, its own temp dir and its
-own ports. Node B runs in its own mount namespace where ``run_dir`` is ``node_b_disk`` bind-mounted:
-the same path string names another folder on node B, as one path on two machines' own disks does.
+``two_nodes(run_dir, node_b_disk, env)`` starts ``ray start --head --block`` (node A) and
+``ray start --address ... --block`` (node B) at once, each with one CPU, its own temp dir and its
+own ports. Node B's IP is 127.0.0.2, a loopback address other than the head's, so Ray sees two
+hosts and gives each its own local ranks. Node B runs in its own mount namespace where ``run_dir``
+is ``node_b_disk`` bind-mounted: the same path string names another folder on node B, as one path
+on two machines' own disks does.
 On leaving, every process of both nodes (the ``ray start`` processes, their children, and any
 process naming the nodes' temp dirs) is killed by pid; nothing else on the machine is touched
 (``ray stop`` would end every Ray cluster of this user).
@@ -51,15 +52,17 @@ def node_args(ip: str, temp_dir: Path) -> list[str]:
             "--metrics-export-port", str(free_port()), "--min-worker-port", "0", "--max-worker-port", "0"]
 
 
-def start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
+def launch(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_started(proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
     while "Ray runtime started" not in log.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"{shlex.join(cmd[:6])}... did not start (rc {proc.poll()}):\n"
+            raise AssertionError(f"{shlex.join(proc.args[:8])}... did not start (rc {proc.poll()}):\n"
                                  f"{log.read_text()[-3000:]}")
         time.sleep(0.2)
-    return proc
 
 
 def stop(procs: list[subprocess.Popen], temp_dirs: list[Path]) -> None:
@@ -97,10 +100,13 @@ def two_nodes(run_dir: Path, node_b_disk: Path, env: dict):
         port = free_port()
         head = [RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false",
                 "--ray-client-server-port", str(free_port()), *node_args("127.0.0.1", temp_dirs[0])]
-        procs.append(start(head, temp_dirs[0] / "start.log", env))
         join = shlex.join([RAY, "start", "--address", f"127.0.0.1:{port}", *node_args("127.0.0.2", temp_dirs[1])])
         mount = shlex.join(["mount", "--bind", str(node_b_disk), str(run_dir)])
-        procs.append(start([*prefix, "sh", "-c", f"{mount} && exec {join}"], temp_dirs[1] / "start.log", env))
+        logs = [t / "start.log" for t in temp_dirs]
+        # both at once: node B retries the head's GCS until it answers
+        procs += [launch(head, logs[0], env), launch([*prefix, "sh", "-c", f"{mount} && exec {join}"], logs[1], env)]
+        for proc, log in zip(procs, logs):
+            wait_started(proc, log)
         yield f"127.0.0.1:{port}"
     finally:
         stop(procs, temp_dirs)
