@@ -66,7 +66,10 @@ def format_duration(seconds: float) -> str:
 class MetricsLogger:
     """Rank 0 appends one JSON record per logging interval to ``<out_dir>/metrics.jsonl``. Opened
     at ``start_step`` (a resume), it first drops the records of later steps, which the run redoes:
-    after a restart from an earlier checkpoint each step is recorded once, the redone one winning."""
+    after a restart from an earlier checkpoint each step is recorded once, the redone one winning.
+    W&B (the same run id, ``resume="allow"``) ignores steps below the run's current one, so there
+    the first values of redone steps stay; its rewind (``resume_from``, beta, done by the server)
+    is not used."""
 
     def __init__(self, out_dir: str | Path, log_cfg, config: dict, total_steps: int, start_step: int = 0,
                  rank: int = 0):
