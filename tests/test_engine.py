@@ -111,16 +111,20 @@ def test_zero_stage_reproduces_the_golden_losses(runs, stage):
 def test_each_rank_resumes_from_its_own_files_and_the_shared_ones(runs, stage):
     """``resume_files`` on a real 2-rank checkpoint (what a restarted Ray worker fetches): each rank
     gets its own ZeRO shards (optimizer; under ZeRO-3 also the model's), RNG and EMA partition,
-    plus every shared file; nothing of the other rank; the two selections cover the checkpoint."""
+    plus every shared file but the consolidated weights (resuming reads only their metadata, which
+    model.json, config.yaml and crossflow_features.json hold); nothing of the other rank."""
     names = {p.name for p in latest_checkpoint(runs / f"zero{stage}").iterdir()}
     picks = {r: set(resume_files(names, r)) for r in (0, 1)}
-    shared = {"trainer.pt", "weights.safetensors", "config.yaml", "crossflow_features.json"}
+    shared = {"trainer.pt", "model.json", "config.yaml", "crossflow_features.json"}
     shared |= set() if stage == 3 else {"mp_rank_00_model_states.pt", "ema.pt"}
     for r in (0, 1):
         own = {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", f"rng_rank{r}.pt"}
         own |= {f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", f"ema_rank{r}.pt"} if stage == 3 else set()
         assert picks[r] == own | shared, (stage, r, sorted(names))
-    assert picks[0] | picks[1] == names
+        assert "weights.safetensors" not in picks[r]
+    assert picks[0] | picks[1] == names - {"weights.safetensors"}
+    old = names - {"model.json"}  # a checkpoint written before model.json: its weights' header is needed
+    assert "weights.safetensors" in set(resume_files(old, 1))
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -118,6 +118,7 @@ def test_two_nodes_worker_killed_resumes_from_its_ranks_files(tmp_path):
     bare = [k for k in nodes if not before[k]]  # the node that was not rank 0's before the kill
     assert len(bare) == 1 and after[bare[0]] == set(resume_files(stored[every], new_pids[bare[0]][0]))
     assert after[bare[0]] != stored[every]  # not the whole merged checkpoint
+    assert "weights.safetensors" in stored[every] and "weights.safetensors" not in after[bare[0]]
 
     for k, n in nodes.items():
         assert not list((n / "checkpoints").glob(".tmp-step_*")), k
