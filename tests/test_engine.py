@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.golden import assert_matches_golden, golden, golden_overrides
-from tests.support.faults import fault_env, installed, kill_in_save, nan_loss_at
+from tests.support.faults import fault_env, installed, kill_in_save, measure_ema_weights, nan_loss_at
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import load_config
 from trainer.metrics import read_metrics
@@ -84,7 +84,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
     train(config(root / "single", **{"train.zero_stage": 2}))
     for stage in (1, 2, 3):
-        finish(torchrun(root / f"zero{stage}", **{"train.zero_stage": stage}))
+        run = root / f"zero{stage}"
+        finish(torchrun(run, env=fault_env(measure_ema_weights(run / "probe")), **{"train.zero_stage": stage}))
     yield root
     for f in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
         with __import__("contextlib").suppress(OSError):
@@ -104,6 +105,28 @@ def test_zero_stage_reproduces_the_golden_losses(runs, stage):
     dist = losses(runs / f"zero{stage}")
     assert sorted(dist) == list(range(1, STEPS + 1))
     assert_matches_golden(dist, f"2-rank ZeRO-{stage}")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_only_rank0_builds_the_consolidated_ema(runs, stage):
+    """At a save, rank 0 alone builds the float32 CPU copy of the EMA that weights.safetensors
+    holds (4.6 GB a rank at 0.95B); rank 1 builds none (under ZeRO-3 it joins the gathers only).
+    The file holds the EMA exactly: rank 0's ema.pt under ZeRO-1/2, the ranks' partitions joined
+    under ZeRO-3."""
+    from safetensors.torch import load_file
+    run = runs / f"zero{stage}"
+    ckpt = latest_checkpoint(run)
+    weights = load_file(str(ckpt / "weights.safetensors"))
+    built = [[r["bytes"] for r in read_metrics(run / "probe" / f"ema_weights_rank{rank}.jsonl")] for rank in (0, 1)]
+    assert built == [[sum(t.nbytes for t in weights.values())], [0]]  # one save: the final one
+    if stage < 3:
+        ema = torch.load(ckpt / "ema.pt", weights_only=False)["shadow"]
+    else:  # each rank's partition is a slice of the flattened, padded parameter
+        parts = [torch.load(ckpt / f"ema_rank{r}.pt", weights_only=False)["shadow"] for r in (0, 1)]
+        ema = {n: torch.cat([p[n] for p in parts])[:weights[n].numel()].view_as(weights[n]) for n in parts[0]}
+    assert ema.keys() <= weights.keys()
+    for name, shadow in ema.items():
+        assert torch.equal(weights[name], shadow), name
 
 
 def test_optimizer_offload_trains_like_the_resident_optimizer(runs, tmp_path):

@@ -6,8 +6,8 @@ Layout under ``<out_dir>/checkpoints/``:
         trainer.pt             step and data-stream position
         rng_rank{r}.pt         every rank's RNG states
         ema.pt | ema_rank{r}.pt  EMA (rank 0's copy; every rank's partition under ZeRO-3)
-        weights.safetensors    consolidated EMA weights + model args + config + feature metadata: all
-                               ``crossflow sample`` needs (the autoencoder folder included)
+        weights.safetensors    consolidated fp32 EMA weights (built on rank 0 only) + model args + config
+                               + feature metadata: all ``crossflow sample`` needs (the autoencoder folder included)
         crossflow_features.json  how the training data's latents and text features were made
         config.yaml            the resolved config
     latest                     text file naming the newest complete checkpoint
@@ -269,7 +269,7 @@ def save_checkpoint(engine, stream, cfg, step: int, rank: int, features: Feature
     ema = engine.ema_state_for_rank()
     if ema is not None:
         write_torch(tmp / (f"ema_rank{rank}.pt" if engine.zero_stage == 3 else "ema.pt"), ema)
-    weights = engine.ema_full_state_dict()  # collective under ZeRO-3
+    weights = engine.ema_full_state_dict(keep=rank == 0)  # collective under ZeRO-3; None on other ranks
     if rank == 0:
         write_torch(tmp / "trainer.pt", {"step": step, "data": stream.state_dict()})
         features = features or FeatureMetadata()

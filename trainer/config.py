@@ -72,7 +72,7 @@ class ModelConfig:
 class DataConfig:
     source: str = _f("shapes", "where samples come from: shapes (the synthetic generator), mds or wds (shards at data.path)")
     path: str = _f("", "mds/wds: shard folder or s3://bucket/prefix (endpoint and keys from S3_ENDPOINT_URL/AWS_* variables)")
-    cache_dir: str | None = _f(None, "mds/wds: local cache for s3:// shards (default: <train.out_dir>/shard_cache)")
+    cache_dir: str | None = _f(None, "mds/wds: local cache for s3:// shards (default: node-local, $CROSSFLOW_CACHE_DIR or the temp folder)")
     shuffle: bool = _f(True, "mds/wds: shuffle samples each epoch (seeded by train.seed and the epoch)")
     on_error: str = _f("raise", "mds/wds: a bad sample or shard: raise (error naming it) or skip (drop and count)")
     resolution: int = _f(32, "image side in pixels")

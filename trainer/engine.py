@@ -230,21 +230,40 @@ class EMA:
 
 
 @contextlib.contextmanager
-def gathered(model: nn.Module):
-    """Full parameters on every rank inside the block (ZeRO-3 gathers; otherwise a no-op)."""
-    params = [p for p in model.parameters() if _is_partitioned(p)]
-    if not params:
+def gathered(tensor: torch.Tensor):
+    """The full parameter inside the block: ZeRO-3 gathers it on every rank (collective), read-only
+    (``modifier_rank=None``: nothing is broadcast back); any other tensor as it is."""
+    if not _is_partitioned(tensor):
         yield
         return
     import deepspeed
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
         yield
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of every parameter and buffer, gathered under ZeRO-3 (collective: all ranks call)."""
-    with gathered(model):
-        return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+def _fp32_cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().cpu().clone()
+
+
+def full_state_dict(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor] | None:
+    """A float32 CPU copy of every parameter and buffer, or None where ``keep`` is False.
+
+    Under ZeRO-3 collective: every rank joins each parameter's gather, one parameter at a time (a
+    rank holds one full parameter beyond its partition, not the whole model), and only a keeping
+    rank copies it to the host; DeepSpeed has no gather to one rank, so the others receive it too."""
+    copy = {} if keep else None
+    for name, t in model.state_dict(keep_vars=True).items():
+        with gathered(t):
+            if keep:
+                copy[name] = _fp32_cpu_copy(t)
+    return copy
+
+
+def shadow_state_dict(model: nn.Module, shadow: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's state dict (names, order, buffers) with the EMA's fp32 ``shadow`` in place of
+    each parameter, as float32 CPU copies; for unpartitioned models, whose shadow is whole."""
+    shadow_of = {id(p): shadow[n] for n, p in model.named_parameters()}  # tied weights: one shadow
+    return {k: _fp32_cpu_copy(shadow_of.get(id(t), t)) for k, t in model.state_dict(keep_vars=True).items()}
 
 
 # ----------------------------------------------------------------------------- engine
@@ -312,10 +331,19 @@ class Engine:
             with self.ema.swapped_in(self.module) as m:
                 yield m
 
-    def ema_full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Consolidated EMA weights on every rank (collective under ZeRO-3)."""
-        with self.ema_weights() as m:
-            return full_state_dict(m)
+    def ema_full_state_dict(self, keep: bool = True) -> dict[str, torch.Tensor] | None:
+        """Consolidated float32 EMA weights (the live ones without an EMA) on a rank that ``keep``s
+        them, None on the others. Under ZeRO-3 collective: every rank swaps its EMA partition in
+        and joins the gathers. Otherwise only a keeping rank does any work, reading the EMA's
+        fp32 shadow directly (no swap through the bf16/fp16 weights)."""
+        if self.zero_stage == 3:
+            with self.ema_weights() as m:
+                return full_state_dict(m, keep)
+        if not keep:
+            return None
+        if self.ema is None:
+            return full_state_dict(self.module)
+        return shadow_state_dict(self.module, self.ema.shadow)
 
     def ema_state_for_rank(self) -> dict | None:
         """What this rank must save of the EMA: its partition under ZeRO-3, rank 0's copy otherwise."""
