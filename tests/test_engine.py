@@ -16,7 +16,7 @@ import torch
 
 from tests.golden import assert_matches_golden, golden, golden_overrides
 from tests.support.faults import fault_env, installed, kill_in_save, measure_ema_weights, nan_loss_at
-from trainer.checkpoint import latest_checkpoint
+from trainer.checkpoint import latest_checkpoint, resume_files
 from trainer.config import load_config
 from trainer.metrics import read_metrics
 
@@ -105,6 +105,22 @@ def test_zero_stage_reproduces_the_golden_losses(runs, stage):
     dist = losses(runs / f"zero{stage}")
     assert sorted(dist) == list(range(1, STEPS + 1))
     assert_matches_golden(dist, f"2-rank ZeRO-{stage}")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_rank_resumes_from_its_own_files_and_the_shared_ones(runs, stage):
+    """``resume_files`` on a real 2-rank checkpoint (what a restarted Ray worker fetches): each rank
+    gets its own ZeRO shards (optimizer; under ZeRO-3 also the model's), RNG and EMA partition,
+    plus every shared file; nothing of the other rank; the two selections cover the checkpoint."""
+    names = {p.name for p in latest_checkpoint(runs / f"zero{stage}").iterdir()}
+    picks = {r: set(resume_files(names, r)) for r in (0, 1)}
+    shared = {"trainer.pt", "weights.safetensors", "config.yaml", "crossflow_features.json"}
+    shared |= set() if stage == 3 else {"mp_rank_00_model_states.pt", "ema.pt"}
+    for r in (0, 1):
+        own = {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", f"rng_rank{r}.pt"}
+        own |= {f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", f"ema_rank{r}.pt"} if stage == 3 else set()
+        assert picks[r] == own | shared, (stage, r, sorted(names))
+    assert picks[0] | picks[1] == names
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

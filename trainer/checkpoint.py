@@ -129,6 +129,46 @@ def prune_checkpoints(out_dir: str | Path, keep_last: int) -> None:
             shutil.rmtree(ckpt, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------- across nodes
+# A file a rank writes for itself names the rank: DeepSpeed's ZeRO shards ([bf16_]zero_pp_rank_{r}_
+# mp_rank_00_optim_states.pt; under ZeRO-3 also ..._model_states.pt) and ours (rng_rank{r}.pt,
+# ema_rank{r}.pt). Every other file of a checkpoint is written by rank 0 and read by every rank.
+RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|(?:rng|ema)_rank(\d+)\.pt$")
+
+
+def file_rank(name: str) -> int | None:
+    """The rank a checkpoint file belongs to, or None for a shared file (rank 0 writes it, all read it)."""
+    m = RANK_FILE.search(name)
+    return int(m.group(1) or m.group(2)) if m else None
+
+
+def written_by(names, rank: int) -> list[str]:
+    """Of a checkpoint's file names, those ``rank`` writes (rank 0: also the shared ones)."""
+    return sorted(n for n in names if (file_rank(n) or 0) == rank)
+
+
+def resume_files(names, rank: int) -> list[str]:
+    """Of a checkpoint's file names, those ``rank`` needs to resume (``load_checkpoint`` and
+    ``check_same_input``): its own (ZeRO shards, RNG, EMA partition) and the shared ones (DeepSpeed's
+    model states under ZeRO 1/2, the EMA copy, trainer.pt, the weights file whose metadata is
+    checked, config). DeepSpeed opens only its own rank's optimizer shard (ZeRO's
+    ``elastic_checkpoint`` is off) and, under ZeRO-3, only its own model shard."""
+    return sorted(n for n in names if file_rank(n) in (None, rank))
+
+
+def prune_node_checkpoints(out_dir: str | Path, keep_last: int) -> None:
+    """Every node, once every rank's part of the newest checkpoint is stored elsewhere (Ray's storage)
+    and no save is under way: ``prune_checkpoints`` of this node's run directory. Without a shared
+    run directory rank 0 commits and prunes only on its own node; on every other node each save
+    leaves a ``.tmp-step_*`` with that node's ZeRO shards, and a node that held rank 0 before a
+    restart keeps its committed checkpoints. The newest ``keep_last`` and ``latest`` stay: a
+    rank's own record of its last checkpoint points at the newest. With a shared run directory
+    the nodes prune one folder: nothing is left to delete but the same directories
+    (``ignore_errors``), and no node's save is under way."""
+    if checkpoint_root(out_dir).is_dir():
+        prune_checkpoints(out_dir, keep_last)
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The checkpoint ``latest`` names (falling back to the newest complete one), or None."""
     root = checkpoint_root(out_dir)
