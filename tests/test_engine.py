@@ -270,3 +270,28 @@ def test_ranks_agree_on_the_newest_checkpoint_all_can_read(tmp_path):
     mp.spawn(_agree_worker, args=(2, port, str(tmp_path), str(tmp_path)), nprocs=2)
     for r in (0, 1):
         assert (tmp_path / f"rank{r}.txt").read_text() == str(tmp_path / "ray" / "step_00000020")
+
+
+def test_adamw_is_fused_on_cuda_and_the_ema_one_foreach_lerp():
+    """deepspeed_config asks torch's AdamW for fused=True on CUDA only (DeepSpeed's CPU Adam with
+    offload); the EMA's for-each lerp gives the bits of a lerp_ per tensor."""
+    from trainer.config import Config
+    from trainer.engine import EMA, EMA_WARMUP, deepspeed_config
+    cfg = Config()
+    params = lambda device: deepspeed_config(cfg.train, cfg.optim, 2, 1, device)["optimizer"]["params"]  # noqa: E731
+    assert params("cuda")["fused"] is True and "fused" not in params("cpu")
+    cfg.train.offload_optimizer = True
+    assert "fused" not in params("cuda") and params("cuda")["torch_adam"] is False
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    ema, want = EMA(model, 0.99), {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step in range(1, 4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        d = min(0.99, (1 + step) / (EMA_WARMUP + step))
+        for n, p in model.named_parameters():
+            want[n].lerp_(p.detach(), 1.0 - d)
+    assert all(torch.equal(ema.shadow[n], want[n]) for n in want)

@@ -178,7 +178,7 @@ class TrainConfig:
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu or cuda")
     precision: str = _f("fp32", "fp32 or bf16 (autocast; bf16 needs a GPU or a recent CPU)")
     ema_decay: float = _f(0.999, "EMA decay of the weights used for sampling (paper 0.9999); 0 disables")
-    log_every: int = _f(10, "write metrics every N steps (the only host sync of the loop)")
+    log_every: int = _f(10, "write metrics every N steps (our only host sync; DeepSpeed also syncs at each optimizer step: README)")
     ckpt_every: int = _f(500, "save a checkpoint every N steps (and at the end); 0 = only at the end")
     keep_last: int = _f(2, "checkpoints to keep")
     sample_every: int = _f(0, "write a sample grid of held-out prompts every N steps; 0 = only at the end")

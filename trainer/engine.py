@@ -121,8 +121,11 @@ def lr_lambda(optim_cfg, total_steps: int):
     return f
 
 
-def deepspeed_config(train_cfg, optim_cfg, micro_batch: int, world_size: int) -> dict:
-    """The DeepSpeed JSON config, derived from our typed config (one source of truth)."""
+def deepspeed_config(train_cfg, optim_cfg, micro_batch: int, world_size: int, device_type: str = "cpu") -> dict:
+    """The DeepSpeed JSON config, derived from our typed config (one source of truth). The optimizer
+    is torch's AdamW (DeepSpeed passes the params through): ``fused=True`` on CUDA (one kernel for
+    all parameters), the default for-each implementation on CPU; DeepSpeed's CPU Adam with offload."""
+    torch_adam = not train_cfg.offload_optimizer
     zero = {"stage": train_cfg.zero_stage}
     if train_cfg.zero_stage == 3:
         # No "persistent" unpartitioned small parameters: every parameter's authoritative copy is its
@@ -139,7 +142,8 @@ def deepspeed_config(train_cfg, optim_cfg, micro_batch: int, world_size: int) ->
             "lr": optim_cfg.lr, "betas": list(optim_cfg.betas), "eps": optim_cfg.eps,
             "weight_decay": optim_cfg.weight_decay,
             # torch's AdamW: no JIT-compiled fused Adam needed (CPU machines, fast start)
-            "torch_adam": not train_cfg.offload_optimizer}},
+            "torch_adam": torch_adam,
+            **({"fused": True} if torch_adam and device_type == "cuda" else {})}},
         "zero_optimization": zero,
         "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": train_cfg.precision == "bf16"},
@@ -179,6 +183,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.updates = decay, 0
         self.shadow = {n: self._local(p).detach().float().clone() for n, p in model.named_parameters()}
+        self._shadow_list = list(self.shadow.values())  # the same tensors, in named_parameters order
 
     @staticmethod
     def _local(p: torch.Tensor) -> torch.Tensor:
@@ -188,8 +193,13 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (EMA_WARMUP + self.updates))
-        for n, p in model.named_parameters():
-            self.shadow[n].lerp_(self._local(p).float(), 1.0 - d)
+        # One for-each lerp over all tensors (the same bits as a lerp_ per tensor). The shadow list is
+        # built once; the weights' list is looked up each update: ZeRO 1/2 rebind every ``p.data``
+        # to a view of their flat buffer at each optimizer step (``_update_model_bit16_weights``),
+        # and a load replaces that buffer, so views kept from __init__ could go stale.
+        # ``.float()`` is free for fp32 weights; bf16 weights get one fp32 copy per tensor.
+        weights = [self._local(p).float() for p in model.parameters()]
+        torch._foreach_lerp_(self._shadow_list, weights, 1.0 - d)
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module):
@@ -269,7 +279,8 @@ class Engine:
         if train_cfg.compile:
             compile_blocks(blocks)
         model.to(dist_info.device)
-        ds_config = deepspeed_config(train_cfg, optim_cfg, micro_batch, dist_info.world_size)
+        ds_config = deepspeed_config(train_cfg, optim_cfg, micro_batch, dist_info.world_size,
+                                     dist_info.device.type)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, optim_cfg.weight_decay), config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim_cfg, train_cfg.steps)),
