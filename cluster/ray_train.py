@@ -9,13 +9,20 @@ WORLD_SIZE, LOCAL_RANK; ``trainer.engine.init_distributed`` joins it.
 Checkpoints: the loop writes ``<out_dir>/checkpoints/step_XXXXXXXX`` collectively; after each one,
 every rank reports the files it wrote (its ZeRO shards, RNG, EMA partition; rank 0 also the
 shared files) and Ray merges them into ``<storage_path>/<name>/step_XXXXXXXX``: the same flat
-layout, so ``trainer.checkpoint.load_checkpoint`` reads Ray's copy directly.
+layout, so ``trainer.checkpoint.load_checkpoint`` reads a rank's part of it as it is.
 
 Failures: when a worker dies, Ray restarts the group (``cluster.max_failures``); the new workers
 get the last reported checkpoint from ``ray.train.get_checkpoint()`` and resume from it (weights,
-optimizer, step, data position, RNG), so at most one ``train.ckpt_every`` interval is redone.
-Each launch has an id written into its checkpoints: a checkpoint of an earlier launch of the same
-run name is resumed only with ``train.resume=auto``.
+optimizer, step, data position, RNG), so at most one ``train.ckpt_every`` interval is redone. Each
+worker fetches only the files its rank reads (``trainer.checkpoint.resume_files``: its ZeRO shards,
+RNG and EMA partition, and the shared files), not every rank's shards, into its node's
+``<out_dir>/checkpoints/step_XXXXXXXX`` (hard links when the storage is a local folder). Each
+launch has an id written into its checkpoints: a checkpoint of an earlier launch of the same run
+name is resumed only with ``train.resume=auto``.
+
+Several nodes: ``out_dir`` may be one shared folder or the same path on each node's own disk; then
+rank 0's node holds the committed checkpoints and every other node its ranks' part, and after each
+checkpoint is stored (every rank reported) each node prunes its own folder to ``train.keep_last``.
 
 Shutdown: the first Ctrl-C / SIGTERM on the driver asks the workers to stop; they agree at the
 next logging step, write a final checkpoint and return. A second signal, or
@@ -24,18 +31,22 @@ next logging step, write a final checkpoint and return. A second signal, or
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
-import re
+import posixpath
 import shutil
 import signal
+import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
+import filelock
+import pyarrow.fs
 import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -43,13 +54,12 @@ from ray.train.v2.api.config import LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from data_pipeline.s3 import is_remote, shareable_s3_env, sync_endpoint_env
-from trainer.checkpoint import atomic_write_text, tmp_tag
+from trainer.checkpoint import (atomic_write_text, barrier, checkpoint_root, file_rank, prune_node_checkpoints,
+                                resume_files, tmp_tag, written_by)
 from trainer.config import Config, config_from_dict
 
 LAUNCH_FILE = "ray_launch.json"  # in rank 0's part of every reported checkpoint
 PID_DIR = "ray_workers"  # <out_dir>/ray_workers/rank{r}.pid and .checkpoint.json: pid, last checkpoint saved
-# Files a rank writes for itself; everything else in a checkpoint is written by rank 0.
-RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|(?:rng|ema)_rank(\d+)\.pt$")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -95,13 +105,7 @@ def ray_run_config(cfg: Config) -> RunConfig:
 # ----------------------------------------------------------------------------- worker side
 def rank_files(ckpt_dir: Path, rank: int) -> list[Path]:
     """The files of a checkpoint that ``rank`` wrote (rank 0: also those no rank is named in)."""
-    out = []
-    for path in sorted(ckpt_dir.iterdir()):
-        m = RANK_FILE.search(path.name)
-        owner = int(m.group(1) or m.group(2)) if m else 0
-        if owner == rank:
-            out.append(path)
-    return out
+    return [ckpt_dir / name for name in written_by((p.name for p in ckpt_dir.iterdir()), rank)]
 
 
 def stage_rank_files(ckpt_dir: Path, step: int, rank: int, staging: Path, launch_id: str) -> Path:
@@ -127,9 +131,10 @@ def stage_rank_files(ckpt_dir: Path, step: int, rank: int, staging: Path, launch
 class CheckpointReporter:
     """``on_checkpoint`` for ``trainer.loop.train``: every rank reports its part to Ray Train."""
 
-    def __init__(self, out_dir: Path, rank: int, launch_id: str):
+    def __init__(self, out_dir: Path, rank: int, local_rank: int, launch_id: str, keep_last: int):
         self.staging_root = out_dir / "ray_staging" / f"rank{rank}"
-        self.out_dir, self.rank, self.launch_id = out_dir, rank, launch_id
+        self.out_dir, self.rank, self.local_rank, self.launch_id = out_dir, rank, local_rank, launch_id
+        self.keep_last = keep_last
 
     def __call__(self, step: int, ckpt_dir: Path, last_metrics: dict) -> None:
         staging = stage_rank_files(Path(ckpt_dir), step, self.rank, self.staging_root / Path(ckpt_dir).name,
@@ -144,6 +149,9 @@ class CheckpointReporter:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
                          checkpoint_dir_name=Path(ckpt_dir).name)
         shutil.rmtree(staging, ignore_errors=True)
+        barrier()  # every rank's part is stored (report uploads before it returns) and none is staging
+        if self.local_rank == 0:
+            prune_node_checkpoints(self.out_dir, self.keep_last)
         if self.rank == 0:
             print(checkpoint_line(step, ckpt_dir, last_metrics), flush=True)
 
@@ -197,11 +205,60 @@ class RunControl:
         return self.summary
 
 
-def _resume_dir_for(checkpoint_dir: Path, launch_id: str, resume: str) -> Path | None:
-    """Ray's checkpoint is resumed when this launch wrote it (a worker restart), or with resume=auto."""
-    launch = checkpoint_dir / LAUNCH_FILE
-    same_launch = launch.is_file() and json.loads(launch.read_text()).get("launch_id") == launch_id
-    return checkpoint_dir if same_launch or resume == "auto" else None
+def ray_checkpoint_launch(checkpoint: ray.train.Checkpoint) -> str | None:
+    """The launch id in Ray's checkpoint (read from its storage; None when it has none)."""
+    path = posixpath.join(checkpoint.path, LAUNCH_FILE)
+    if checkpoint.filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with checkpoint.filesystem.open_input_stream(path) as f:
+        return json.loads(f.read()).get("launch_id")
+
+
+def fetch_resume_files(checkpoint: ray.train.Checkpoint, rank: int, dest: Path) -> list[str]:
+    """Copy the files of Ray's ``checkpoint`` that ``rank`` reads to resume (``resume_files``) into
+    ``dest``, skipping those already there (same size): another rank of this node fetched the shared
+    ones (one at a time, under a lock), or the run directory is shared. Hard links when the storage
+    is a folder on this machine's file system. Returns the names fetched."""
+    fs, root = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    stored = {os.path.relpath(info.path.lstrip("/"), root.lstrip("/")): info
+              for info in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+              if info.type == pyarrow.fs.FileType.File}
+    wanted = set(resume_files({name.split("/")[0] for name in stored}, rank))
+    mine = {n: i for n, i in stored.items() if n.split("/")[0] in wanted}
+    shared = {n: i for n, i in mine.items() if file_rank(n.split("/")[0]) is None}
+    node_lock = hashlib.sha1(str(dest.resolve()).encode()).hexdigest()[:16]
+    with filelock.FileLock(Path(tempfile.gettempdir()) / f"crossflow-fetch-{node_lock}.lock"):
+        fetched = [n for n, info in sorted(shared.items()) if _fetch_file(fs, info, dest / n)]
+    return fetched + [n for n, info in sorted(mine.items()) if n not in shared and _fetch_file(fs, info, dest / n)]
+
+
+def _fetch_file(fs: pyarrow.fs.FileSystem, info: pyarrow.fs.FileInfo, target: Path) -> bool:
+    """One stored file to ``target`` (renamed into place when complete); False when already there."""
+    if target.is_file() and target.stat().st_size == info.size:
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.fetch-{os.getpid()}")
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        try:
+            os.link(info.path, partial)
+        except OSError:  # another file system
+            shutil.copyfile(info.path, partial)
+    else:
+        pyarrow.fs.copy_files(info.path, str(partial), source_filesystem=fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+    os.replace(partial, target)
+    return True
+
+
+def restore_ray_checkpoint(checkpoint: ray.train.Checkpoint | None, rank: int, out_dir: Path, launch_id: str,
+                           resume: str) -> Path | None:
+    """This rank's view of Ray's checkpoint in its node's run directory, fetched from the storage:
+    when this launch wrote it (a worker restart), or with resume=auto; else None."""
+    if checkpoint is None or (ray_checkpoint_launch(checkpoint) != launch_id and resume != "auto"):
+        return None
+    dest = checkpoint_root(out_dir) / posixpath.basename(checkpoint.path.rstrip("/"))
+    fetch_resume_files(checkpoint, rank, dest)
+    return dest
 
 
 def train_worker(config: dict) -> None:
@@ -215,19 +272,16 @@ def train_worker(config: dict) -> None:
     (out_dir / PID_DIR / f"rank{rank}.pid").write_text(f"{os.getpid()}\n")
     control = config["control"]
     should_stop = lambda: ray.get(control.is_set.remote())  # noqa: E731
-    reporter = CheckpointReporter(out_dir, rank, config["launch_id"])
+    context = ray.train.get_context()
+    reporter = CheckpointReporter(out_dir, rank, context.get_local_rank(), config["launch_id"], cfg.train.keep_last)
 
     # A restart resumes from the newest checkpoint of this launch that every rank can read: Ray's
     # registered one, or the run's own newer copy when Ray lost the last report with the worker.
-    checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as local:
-        candidates = []
-        if local is not None:  # the storage folder itself when storage is local
-            resume = _resume_dir_for(Path(local), config["launch_id"], cfg.train.resume)
-            candidates += [resume] if resume else []
-        own = own_checkpoint(out_dir, rank, config["launch_id"])
-        candidates += [own] if own else []
-        summary = train(cfg, on_checkpoint=reporter, resume_from=candidates, should_stop=should_stop)
+    restored = restore_ray_checkpoint(ray.train.get_checkpoint(), rank, out_dir, config["launch_id"],
+                                      cfg.train.resume)
+    own = own_checkpoint(out_dir, rank, config["launch_id"])
+    candidates = [c for c in (restored, own) if c is not None]
+    summary = train(cfg, on_checkpoint=reporter, resume_from=candidates, should_stop=should_stop)
     if rank == 0:
         ray.get(control.put_summary.remote(summary))
 

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import logging
 import math
 import os
 import tarfile
+import tempfile
 from collections import Counter
 from pathlib import Path
 from time import time_ns
@@ -702,6 +704,29 @@ def describe_shards(path: str, fmt: str = "auto", cache_dir: str | None = None) 
     return {"format": fmt, "text_emb": shape("text_emb"), "latent": shape("latent"), "image": image}
 
 
+CACHE_DIR_ENV = "CROSSFLOW_CACHE_DIR"  # node-local root of the default shard caches
+
+
+def default_cache_dir(path: str, fmt: str, out_dir: str) -> str:
+    """Where a run caches the remote shards at ``path`` without ``data.cache_dir``: node-local
+    storage (``$CROSSFLOW_CACHE_DIR``, else the system temporary folder), never a run directory
+    that nodes may share, in ``crossflow-shard-cache/<hash>``. The hash covers the remote path and
+    the content of its index (another dataset of the same name, or one rewritten in place, gets a
+    fresh folder, never a stale one) and the run directory (streaming refuses one local folder for
+    two live datasets on a node, e.g. a sweep's concurrent runs; a resumed run finds its cache).
+    Every rank of a node computes the same folder, which streaming's local leader fills for all."""
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    try:
+        index = s3_filesystem().cat_file(f"{path.rstrip('/')}/{MDS_INDEX if fmt == 'mds' else WDS_INDEX}")
+    except FileNotFoundError:
+        index = b""  # the loader names the missing index
+    key = hashlib.blake2s(digest_size=8)
+    for part in (path.rstrip("/").encode(), index, str(Path(out_dir).resolve()).encode()):
+        key.update(len(part).to_bytes(8, "little") + part)
+    root = os.environ.get(CACHE_DIR_ENV) or os.path.join(tempfile.gettempdir(), "crossflow-shard-cache")
+    return os.path.join(root, key.hexdigest())
+
+
 def shard_loader_from_config(data_cfg, batch_size: int, *, rank: int, world_size: int, seed: int,
                              out_dir: str):
     """``build_shard_loader`` from a ``trainer.config.DataConfig`` (source mds or wds): the one
@@ -712,7 +737,9 @@ def shard_loader_from_config(data_cfg, batch_size: int, *, rank: int, world_size
     from data_pipeline.features import text_encoder_from_config
     from data_pipeline.metadata import check_text_settings, read_feature_metadata
     check_text_settings(data_cfg, read_feature_metadata(data_cfg.path).text, f"shards at {data_cfg.path}")
-    cache_dir = data_cfg.cache_dir or (os.path.join(out_dir, "shard_cache") if is_remote(data_cfg.path) else None)
+    cache_dir = data_cfg.cache_dir
+    if cache_dir is None and is_remote(data_cfg.path):
+        cache_dir = default_cache_dir(data_cfg.path, data_cfg.source, out_dir)
     return build_shard_loader(data_cfg.path, data_cfg.source, batch_size, rank=rank, world_size=world_size,
                               num_workers=data_cfg.num_workers, shuffle=data_cfg.shuffle, seed=seed,
                               cache_dir=cache_dir, on_error=data_cfg.on_error, drop_last=True,

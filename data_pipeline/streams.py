@@ -4,6 +4,12 @@ is where the stream stands and ``load_state_dict`` resumes exactly the batches t
 ``ShapesStream``: the synthetic shapes dataset, one permutation per (seed, epoch) dealt to the ranks.
 ``ShardStream``: MDS or WebDataset shards (local or s3://) through ``data_pipeline.readers``.
 Nothing here knows the model, the training loop or the launcher.
+
+``pin_memory=True`` (the loop asks for it on CUDA) hands out batches in pinned (page-locked) host
+memory, so the loop's ``.to(device, non_blocking=True)`` really overlaps (from pageable memory a
+"non-blocking" copy is synchronous). The shapes stream pins in its DataLoader's pinning thread; the
+shard stream pins each batch as it hands it out (one host memcpy: its batches are featurized in
+this process, after the DataLoader).
 """
 from __future__ import annotations
 
@@ -41,8 +47,13 @@ class EpochSampler(Sampler[int]):
         return self.n // self.world - self.start
 
 
+def pin_batch(batch: dict) -> dict:
+    """The batch with every tensor in pinned host memory (other values as they are)."""
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) and not v.is_pinned() else v for k, v in batch.items()}
+
+
 def iterate_batches(dataset, batch_size: int, seed: int, rank: int, world_size: int, num_workers: int,
-                    position: DataPosition):
+                    position: DataPosition, pin_memory: bool = False):
     """Batches forever, epoch after epoch; ``position`` is advanced as each batch is handed out."""
     while True:
         sampler = EpochSampler(len(dataset), seed, position.epoch, rank, world_size,
@@ -51,7 +62,7 @@ def iterate_batches(dataset, batch_size: int, seed: int, rank: int, world_size: 
             raise ValueError(f"dataset of {len(dataset)} samples is smaller than one batch per rank ({batch_size})")
         # Its own generator: creating an iterator must not draw from the global RNG (exact resume).
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                            num_workers=num_workers, persistent_workers=False,
+                            num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory,
                             generator=torch.Generator().manual_seed(seed + position.epoch))
         for batch in loader:
             position.batch_in_epoch += 1
@@ -64,14 +75,14 @@ class ShapesStream:
     """The synthetic shapes dataset as an endless, resumable stream of batches."""
 
     def __init__(self, dataset: ShapesTextDataset, batch_size: int, seed: int, rank: int, world_size: int,
-                 num_workers: int):
-        self.dataset, self.position = dataset, DataPosition()
+                 num_workers: int, pin_memory: bool = False):
+        self.dataset, self.position, self.pin_memory = dataset, DataPosition(), pin_memory
         self._args = (dataset, batch_size, seed, rank, world_size, num_workers)
         self._it = None
 
     def __next__(self) -> dict:
         if self._it is None:
-            self._it = iterate_batches(*self._args, self.position)
+            self._it = iterate_batches(*self._args, self.position, self.pin_memory)
         return next(self._it)
 
     def state_dict(self) -> dict:
@@ -84,15 +95,16 @@ class ShapesStream:
 class ShardStream:
     """MDS or WebDataset shards (local or s3://) as an endless, resumable stream of batches."""
 
-    def __init__(self, loader):
+    def __init__(self, loader, pin_memory: bool = False):
         from data_pipeline.readers import iterate_forever
-        self.loader, self._iterate = loader, iterate_forever
+        self.loader, self._iterate, self.pin_memory = loader, iterate_forever, pin_memory
         self._it = None
 
     def __next__(self) -> dict:
         if self._it is None:
             self._it = self._iterate(self.loader)
-        return next(self._it)
+        batch = next(self._it)
+        return pin_batch(batch) if self.pin_memory else batch
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tests.golden import assert_matches_golden, golden, golden_overrides
-from tests.support.faults import fault_env, installed, kill_in_save, nan_loss_at
-from trainer.checkpoint import latest_checkpoint
+from tests.support.faults import fault_env, installed, kill_in_save, measure_ema_weights, nan_loss_at
+from trainer.checkpoint import latest_checkpoint, resume_files
 from trainer.config import load_config
 from trainer.metrics import read_metrics
 
@@ -84,7 +84,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
     train(config(root / "single", **{"train.zero_stage": 2}))
     for stage in (1, 2, 3):
-        finish(torchrun(root / f"zero{stage}", **{"train.zero_stage": stage}))
+        run = root / f"zero{stage}"
+        finish(torchrun(run, env=fault_env(measure_ema_weights(run / "probe")), **{"train.zero_stage": stage}))
     yield root
     for f in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
         with __import__("contextlib").suppress(OSError):
@@ -104,6 +105,48 @@ def test_zero_stage_reproduces_the_golden_losses(runs, stage):
     dist = losses(runs / f"zero{stage}")
     assert sorted(dist) == list(range(1, STEPS + 1))
     assert_matches_golden(dist, f"2-rank ZeRO-{stage}")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_rank_resumes_from_its_own_files_and_the_shared_ones(runs, stage):
+    """``resume_files`` on a real 2-rank checkpoint (what a restarted Ray worker fetches): each rank
+    gets its own ZeRO shards (optimizer; under ZeRO-3 also the model's), RNG and EMA partition,
+    plus every shared file but the consolidated weights (resuming reads only their metadata, which
+    model.json, config.yaml and crossflow_features.json hold); nothing of the other rank."""
+    names = {p.name for p in latest_checkpoint(runs / f"zero{stage}").iterdir()}
+    picks = {r: set(resume_files(names, r)) for r in (0, 1)}
+    shared = {"trainer.pt", "model.json", "config.yaml", "crossflow_features.json"}
+    shared |= set() if stage == 3 else {"mp_rank_00_model_states.pt", "ema.pt"}
+    for r in (0, 1):
+        own = {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", f"rng_rank{r}.pt"}
+        own |= {f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", f"ema_rank{r}.pt"} if stage == 3 else set()
+        assert picks[r] == own | shared, (stage, r, sorted(names))
+        assert "weights.safetensors" not in picks[r]
+    assert picks[0] | picks[1] == names - {"weights.safetensors"}
+    old = names - {"model.json"}  # a checkpoint written before model.json: its weights' header is needed
+    assert "weights.safetensors" in set(resume_files(old, 1))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_only_rank0_builds_the_consolidated_ema(runs, stage):
+    """At a save, rank 0 alone builds the float32 CPU copy of the EMA that weights.safetensors
+    holds (4.6 GB a rank at 0.95B); rank 1 builds none (under ZeRO-3 it joins the gathers only).
+    The file holds the EMA exactly: rank 0's ema.pt under ZeRO-1/2, the ranks' partitions joined
+    under ZeRO-3."""
+    from safetensors.torch import load_file
+    run = runs / f"zero{stage}"
+    ckpt = latest_checkpoint(run)
+    weights = load_file(str(ckpt / "weights.safetensors"))
+    built = [[r["bytes"] for r in read_metrics(run / "probe" / f"ema_weights_rank{rank}.jsonl")] for rank in (0, 1)]
+    assert built == [[sum(t.nbytes for t in weights.values())], [0]]  # one save: the final one
+    if stage < 3:
+        ema = torch.load(ckpt / "ema.pt", weights_only=False)["shadow"]
+    else:  # each rank's partition is a slice of the flattened, padded parameter
+        parts = [torch.load(ckpt / f"ema_rank{r}.pt", weights_only=False)["shadow"] for r in (0, 1)]
+        ema = {n: torch.cat([p[n] for p in parts])[:weights[n].numel()].view_as(weights[n]) for n in parts[0]}
+    assert ema.keys() <= weights.keys()
+    for name, shadow in ema.items():
+        assert torch.equal(weights[name], shadow), name
 
 
 def test_optimizer_offload_trains_like_the_resident_optimizer(runs, tmp_path):
@@ -227,3 +270,28 @@ def test_ranks_agree_on_the_newest_checkpoint_all_can_read(tmp_path):
     mp.spawn(_agree_worker, args=(2, port, str(tmp_path), str(tmp_path)), nprocs=2)
     for r in (0, 1):
         assert (tmp_path / f"rank{r}.txt").read_text() == str(tmp_path / "ray" / "step_00000020")
+
+
+def test_adamw_is_fused_on_cuda_and_the_ema_one_foreach_lerp():
+    """deepspeed_config asks torch's AdamW for fused=True on CUDA only (DeepSpeed's CPU Adam with
+    offload); the EMA's for-each lerp gives the bits of a lerp_ per tensor."""
+    from trainer.config import Config
+    from trainer.engine import EMA, EMA_WARMUP, deepspeed_config
+    cfg = Config()
+    params = lambda device: deepspeed_config(cfg.train, cfg.optim, 2, 1, device)["optimizer"]["params"]  # noqa: E731
+    assert params("cuda")["fused"] is True and "fused" not in params("cpu")
+    cfg.train.offload_optimizer = True
+    assert "fused" not in params("cuda") and params("cuda")["torch_adam"] is False
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    ema, want = EMA(model, 0.99), {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step in range(1, 4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        d = min(0.99, (1 + step) / (EMA_WARMUP + step))
+        for n, p in model.named_parameters():
+            want[n].lerp_(p.detach(), 1.0 - d)
+    assert all(torch.equal(ema.shadow[n], want[n]) for n in want)

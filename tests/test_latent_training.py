@@ -1,5 +1,6 @@
 """The cross-attention baseline on latent shards, in this process: it trains, its sample grid and its
-checkpoint's samples decode through the autoencoder, and resuming it on other data is refused."""
+checkpoint's samples decode through the autoencoder, and resuming it on other data is refused (also
+from a checkpoint without its weights file, as a restarted Ray worker fetches it)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,8 @@ from cluster.cli import main
 from tests.support.tiny_models import save_tiny_vae, tiny_text_encoder
 
 
-def test_cross_attention_baseline_on_latents_decodes_and_refuses_other_data(tmp_path, tiny_config):
+def test_cross_attention_baseline_on_latents_decodes_and_refuses_other_data(tmp_path, tiny_config, capsys):
+    from trainer.checkpoint import latest_checkpoint, read_checkpoint_metadata, read_weights_metadata
     from trainer.inference import load_generator
     from trainer.loop import train
     vae = save_tiny_vae(tmp_path / "vae")
@@ -35,6 +37,16 @@ def test_cross_attention_baseline_on_latents_decodes_and_refuses_other_data(tmp_
     with pytest.raises(ValueError, match=r"trained on latents \(4, 8, 8\), 64 px, scaling_factor=0.18215.* "
                                          r"data are pixels \(3, 64, 64\)"):
         train(pixels)
+
+    ckpt = latest_checkpoint(cfg.train.out_dir)  # its small files say what its weights' header says
+    assert read_checkpoint_metadata(ckpt) == read_weights_metadata(ckpt / "weights.safetensors")
+    (ckpt / "weights.safetensors").unlink()  # resuming reads only the small files
+    with pytest.raises(ValueError, match=r"trained on latents \(4, 8, 8\), 64 px, scaling_factor=0.18215.* "
+                                         r"data are pixels \(3, 64, 64\)"):
+        train(pixels)
+    capsys.readouterr()
+    assert train(tiny_config(**{**data, "data.path": feat, "train.steps": 3, "train.resume": "auto"}))["steps"] == 3
+    assert f"resumed from {ckpt} at step 2" in capsys.readouterr().out
 
 
 def test_mismatched_latent_shards_fail_before_workers_start(tmp_path, tiny_config, capsys):

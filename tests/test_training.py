@@ -66,16 +66,20 @@ def test_tiny_preset_learns_in_200_steps(tmp_path):
 
 
 def test_resume_is_exact(tiny_config, tmp_path):
-    """10 steps, stop, resume for 10 more == 20 steps straight: same per-step losses."""
+    """13 steps (a checkpoint at 10), then a restart from step 10 for 10 more == 20 steps straight:
+    same per-step losses, and metrics.jsonl records each step once (the redone 11-13 replace the first)."""
     common = {"train.log_every": 1, "optim.schedule": "constant", "data.num_samples": 96}  # epochs wrap too
     straight = tiny_config(**common, **{"train.steps": 20, "train.out_dir": tmp_path / "a"})
     train(straight)
-    first = tiny_config(**common, **{"train.steps": 10, "train.out_dir": tmp_path / "b"})
+    first = tiny_config(**common, **{"train.steps": 13, "train.ckpt_every": 10, "train.out_dir": tmp_path / "b"})
     train(first)
-    resumed = tiny_config(**common, **{"train.steps": 20, "train.out_dir": tmp_path / "b", "train.resume": "auto"})
+    resumed = tiny_config(**common, **{"train.steps": 20, "train.out_dir": tmp_path / "b",
+                                       "train.resume": tmp_path / "b" / "checkpoints" / "step_00000010"})
     train(resumed)
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert sorted(b) == list(range(1, 21))
+    records = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 21))
+    assert [r["step"] for r in records] == sorted(r["step"] for r in records)  # evaluations too
     for step in range(1, 21):
         assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
 

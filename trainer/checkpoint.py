@@ -6,10 +6,13 @@ Layout under ``<out_dir>/checkpoints/``:
         trainer.pt             step and data-stream position
         rng_rank{r}.pt         every rank's RNG states
         ema.pt | ema_rank{r}.pt  EMA (rank 0's copy; every rank's partition under ZeRO-3)
-        weights.safetensors    consolidated EMA weights + model args + config + feature metadata: all
-                               ``crossflow sample`` needs (the autoencoder folder included)
+        weights.safetensors    consolidated fp32 EMA weights (built on rank 0 only) + model args + config
+                               + feature metadata: all ``crossflow sample`` needs (the autoencoder folder included)
+        model.json             the model args (the flow model's constructor arguments)
         crossflow_features.json  how the training data's latents and text features were made
         config.yaml            the resolved config
+    model.json, config.yaml and crossflow_features.json say what the checkpoint was trained on without
+    weights.safetensors (a restarted Ray worker resumes without fetching it: ``resume_files``).
     latest                     text file naming the newest complete checkpoint
 
 All ranks write into a hidden temporary directory; after a barrier rank 0 fsyncs it, renames it
@@ -35,10 +38,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from data_pipeline.metadata import FeatureMetadata, write_feature_metadata
+from data_pipeline.metadata import FeatureMetadata, read_feature_metadata, write_feature_metadata
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 WEIGHTS_FILE = "weights.safetensors"
+MODEL_FILE = "model.json"  # the model args; checkpoints written before it carry them in WEIGHTS_FILE only
 
 
 class CheckpointError(RuntimeError):
@@ -129,6 +133,51 @@ def prune_checkpoints(out_dir: str | Path, keep_last: int) -> None:
             shutil.rmtree(ckpt, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------- across nodes
+# A file a rank writes for itself names the rank: DeepSpeed's ZeRO shards ([bf16_]zero_pp_rank_{r}_
+# mp_rank_00_optim_states.pt; under ZeRO-3 also ..._model_states.pt) and ours (rng_rank{r}.pt,
+# ema_rank{r}.pt). Every other file of a checkpoint is written by rank 0 and read by every rank.
+RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|(?:rng|ema)_rank(\d+)\.pt$")
+
+
+def file_rank(name: str) -> int | None:
+    """The rank a checkpoint file belongs to, or None for a shared file (rank 0 writes it, all read it)."""
+    m = RANK_FILE.search(name)
+    return int(m.group(1) or m.group(2)) if m else None
+
+
+def written_by(names, rank: int) -> list[str]:
+    """Of a checkpoint's file names, those ``rank`` writes (rank 0: also the shared ones)."""
+    return sorted(n for n in names if (file_rank(n) or 0) == rank)
+
+
+def resume_files(names, rank: int) -> list[str]:
+    """Of a checkpoint's file names, those ``rank`` needs to resume (``load_checkpoint`` and
+    ``check_same_input``): its own (ZeRO shards, RNG, EMA partition) and the shared ones (DeepSpeed's
+    model states under ZeRO 1/2, the EMA copy, trainer.pt, and what ``check_same_input`` reads:
+    model.json, config.yaml, crossflow_features.json). DeepSpeed opens only its own rank's
+    optimizer shard (ZeRO's ``elastic_checkpoint`` is off) and, under ZeRO-3, only its own model
+    shard. Not the consolidated weights (20x a rank's shard at 64 ranks), which resuming never
+    reads; except in a checkpoint written before model.json, whose weights file's header is the
+    only record of the model args."""
+    names = set(names)
+    skip = {WEIGHTS_FILE} if MODEL_FILE in names else set()
+    return sorted(n for n in names - skip if file_rank(n) in (None, rank))
+
+
+def prune_node_checkpoints(out_dir: str | Path, keep_last: int) -> None:
+    """Every node, once every rank's part of the newest checkpoint is stored elsewhere (Ray's storage)
+    and no save is under way: ``prune_checkpoints`` of this node's run directory. Without a shared
+    run directory rank 0 commits and prunes only on its own node; on every other node each save
+    leaves a ``.tmp-step_*`` with that node's ZeRO shards, and a node that held rank 0 before a
+    restart keeps its committed checkpoints. The newest ``keep_last`` and ``latest`` stay: a
+    rank's own record of its last checkpoint points at the newest. With a shared run directory
+    the nodes prune one folder: nothing is left to delete but the same directories
+    (``ignore_errors``), and no node's save is under way."""
+    if checkpoint_root(out_dir).is_dir():
+        prune_checkpoints(out_dir, keep_last)
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The checkpoint ``latest`` names (falling back to the newest complete one), or None."""
     root = checkpoint_root(out_dir)
@@ -186,6 +235,24 @@ def read_weights_metadata(path: str | Path) -> tuple[dict, dict, "FeatureMetadat
     return json.loads(meta["model_args"]), json.loads(meta["config"]), features
 
 
+def read_checkpoint_metadata(path: str | Path) -> tuple[dict, dict, "FeatureMetadata"]:
+    """(model_args, config, feature metadata) of an export, a checkpoint directory or a run directory
+    (its latest), no tensors read: from a checkpoint's small files (model.json, config.yaml,
+    crossflow_features.json), else from the weights file's header (an export, or a checkpoint
+    written before model.json). ``trainer.model_input.saved_model_input`` reads it."""
+    path = Path(path)
+    if path.is_file():
+        return read_weights_metadata(path)
+    ckpt = resolve_checkpoint_dir(path)
+    if not (ckpt / MODEL_FILE).is_file():
+        return read_weights_metadata(ckpt / WEIGHTS_FILE)
+    config = ckpt / "config.yaml"
+    if not config.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete: config.yaml is missing")
+    return (json.loads((ckpt / MODEL_FILE).read_text()), yaml.safe_load(config.read_text()),
+            read_feature_metadata(str(ckpt)))
+
+
 def load_features(path: str | Path):
     """The feature metadata (``data_pipeline.metadata.FeatureMetadata``) a weights file or export carries."""
     return read_weights_metadata(path)[2]
@@ -215,12 +282,12 @@ def resolve_weights(path: str | Path) -> Path:
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """Accept a checkpoint directory or a run directory (then its latest checkpoint)."""
     path = Path(path)
-    if (path / WEIGHTS_FILE).is_file():
+    if (path / WEIGHTS_FILE).is_file() or (path / MODEL_FILE).is_file():
         return path
     latest = latest_checkpoint(path)
     if latest is None:
         raise CheckpointError(f"no checkpoint at {path}: expected a checkpoint directory holding "
-                              f"{WEIGHTS_FILE} or a run directory with checkpoints/latest")
+                              f"{WEIGHTS_FILE} or {MODEL_FILE}, or a run directory with checkpoints/latest")
     return latest
 
 
@@ -269,12 +336,13 @@ def save_checkpoint(engine, stream, cfg, step: int, rank: int, features: Feature
     ema = engine.ema_state_for_rank()
     if ema is not None:
         write_torch(tmp / (f"ema_rank{rank}.pt" if engine.zero_stage == 3 else "ema.pt"), ema)
-    weights = engine.ema_full_state_dict()  # collective under ZeRO-3
+    weights = engine.ema_full_state_dict(keep=rank == 0)  # collective under ZeRO-3; None on other ranks
     if rank == 0:
         write_torch(tmp / "trainer.pt", {"step": step, "data": stream.state_dict()})
         features = features or FeatureMetadata()
         save_weights(tmp / WEIGHTS_FILE, weights, engine.module.args, cfg.to_dict(), features=features.to_dict())
         write_feature_metadata(tmp, features)
+        _write_file(tmp / MODEL_FILE, lambda f: f.write(json.dumps(dataclasses.asdict(engine.module.args)).encode()))
     barrier()
     final = checkpoint_root(out_dir) / f"step_{step:08d}"
     if rank == 0:
@@ -297,10 +365,14 @@ def load_checkpoint(engine, stream, ckpt: Path, rank: int) -> int:
 
 def check_same_input(ckpt: Path, current) -> None:
     """A checkpoint trained on other latents (or pixels) than this run's data (``current``: a
-    ``trainer.model_input.ModelInput``) is refused, naming both."""
+    ``trainer.model_input.ModelInput``) is refused, naming both. Reads the small files
+    (``read_checkpoint_metadata``), not the weights, which a resuming rank may not have."""
     from trainer.model_input import check_same_latents, saved_model_input
-    if (Path(ckpt) / WEIGHTS_FILE).is_file():  # else load_checkpoint names what is missing
-        check_same_latents(saved_model_input(ckpt), current, str(ckpt))
+    ckpt = Path(ckpt)
+    if not (ckpt / MODEL_FILE).is_file() and not (ckpt / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete: {MODEL_FILE} is missing (and {WEIGHTS_FILE}, "
+                              f"whose header holds the model args in checkpoints written before it)")
+    check_same_latents(saved_model_input(ckpt), current, str(ckpt))
 
 
 def checkpoint_step(ckpt: Path) -> int:

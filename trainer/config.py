@@ -72,7 +72,7 @@ class ModelConfig:
 class DataConfig:
     source: str = _f("shapes", "where samples come from: shapes (the synthetic generator), mds or wds (shards at data.path)")
     path: str = _f("", "mds/wds: shard folder or s3://bucket/prefix (endpoint and keys from S3_ENDPOINT_URL/AWS_* variables)")
-    cache_dir: str | None = _f(None, "mds/wds: local cache for s3:// shards (default: <train.out_dir>/shard_cache)")
+    cache_dir: str | None = _f(None, "mds/wds: local cache for s3:// shards (default: node-local, $CROSSFLOW_CACHE_DIR or the temp folder)")
     shuffle: bool = _f(True, "mds/wds: shuffle samples each epoch (seeded by train.seed and the epoch)")
     on_error: str = _f("raise", "mds/wds: a bad sample or shard: raise (error naming it) or skip (drop and count)")
     resolution: int = _f(32, "image side in pixels")
@@ -178,7 +178,7 @@ class TrainConfig:
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu or cuda")
     precision: str = _f("fp32", "fp32 or bf16 (autocast; bf16 needs a GPU or a recent CPU)")
     ema_decay: float = _f(0.999, "EMA decay of the weights used for sampling (paper 0.9999); 0 disables")
-    log_every: int = _f(10, "write metrics every N steps (the only host sync of the loop)")
+    log_every: int = _f(10, "write metrics every N steps (our only host sync; DeepSpeed also syncs at each optimizer step: README)")
     ckpt_every: int = _f(500, "save a checkpoint every N steps (and at the end); 0 = only at the end")
     keep_last: int = _f(2, "checkpoints to keep")
     sample_every: int = _f(0, "write a sample grid of held-out prompts every N steps; 0 = only at the end")

@@ -121,8 +121,11 @@ def lr_lambda(optim_cfg, total_steps: int):
     return f
 
 
-def deepspeed_config(train_cfg, optim_cfg, micro_batch: int, world_size: int) -> dict:
-    """The DeepSpeed JSON config, derived from our typed config (one source of truth)."""
+def deepspeed_config(train_cfg, optim_cfg, micro_batch: int, world_size: int, device_type: str = "cpu") -> dict:
+    """The DeepSpeed JSON config, derived from our typed config (one source of truth). The optimizer
+    is torch's AdamW (DeepSpeed passes the params through): ``fused=True`` on CUDA (one kernel for
+    all parameters), the default for-each implementation on CPU; DeepSpeed's CPU Adam with offload."""
+    torch_adam = not train_cfg.offload_optimizer
     zero = {"stage": train_cfg.zero_stage}
     if train_cfg.zero_stage == 3:
         # No "persistent" unpartitioned small parameters: every parameter's authoritative copy is its
@@ -139,7 +142,8 @@ def deepspeed_config(train_cfg, optim_cfg, micro_batch: int, world_size: int) ->
             "lr": optim_cfg.lr, "betas": list(optim_cfg.betas), "eps": optim_cfg.eps,
             "weight_decay": optim_cfg.weight_decay,
             # torch's AdamW: no JIT-compiled fused Adam needed (CPU machines, fast start)
-            "torch_adam": not train_cfg.offload_optimizer}},
+            "torch_adam": torch_adam,
+            **({"fused": True} if torch_adam and device_type == "cuda" else {})}},
         "zero_optimization": zero,
         "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": train_cfg.precision == "bf16"},
@@ -179,6 +183,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.updates = decay, 0
         self.shadow = {n: self._local(p).detach().float().clone() for n, p in model.named_parameters()}
+        self._shadow_list = list(self.shadow.values())  # the same tensors, in named_parameters order
 
     @staticmethod
     def _local(p: torch.Tensor) -> torch.Tensor:
@@ -188,8 +193,13 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (EMA_WARMUP + self.updates))
-        for n, p in model.named_parameters():
-            self.shadow[n].lerp_(self._local(p).float(), 1.0 - d)
+        # One for-each lerp over all tensors (the same bits as a lerp_ per tensor). The shadow list is
+        # built once; the weights' list is looked up each update: ZeRO 1/2 rebind every ``p.data``
+        # to a view of their flat buffer at each optimizer step (``_update_model_bit16_weights``),
+        # and a load replaces that buffer, so views kept from __init__ could go stale.
+        # ``.float()`` is free for fp32 weights; bf16 weights get one fp32 copy per tensor.
+        weights = [self._local(p).float() for p in model.parameters()]
+        torch._foreach_lerp_(self._shadow_list, weights, 1.0 - d)
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module):
@@ -220,21 +230,40 @@ class EMA:
 
 
 @contextlib.contextmanager
-def gathered(model: nn.Module):
-    """Full parameters on every rank inside the block (ZeRO-3 gathers; otherwise a no-op)."""
-    params = [p for p in model.parameters() if _is_partitioned(p)]
-    if not params:
+def gathered(tensor: torch.Tensor):
+    """The full parameter inside the block: ZeRO-3 gathers it on every rank (collective), read-only
+    (``modifier_rank=None``: nothing is broadcast back); any other tensor as it is."""
+    if not _is_partitioned(tensor):
         yield
         return
     import deepspeed
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
         yield
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of every parameter and buffer, gathered under ZeRO-3 (collective: all ranks call)."""
-    with gathered(model):
-        return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+def _fp32_cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().cpu().clone()
+
+
+def full_state_dict(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor] | None:
+    """A float32 CPU copy of every parameter and buffer, or None where ``keep`` is False.
+
+    Under ZeRO-3 collective: every rank joins each parameter's gather, one parameter at a time (a
+    rank holds one full parameter beyond its partition, not the whole model), and only a keeping
+    rank copies it to the host; DeepSpeed has no gather to one rank, so the others receive it too."""
+    copy = {} if keep else None
+    for name, t in model.state_dict(keep_vars=True).items():
+        with gathered(t):
+            if keep:
+                copy[name] = _fp32_cpu_copy(t)
+    return copy
+
+
+def shadow_state_dict(model: nn.Module, shadow: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's state dict (names, order, buffers) with the EMA's fp32 ``shadow`` in place of
+    each parameter, as float32 CPU copies; for unpartitioned models, whose shadow is whole."""
+    shadow_of = {id(p): shadow[n] for n, p in model.named_parameters()}  # tied weights: one shadow
+    return {k: _fp32_cpu_copy(shadow_of.get(id(t), t)) for k, t in model.state_dict(keep_vars=True).items()}
 
 
 # ----------------------------------------------------------------------------- engine
@@ -250,7 +279,8 @@ class Engine:
         if train_cfg.compile:
             compile_blocks(blocks)
         model.to(dist_info.device)
-        ds_config = deepspeed_config(train_cfg, optim_cfg, micro_batch, dist_info.world_size)
+        ds_config = deepspeed_config(train_cfg, optim_cfg, micro_batch, dist_info.world_size,
+                                     dist_info.device.type)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, optim_cfg.weight_decay), config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim_cfg, train_cfg.steps)),
@@ -301,10 +331,19 @@ class Engine:
             with self.ema.swapped_in(self.module) as m:
                 yield m
 
-    def ema_full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Consolidated EMA weights on every rank (collective under ZeRO-3)."""
-        with self.ema_weights() as m:
-            return full_state_dict(m)
+    def ema_full_state_dict(self, keep: bool = True) -> dict[str, torch.Tensor] | None:
+        """Consolidated float32 EMA weights (the live ones without an EMA) on a rank that ``keep``s
+        them, None on the others. Under ZeRO-3 collective: every rank swaps its EMA partition in
+        and joins the gathers. Otherwise only a keeping rank does any work, reading the EMA's
+        fp32 shadow directly (no swap through the bf16/fp16 weights)."""
+        if self.zero_stage == 3:
+            with self.ema_weights() as m:
+                return full_state_dict(m, keep)
+        if not keep:
+            return None
+        if self.ema is None:
+            return full_state_dict(self.module)
+        return shadow_state_dict(self.module, self.ema.shadow)
 
     def ema_state_for_rank(self) -> dict | None:
         """What this rank must save of the EMA: its partition under ZeRO-3, rank 0's copy otherwise."""

@@ -69,17 +69,19 @@ def describe_data(cfg: Config) -> DataDescription:
 
 
 def build_dataloader(cfg: Config, encoder: TextEncoder, micro_batch: int, rank: int,
-                     world_size: int) -> ShapesStream | ShardStream:
+                     world_size: int, pin_memory: bool = False) -> ShapesStream | ShardStream:
     """The endless, resumable batch stream of ``data.source`` (the same batch dict for every source);
-    ``encoder`` embeds the shapes generator's captions."""
+    ``encoder`` embeds the shapes generator's captions; ``pin_memory``: batches in pinned host memory
+    (on CUDA, so the copies to the device overlap)."""
     if cfg.data.source == "shapes":
         gen = ShapesGenerator(cfg.data.resolution, cfg.data.max_groups, "train", cfg.data.seed)
         dataset = ShapesTextDataset(gen, cfg.data.num_samples, encoder, cfg.data.max_tokens)
-        return ShapesStream(dataset, micro_batch, cfg.train.seed, rank, world_size, cfg.data.num_workers)
+        return ShapesStream(dataset, micro_batch, cfg.train.seed, rank, world_size, cfg.data.num_workers,
+                            pin_memory)
     from data_pipeline.readers import shard_loader_from_config
     loader = shard_loader_from_config(cfg.data, micro_batch, rank=rank, world_size=world_size,
                                       seed=cfg.train.seed, out_dir=cfg.train.out_dir)
-    return ShardStream(loader)
+    return ShardStream(loader, pin_memory)
 
 
 def caption_cache(cfg: Config, encoder: TextEncoder, stream: ShapesStream | ShardStream) -> CaptionCache:
@@ -133,25 +135,29 @@ def stop_agreed(local: bool, device: torch.device) -> bool:
 
 
 class StepStats:
-    """Loss sums kept on the device between logging intervals (no host sync per step)."""
+    """Loss sums kept on the device between logging intervals (no host sync per step): device
+    tensors are added on the device, host floats on the host; ``reduce`` moves them once."""
 
     def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor | float] = {}
         self.steps = self.skipped = 0
         self.start = time.perf_counter()
 
     def add(self, losses: dict[str, torch.Tensor], grad_norm) -> None:
-        if grad_norm is not None:  # DeepSpeed's global norm: a float or a device tensor
-            losses = {**losses, "grad_norm": torch.as_tensor(grad_norm, device=next(iter(losses.values())).device)}
+        if grad_norm is not None:  # DeepSpeed's global norm: a device tensor (a float after a skipped step)
+            losses = {**losses, "grad_norm": grad_norm}
         for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0) + v.float()
+            v = v.float() if isinstance(v, torch.Tensor) else float(v)
+            self.sums[k] = self.sums.get(k, 0) + v
         self.steps += 1
 
-    def reduce(self) -> dict[str, float]:
-        """Mean over steps and ranks: one all-reduce of one small tensor."""
+    def reduce(self, device: torch.device) -> dict[str, float]:
+        """Mean over steps and ranks: one all-reduce of one small tensor (the logging interval's sync)."""
         keys = sorted(self.sums)
-        vec = torch.stack([self.sums[k] for k in keys]) / max(1, self.steps) if keys else torch.zeros(0)
-        if dist.is_initialized() and dist.get_world_size() > 1 and keys:
+        if not keys:
+            return {}
+        vec = torch.stack([torch.as_tensor(self.sums[k], device=device).float() for k in keys]) / max(1, self.steps)
+        if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(vec)
             vec /= dist.get_world_size()
         return {("loss" if k == "total" else k): float(v) for k, v in zip(keys, vec.tolist())}
@@ -162,7 +168,12 @@ def optimizer_step(engine: Engine, stream, observers, codec, ops, cfg: Config, m
     """Optimizer step ``step + 1``: for each of ``grad_accum`` micro-batches, batch -> z1 (codec) ->
     noise keyed by the samples' place in the global batch -> losses -> backward -> DeepSpeed step
     (at the boundary: clip, AdamW, schedule, EMA). Returns the losses averaged over the micro-batches
-    (detached, on the device) and whether the optimizer step was applied (False: non-finite, skipped)."""
+    (detached, on the device) and whether the optimizer step was applied (False: non-finite, skipped).
+
+    Host syncs: none of ours (batches arrive pinned on CUDA, noise is drawn without reading the
+    device, targets move by all-to-all with split sizes computed on the host). DeepSpeed's ZeRO
+    optimizer syncs at the accumulation boundary to decide whether to skip a non-finite step
+    (``applied``): see ``train.log_every``'s help and the README."""
     device, sums = engine.device, None
     for k in range(cfg.train.grad_accum):
         batch = next(stream)
@@ -204,7 +215,7 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
     micro = per_rank_batch_size(cfg.train.global_batch_size, world, cfg.train.grad_accum)
     encoder = text_encoder_from_config(cfg.data)
     data = describe_data(cfg)
-    stream = build_dataloader(cfg, encoder, micro, rank, world)
+    stream = build_dataloader(cfg, encoder, micro, rank, world, pin_memory=device.type == "cuda")
     captions = caption_cache(cfg, encoder, stream)
     model_input = resolve_model_input(cfg, data.shards, data.metadata, encoder.dim)
     cfg = resolved_config(cfg, model_input)  # what config.json and checkpoints record
@@ -265,7 +276,7 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 elapsed = time.perf_counter() - stats.start
-                record = {"step": step, **stats.reduce(), "lr": engine.lr, "skipped_steps": skipped_total}
+                record = {"step": step, **stats.reduce(device), "lr": engine.lr, "skipped_steps": skipped_total}
                 sps = (stats.steps + stats.skipped) * cfg.train.global_batch_size / elapsed
                 record.update(samples_per_s=sps, tokens_per_s=sps * tokens_per_sample,
                               flops_per_sample=flops_per_sample,

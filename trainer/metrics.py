@@ -64,6 +64,13 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsLogger:
+    """Rank 0 appends one JSON record per logging interval to ``<out_dir>/metrics.jsonl``. Opened
+    at ``start_step`` (a resume), it first drops the records of later steps, which the run redoes:
+    after a restart from an earlier checkpoint each step is recorded once, the redone one winning.
+    W&B (the same run id, ``resume="allow"``) ignores steps below the run's current one, so there
+    the first values of redone steps stay; its rewind (``resume_from``, beta, done by the server)
+    is not used."""
+
     def __init__(self, out_dir: str | Path, log_cfg, config: dict, total_steps: int, start_step: int = 0,
                  rank: int = 0):
         self.rank = rank
@@ -75,6 +82,7 @@ class MetricsLogger:
         if rank != 0:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        drop_records_after(self.path, start_step)
         if log_cfg.progress and sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
@@ -123,6 +131,27 @@ def _init_wandb(out_dir: Path, log_cfg, config: dict):
                       name=log_cfg.wandb_name or out_dir.name, id=run_id, resume="allow",
                       dir=str(out_dir), mode=log_cfg.wandb, config=config,
                       settings=wandb.Settings(console="off", x_disable_stats=True))
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrite ``path`` without the records of steps after ``step`` (and without a line torn by a
+    crash mid-write), atomically: a temporary file renamed over it, so a crash loses nothing."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
+    if len(kept) == len(lines):
+        return
+    from trainer.checkpoint import atomic_write_text
+    atomic_write_text(path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
+
+
+def _record_step(line: str) -> int | None:
+    """The step of one metrics.jsonl line, or None for a blank or torn line."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -165,10 +165,11 @@ def checkpoint_model_input(config, model_args: dict, features: FeatureMetadata |
 
 def saved_model_input(checkpoint) -> ModelInput:
     """What the checkpoint at ``checkpoint`` (an export, a checkpoint or run directory) was trained on,
-    from its weights file's metadata alone (no tensors read)."""
-    from trainer.checkpoint import read_weights_metadata, resolve_weights
+    from its metadata alone (``read_checkpoint_metadata``: a checkpoint's small files, or the
+    weights file's header; no tensors read)."""
+    from trainer.checkpoint import read_checkpoint_metadata
     from trainer.config import config_from_dict
-    args, config, features = read_weights_metadata(resolve_weights(checkpoint))
+    args, config, features = read_checkpoint_metadata(checkpoint)
     return checkpoint_model_input(config_from_dict(config), args, features)
 
 

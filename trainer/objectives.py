@@ -7,12 +7,18 @@ Flow matching carries z0 (the text's sample, t = 0) to the image latent z1 (t = 
 Gradients flow into z0, so the Text VE trains jointly with the flow. A fraction of the batch
 trains the unconditional indicator: those samples keep their z0 but their targets are shuffled
 among themselves, so the unconditional velocity learns the image marginal (what CFG subtracts).
+The shuffle spans the whole micro-step (all ranks), as one process with the same global batch would
+do; ranks exchange indices, not latents: each computes the global partner map from per-sample
+scalars and fetches only the rows its unconditional samples need (``swapped_targets``).
+All randomness comes from ``draw_noise``: a counter-based RNG keyed by (seed, step, the sample's
+global position), so N ranks draw exactly what one process draws.
 Every coefficient comes from ``ObjectiveConfig``. The same objective trains the cross-attention
 baseline (z0 is noise, KL is 0, ``text_condition`` carries the text to ``velocity``, and there is
 no contrastive term since its z0 does not come from the text).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +32,12 @@ from trainer.models.crossflow.flow_transformer import CONDITIONAL, UNCONDITIONAL
 # ln 100 = 4.60517..., written rounded as 4.6052 since the first version; kept so runs reproduce.
 MAX_LOGIT_SCALE = 4.6052
 
-# Per-sample noise seeds mix (seed, step, index) into one integer: each stride (a prime) exceeds the
-# range of what is added after it (steps < 1_000_003, sample indices < 2^31 - 1), so two samples of
-# a run never share a seed; the mask keeps it a non-negative int64, as torch.Generator.manual_seed takes.
-SEED_STEP_MIXER = 1_000_003
-SEED_INDEX_MIXER = 2_147_483_647  # 2^31 - 1
-SEED_MASK = 2**63 - 1
+# The counter-based RNG (see ``draw_noise``) works on 32-bit words held in int64 tensors (or ints).
+WORD = 0xFFFFFFFF
+# Start words of the two 32-bit halves of a sample's 64-bit key (any two distinct constants).
+KEY_STARTS = (0x243F6A88, 0x85A308D3)
+# Per-sample counters: one per scalar draw, then one per element of eps.
+TIME_COUNTER, UNCOND_COUNTER, PARTNER_COUNTER, EPS_FIRST_COUNTER = 0, 1, 2, 3
 
 
 @dataclass
@@ -45,14 +51,6 @@ class Losses:
         return {k: v.detach() for k, v in vars(self).items()}
 
 
-def sample_time(batch: int, cfg, device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """t in (0, 1), shape (B,): logit-normal sigmoid(N(mean, std)) or uniform."""
-    if cfg.time_sampler == "uniform":
-        return torch.rand(batch, device=device, generator=generator)
-    n = torch.randn(batch, device=device, generator=generator)
-    return torch.sigmoid(cfg.time_mean + cfg.time_std * n)
-
-
 def unconditional_partners(uncond: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """(M,) index of the sample whose image each sample trains towards: itself when conditional;
     for unconditional ones, the previous unconditional sample in ``keys`` order (a random cyclic
@@ -60,23 +58,137 @@ def unconditional_partners(uncond: torch.Tensor, keys: torch.Tensor) -> torch.Te
     source = torch.arange(uncond.numel())
     idx = torch.nonzero(uncond).flatten()  # (U,)
     if idx.numel() >= 2:
-        order = idx[torch.argsort(keys[idx])]
+        order = idx[torch.argsort(keys[idx], stable=True)]
         source[order] = order.roll(1)
     return source
+
+
+# ----------------------------------------------------------------------------- counter-based RNG
+def _mul32(x, c: int):
+    """(x * c) mod 2^32 for words x < 2^32, exact in int64: c split in 16-bit halves so no product
+    exceeds 2^49 (a plain int64 product of two 32-bit words could overflow). In place on a tensor."""
+    lo, hi = c & 0xFFFF, c >> 16
+    t = x * hi
+    t &= 0xFFFF
+    t <<= 16
+    x *= lo
+    x += t
+    x &= WORD
+    return x
+
+
+def _lowbias32(x):
+    """A bijective 32-bit integer hash (C. Wellons' lowbias32: bias 0.17 in his avalanche test), on
+    int64 tensors or ints holding words < 2^32; the same bits on CPU and CUDA (integer ops only).
+    A tensor argument is left as it is (the work is done in place on a copy: half the time)."""
+    if isinstance(x, torch.Tensor):
+        x = x.clone()
+    x ^= x >> 16
+    x = _mul32(x, 0x7FEB352D)
+    x ^= x >> 15
+    x = _mul32(x, 0x846CA68B)
+    x ^= x >> 16
+    return x
+
+
+def sample_keys(seed: int, step: int, positions: torch.Tensor) -> torch.Tensor:
+    """(N, 2) int64: each sample's 64-bit key (two 32-bit words), a hash chain of (seed, optimizer
+    step, the sample's position in the step's global batch). Distinct positions get distinct keys
+    (each half is a bijection of the position for a fixed seed and step)."""
+    seed &= 2**64 - 1
+    words = []
+    for start in KEY_STARTS:
+        h = _lowbias32(_lowbias32(_lowbias32(start ^ (seed & WORD)) ^ (seed >> 32)) ^ (step & WORD))
+        words.append(_lowbias32(positions.long() ^ h))  # (N,)
+    return torch.stack(words, dim=1)  # (N, 2)
+
+
+def random_bits(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """(N, E) int64 words < 2^32: draw ``counters[e]`` of sample ``keys[n]`` (Philox-style, a pure
+    function of key and counter, so any rank computes any sample's draw, in any order): the hashed
+    counter, keyed by the first word, hashed again, then whitened by the second. One hash per
+    element (the counters' hashes are shared by all samples); within a sample the words are a
+    bijection of the counter, so no two elements of a sample draw the same word."""
+    c = _lowbias32(counters.long())  # (E,)
+    x = _lowbias32(keys[:, :1] ^ c)  # (N, E)
+    x ^= keys[:, 1:]
+    return x
+
+
+def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """Uniform in (0, 1), float32, from the top 24 bits: (k + 1/2) / 2^24, exact."""
+    return ((bits >> 8).float() + 0.5) * 2.0**-24
+
+
+def bits_to_normal(bits: torch.Tensor) -> torch.Tensor:
+    """N(0, 1), float32, by inverting the CDF: sqrt(2) erfinv(2u - 1), u from the top 24 bits (|x| <
+    5.4); 2u - 1 = (2k + 1 - 2^24) / 2^24 is exact in float32."""
+    v = ((bits >> 8) * 2 + (1 - 2**24)).float() * 2.0**-24  # in (-1, 1)
+    return torch.erfinv(v) * math.sqrt(2.0)
+
+
+def _scalar_draw(keys: torch.Tensor, counter: int) -> torch.Tensor:
+    return random_bits(keys, torch.tensor([counter], device=keys.device))[:, 0]  # (N,)
+
+
+def time_from_bits(bits: torch.Tensor, cfg) -> torch.Tensor:
+    """t in (0, 1) per ``cfg.time_sampler``: uniform, or logit-normal sigmoid(N(mean, std))."""
+    if cfg.time_sampler == "uniform":
+        return bits_to_uniform(bits)
+    return torch.sigmoid(cfg.time_mean + cfg.time_std * bits_to_normal(bits))
+
+
+# ----------------------------------------------------------------------------- noise of a micro-step
+@dataclass
+class TargetSwap:
+    """Where each local sample's target image comes from, moving only the rows that cross ranks:
+    ``index`` picks rows of cat(local z1, rows received from other ranks); ``send_rows`` are the
+    local rows other ranks need, grouped by destination rank (counts ``send_counts``), and
+    ``recv_counts`` how many rows come from each rank. ``exchange`` is False when no row crosses a
+    rank (every rank computes the same global map, so all agree on skipping the collective)."""
+    index: torch.Tensor  # (b,) long
+    send_rows: torch.Tensor  # (n_send,) long
+    send_counts: list[int]
+    recv_counts: list[int]
+    exchange: bool
 
 
 @dataclass
 class Noise:
     """The randomness of one micro-batch on one rank: t, the CFG indicator, eps of z0, and where
-    each sample's target image comes from in the micro-step's gathered batch (all ranks)."""
+    each sample's target image comes from (``swap``)."""
     t: torch.Tensor  # (b,)
     indicator: torch.Tensor  # (b,) long
     eps: torch.Tensor  # (b, C, H, W)
-    target_source: torch.Tensor  # (b,) long, rows of the gathered (rank-major) z1
+    swap: TargetSwap
 
 
-def _sample_seed(seed: int, step: int, index: int) -> int:
-    return ((seed * SEED_STEP_MIXER + step) * SEED_INDEX_MIXER + index) & SEED_MASK
+def target_swap(source: torch.Tensor, rank: int, micro_batch: int, world_size: int) -> TargetSwap:
+    """The exchange plan of the partner map ``source`` (M,) over the micro-step's rank-major rows
+    (row q trains on rank q // b towards the image of row source[q], held by rank source[q] // b)."""
+    b, M = micro_batch, source.numel()
+    owner = source // b  # (M,) rank holding each row's target
+    dest = torch.arange(M) // b  # (M,) rank training each row
+    cross = owner != dest
+    outgoing = cross & (owner == rank)  # rows are in ascending q, so already grouped by destination
+    send_rows = source[outgoing] - rank * b
+    send_counts = torch.bincount(dest[outgoing], minlength=world_size).tolist()
+    local = slice(rank * b, (rank + 1) * b)
+    local_owner = owner[local]  # (b,)
+    foreign = (local_owner != rank).nonzero().flatten()
+    foreign = foreign[torch.argsort(local_owner[foreign], stable=True)]  # received grouped by sender, then row
+    index = source[local] - rank * b
+    index[foreign] = b + torch.arange(foreign.numel())
+    recv_counts = torch.bincount(local_owner[foreign], minlength=world_size).tolist()
+    return TargetSwap(index, send_rows, send_counts, recv_counts, bool(cross.any()))
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without blocking the host: from pinned memory on CUDA (a non_blocking copy
+    from pageable memory is synchronous)."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def draw_noise(cfg, seed: int, step: int, first_index: int, micro_batch: int, rank: int, world_size: int,
@@ -85,21 +197,27 @@ def draw_noise(cfg, seed: int, step: int, first_index: int, micro_batch: int, ra
     by rank or micro-batch size, so N ranks draw exactly what one process with the same global
     batch draws. Samplers deal the global batch round-robin: rank r's i-th sample of the micro-step
     starting at position ``first_index`` (= k * micro_batch * world_size) is at
-    ``first_index + i * world_size + r``. One small CPU generator per sample: cheap next to a step."""
-    M = micro_batch * world_size
-    t, uncond, keys, eps = torch.empty(M), torch.zeros(M, dtype=torch.bool), torch.empty(M), []
-    for q in range(M):  # q: row of the gathered batch (rank-major)
-        r, i = divmod(q, micro_batch)
-        g = torch.Generator().manual_seed(_sample_seed(seed, step, first_index + i * world_size + r))
-        t[q] = sample_time(1, cfg, "cpu", g)[0]
-        uncond[q] = torch.rand(1, generator=g)[0] < cfg.uncond_prob
-        keys[q] = torch.rand(1, generator=g)[0]
-        if r == rank:
-            eps.append(torch.randn(tuple(latent_shape), generator=g))
-    local = slice(rank * micro_batch, (rank + 1) * micro_batch)
-    indicator = torch.where(uncond, UNCONDITIONAL, CONDITIONAL).long()
-    return Noise(t=t[local].to(device), indicator=indicator[local].to(device), eps=torch.stack(eps).to(device),
-                 target_source=unconditional_partners(uncond, keys)[local].to(device))
+    ``first_index + i * world_size + r``.
+
+    A counter-based RNG (``random_bits``: a hash of the sample's key and a counter, no generator
+    state), vectorized: on the host, what every rank must agree on (which samples are unconditional
+    and their partners: a few int64 ops per sample of the micro-step, O(global micro-batch) scalars),
+    and this rank's t; on the device, eps (O(local micro-batch)), from the local keys."""
+    device = torch.device(device)
+    b, M = micro_batch, micro_batch * world_size
+    q = torch.arange(M)  # rows of the micro-step, rank-major
+    keys = sample_keys(seed, step, first_index + (q % b) * world_size + q // b)  # (M, 2)
+    uncond = bits_to_uniform(_scalar_draw(keys, UNCOND_COUNTER)) < cfg.uncond_prob  # (M,)
+    source = unconditional_partners(uncond, _scalar_draw(keys, PARTNER_COUNTER))  # (M,)
+    local = slice(rank * b, (rank + 1) * b)
+    t = time_from_bits(_scalar_draw(keys[local], TIME_COUNTER), cfg)  # (b,)
+    indicator = torch.where(uncond[local], UNCONDITIONAL, CONDITIONAL).long()  # (b,)
+    swap = target_swap(source, rank, b, world_size)
+    local_keys = _to_device(keys[local], device)  # (b, 2)
+    counters = EPS_FIRST_COUNTER + torch.arange(math.prod(latent_shape), device=device)  # (E,)
+    eps = bits_to_normal(random_bits(local_keys, counters)).view(b, *latent_shape)  # (b, C, H, W)
+    swap.index, swap.send_rows = _to_device(swap.index, device), _to_device(swap.send_rows, device)
+    return Noise(t=_to_device(t, device), indicator=_to_device(indicator, device), eps=eps, swap=swap)
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -133,13 +251,15 @@ def contrastive_loss(z0: torch.Tensor, image_emb: torch.Tensor, logit_scale: tor
     return 0.5 * (F.cross_entropy(logits_t2i, labels) + F.cross_entropy(logits_i2t, labels))
 
 
-def _gather_batch(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows, rank-major, without gradient (targets are data)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    rows = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(rows, x.contiguous())
-    return torch.cat(rows)
+def swapped_targets(z1: torch.Tensor, swap: TargetSwap) -> torch.Tensor:
+    """Each local sample's target image (b, C, H, W): its own z1 row, or for an unconditional
+    sample its partner's, fetched from the rank holding it (``all_to_all_single`` of only the rows
+    that cross ranks, about uncond_prob of the batch; no gradient: targets are data)."""
+    if not swap.exchange:
+        return z1[swap.index]
+    received = z1.new_empty((sum(swap.recv_counts), *z1.shape[1:]))  # (n_recv, C, H, W)
+    dist.all_to_all_single(received, z1[swap.send_rows].contiguous(), swap.recv_counts, swap.send_counts)
+    return torch.cat([z1, received])[swap.index]
 
 
 def crossflow_losses(model, z1: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor, cfg, ops,
@@ -148,7 +268,7 @@ def crossflow_losses(model, z1: torch.Tensor, text_emb: torch.Tensor, text_mask:
     (from ``draw_noise``) fixes every random draw."""
     z0, mu, logvar = model.encode_text(text_emb, text_mask, eps=noise.eps)  # (B, C, H, W) each
     indicator, t = noise.indicator, noise.t
-    target = _gather_batch(z1)[noise.target_source]  # uncond targets may come from other ranks
+    target = swapped_targets(z1, noise.swap)  # (B, C, H, W); uncond targets may come from other ranks
     cond = model.text_condition(text_emb, text_mask)  # None for CrossFlow: its text is all in z0
     x_t = ops.interpolate(z0, target, t, cfg.sigma_min)  # (B, C, H, W)
     v = model.velocity(x_t, t, indicator, cond)

@@ -50,6 +50,10 @@ def kill_before_report(rank: int, step: int) -> Fault:
     return Fault("kill_before_report", (int(rank), int(step)), "ray.train")
 
 
+def measure_ema_weights(directory, peak_rss: bool = False) -> Fault:
+    return Fault("measure_ema_weights", (str(directory), bool(peak_rss)), "trainer.engine")
+
+
 def _replace(owner, name: str, wrap):
     original = getattr(owner, name)
     setattr(owner, name, wrap(original))
@@ -89,8 +93,33 @@ def _patch_kill_before_report(train_module, rank: int, step: int):
     return _replace(train_module, "report", wrap)
 
 
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # kB
+
+
+def _patch_measure_ema_weights(engine_module, directory: str, peak_rss: bool):
+    def wrap(build):
+        def build_and_measure(self, *args, **kwargs):
+            if peak_rss:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # peak RSS := current RSS
+                before = _proc_status_bytes("VmRSS")
+            weights = build(self, *args, **kwargs)
+            record = {"bytes": sum(t.nbytes for t in (weights or {}).values())}
+            if peak_rss:
+                record["peak_rss_rise"] = _proc_status_bytes("VmHWM") - before
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            with open(Path(directory) / f"ema_weights_rank{self.dist.rank}.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            return weights
+        return build_and_measure
+    return _replace(engine_module.Engine, "ema_full_state_dict", wrap)
+
+
 PATCHES = {"nan_loss_at": _patch_nan_loss, "kill_in_save": _patch_kill_in_save,
-           "kill_before_report": _patch_kill_before_report}
+           "kill_before_report": _patch_kill_before_report, "measure_ema_weights": _patch_measure_ema_weights}
 
 
 @contextlib.contextmanager
