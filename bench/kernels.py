@@ -5,6 +5,9 @@
     python bench/kernels.py --smoke         # CPU, TRITON_INTERPRET=1, tiny shapes: checks the
                                             # script itself; the numbers mean nothing
 
+    python bench/kernels.py --write-table   # also record the results for model.kernels: auto
+                                            # in kernels/auto_table.json (this device's class)
+
 Without a CUDA device (and without --smoke) it prints "no CUDA device: nothing measured" and
 exits 0. Timings: triton.testing.do_bench, median over ~100 ms of repetitions.
 
@@ -20,13 +23,22 @@ torch.cuda.max_memory_allocated during one forward+backward, above the inputs.
 In training z1 (the image latent) is frozen and z0 (the text latent) is not; the benchmark
 does the same. The last table gives, per op and shape, ours against the fastest other
 implementation (forward+backward): the figures behind ``model.kernels: auto``.
+
+--write-table also checks, per op and shape, that the Triton op's output and every gradient match
+the PyTorch reference run in fp32 on the same inputs (max error over max magnitude within
+``CORRECT_WITHIN`` for the dtype), and writes one row per op and shape (fwd+bwd ms of every
+implementation, CUDA-graph time where measured, whether Triton was correct, which was fastest) as
+the entry of this device's class in the table (``kernels.auto_table``), with the command, date and
+git commit; the other classes' entries stay as they are.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -55,14 +67,36 @@ class Row:
     unit: str
     peak_mib: float | None = None
     graph_ms: float | None = None  # CUDA-graph replay: GPU time without the host's launch overhead
+    tokens: int | None = None  # sequence length (attention, modulate, gated_residual)
+    width: int | None = None  # head dim (attention) or hidden width (modulate, gated_residual)
+    triton_correct: bool | None = None  # triton rows under --write-table: output and gradients match
 
 
-def make_row(op, shape, impl, mode, res, work: float, scale: float, unit: str) -> Row:
-    """work: FLOPs or bytes of the mode; scale: 1e12 (TFLOP/s) or 1e9 (GB/s)."""
+# Largest max|ours - reference| / max|reference| accepted, output and each gradient, against the
+# reference run in fp32 on the same inputs (the looser ends of tests/kernels' tolerance tables).
+CORRECT_WITHIN = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def make_row(op, shape, impl, mode, res, work: float, scale: float, unit: str, **where) -> Row:
+    """work: FLOPs or bytes of the mode; scale: 1e12 (TFLOP/s) or 1e9 (GB/s); where: tokens, width."""
     ms, graph_ms = res[mode], res.get("graph " + mode)
     best = graph_ms if graph_ms is not None else ms
     return Row(op, shape, impl, mode, ms, work / (best * 1e-3) / scale, unit,
-               res["peak"] if mode == "fwd+bwd" else None, graph_ms)
+               res["peak"] if mode == "fwd+bwd" else None, graph_ms, **where)
+
+
+def matches_reference(fn: Callable, ref: Callable, make_inputs: Callable[[], list[torch.Tensor]]) -> bool:
+    """fn's output and every input gradient against ref's on fp32 copies of the same inputs."""
+    inputs = make_inputs()
+    ref_inputs = [t.detach().float().requires_grad_(t.requires_grad) for t in inputs]
+    out = fn(*inputs)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    expected = ref(*ref_inputs)
+    expected.backward(dout.float())
+    pairs = [(out, expected)] + [(a.grad, b.grad) for a, b in zip(inputs, ref_inputs) if a.requires_grad]
+    within = CORRECT_WITHIN[inputs[0].dtype]
+    return all(bool((a.float() - b).abs().max() <= within * b.abs().max().clamp_min(1e-6)) for a, b in pairs)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -166,7 +200,9 @@ def on_qkv(attn: Callable) -> Callable:
     return run
 
 
-def bench_attention(shapes, dtype, device, timer, impls) -> list[Row]:
+def bench_attention(shapes, dtype, device, timer, impls, check: bool = False) -> list[Row]:
+    """check: also test the Triton op ("triton" in impls) against the reference (--write-table)."""
+    from kernels import reference
     rows = []
     for B, H, N, D in shapes:
         def make(B=B, H=H, N=N, D=D):
@@ -180,23 +216,28 @@ def bench_attention(shapes, dtype, device, timer, impls) -> list[Row]:
                 print(f"attention {name} B={B} H={H} N={N} D={D}: skipped ({str(err).splitlines()[0][:100]})",
                       file=sys.stderr)
                 continue
+            correct = matches_reference(on_qkv(fn), on_qkv(reference.attention), make) \
+                if check and name == "triton" else None
             for mode in MODES:
                 rows.append(make_row("attention", f"B{B} H{H} N{N} D{D}", name, mode, res, flops[mode], 1e12,
-                                     "TFLOP/s"))
+                                     "TFLOP/s", tokens=N, width=D, triton_correct=correct))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
 
 
 # ----------------------------------------------------------------------------- memory-bound ops
-def bench_memory_bound(op: str, cases, impls, timer) -> list[Row]:
-    """cases: (shape label, make_inputs, {mode: ideal bytes})."""
+def bench_memory_bound(op: str, cases, impls, timer, check: bool = False) -> list[Row]:
+    """cases: (shape label, make_inputs, {mode: ideal bytes}, {tokens, width}); check: also test
+    impls["triton"] against impls["torch eager"] (the reference) for --write-table."""
     rows = []
-    for label, make, nbytes in cases:
+    for label, make, nbytes, where in cases:
         for name, fn in impls.items():
             res = measure(fn, make, timer)
+            correct = matches_reference(fn, impls["torch eager"], make) if check and name == "triton" else None
             for mode in MODES:
-                rows.append(make_row(op, label, name, mode, res, nbytes[mode], 1e9, "GB/s"))
+                rows.append(make_row(op, label, name, mode, res, nbytes[mode], 1e9, "GB/s", triton_correct=correct,
+                                     **where))
     return rows
 
 
@@ -220,7 +261,7 @@ def latent_cases(latents, dtype, device, op: str):
                 z0 = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
                 return [z0, torch.randn(shape, device=device, dtype=dtype), torch.rand(shape[0], device=device)]
         nbytes["fwd+bwd"] = nbytes["fwd"] + nbytes["bwd"]
-        cases.append((label, make, nbytes))
+        cases.append((label, make, nbytes, {"tokens": None, "width": None}))
     return cases
 
 
@@ -243,7 +284,7 @@ def token_cases(token_shapes, dtype, device, op: str):
                         torch.randn(B, D, device=device, dtype=dtype, requires_grad=True),
                         torch.randn(B, N, D, device=device, dtype=dtype, requires_grad=True)]
         nbytes["fwd+bwd"] = nbytes["fwd"] + nbytes["bwd"]
-        cases.append((f"B{B} N{N} D{D}", make, nbytes))
+        cases.append((f"B{B} N{N} D{D}", make, nbytes, {"tokens": N, "width": D}))
     return cases
 
 
@@ -295,7 +336,46 @@ def parse_args(argv):
     p.add_argument("--out", default="", help="folder for kernels.jsonl (every row)")
     p.add_argument("--smoke", action="store_true",
                    help="CPU under TRITON_INTERPRET=1 with tiny shapes: exercises this script, measures nothing")
-    return p.parse_args(argv)
+    p.add_argument("--write-table", action="store_true",
+                   help="check Triton against the reference and write this device class's entry of the "
+                        "model.kernels: auto table (kernels/auto_table.json, or --table)")
+    p.add_argument("--table", default="", help="the table --write-table updates (default: the one "
+                                               "kernels.auto_table reads; required with --smoke)")
+    args = p.parse_args(argv)
+    if args.write_table and args.smoke and not args.table:
+        p.error("--smoke measures nothing: --write-table --smoke needs --table PATH (not the shipped table)")
+    return args
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=_HERE.parent, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def table_entry(rows: list[Row], device_name: str, command: str, timing: str) -> dict:
+    """This run's entry of the auto table: per op and shape, fwd+bwd ms of each implementation."""
+    import triton
+
+    from kernels import auto_table
+    cases: dict[tuple[str, str], dict[str, Row]] = {}
+    for r in rows:
+        if r.mode == "fwd+bwd":
+            cases.setdefault((r.op, r.shape), {})[r.impl] = r
+    measurements = []
+    for (op, shape), impls in cases.items():
+        mine = impls.get("triton")
+        if mine is None or len(impls) < 2:
+            continue
+        ms = {name: r.graph_ms if r.graph_ms is not None else r.ms for name, r in impls.items()}
+        measurements.append(auto_table.measurement(op, DTYPE_NAME, shape, mine.tokens, mine.width, ms,
+                                                   bool(mine.triton_correct)))
+    source = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+              "commit": git_commit(), "device_name": device_name, "torch": torch.__version__,
+              "triton": triton.__version__, "timing": timing}
+    return {"device_name": device_name, "source": source, "measurements": measurements}
 
 
 def compiled(ref: Callable) -> Callable:
@@ -307,8 +387,13 @@ def compiled(ref: Callable) -> Callable:
     return torch.compile(ref, dynamic=False)
 
 
+DTYPE_NAME = ""  # the run's dtype as the table names it ("bfloat16", ...), set by main
+
+
 def main(argv: list[str] | None = None) -> int:
+    global DTYPE_NAME
     args = parse_args(argv)
+    args.command = " ".join(["python bench/kernels.py", *(sys.argv[1:] if argv is None else argv)])
     width = 1536  # the 0.95B preset's hidden size: H = width / D
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before the op modules are imported
@@ -327,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         latents = [(B, 4, 32, 32) for B in batches] + [(B, 4, 64, 64) for B in batches]
         tokens = [(B, N, width) for B in batches for N in (257, 1025)]
 
+    DTYPE_NAME = str(dtype).removeprefix("torch.")
     from kernels import reference
     from kernels.attention import attention
     from kernels.flow_loss import flow_matching_loss, interpolate
@@ -343,14 +429,15 @@ def main(argv: list[str] | None = None) -> int:
         backends = ("sdpa-math",) if args.smoke else ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
         impls = {"triton": attention, **{name: sdpa_with(SDPA_BACKENDS[name]) for name in backends},
                  "sdpa-default": reference.attention}  # PyTorch's own backend choice: model.kernels torch
-        rows += bench_attention(att_shapes, dtype, device, timer, impls)
+        rows += bench_attention(att_shapes, dtype, device, timer, impls, check=args.write_table)
     for op, triton_fn, cases in (
             ("flow_matching_loss", flow_matching_loss, latent_cases(latents, dtype, device, "flow_matching_loss")),
             ("interpolate", interpolate, latent_cases(latents, dtype, device, "interpolate")),
             ("modulate", modulate, token_cases(tokens, dtype, device, "modulate")),
             ("gated_residual", gated_residual, token_cases(tokens, dtype, device, "gated_residual"))):
         if op in args.ops:
-            rows += bench_memory_bound(op, cases, {"triton": triton_fn, **with_compiled(getattr(reference, op))}, timer)
+            rows += bench_memory_bound(op, cases, {"triton": triton_fn, **with_compiled(getattr(reference, op))}, timer,
+                                       check=args.write_table)
 
     if device.type == "cuda":
         import triton
@@ -368,7 +455,26 @@ def main(argv: list[str] | None = None) -> int:
                       for key, config in chosen.items())
     print(header + "\n\nautotuned attention configs:\n" + tuned + "\n\n" + markdown(rows) + "\n\nforward+backward, ours against the fastest other:\n\n"
           + summary(rows))
+    if args.write_table:
+        write_table(args, rows, device)
     return 0
+
+
+def write_table(args, rows: list[Row], device: torch.device) -> None:
+    from kernels import auto_table
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name, device_cls = props.name, auto_table.device_class(props.name, (props.major, props.minor))
+        timing = "ms of one forward+backward, CUDA-graph replay (launched where capture failed), median of triton.testing.do_bench"
+    else:
+        name, device_cls = "CPU under TRITON_INTERPRET=1 (--smoke: NOT a measurement)", "cpu-smoke"
+        timing = "wall clock of one call after one warm-up (--smoke)"
+    entry = table_entry(rows, name, args.command, timing)
+    path = args.table or auto_table.TABLE_PATH
+    table = auto_table.write_entry(path, device_cls, entry)
+    limits = auto_table.triton_limits(table["device_classes"][device_cls]["measurements"])
+    print(f"\nwrote {len(entry['measurements'])} measurements for device class {device_cls} to {path}; "
+          f"model.kernels auto runs Triton for: {limits or 'nothing (PyTorch everywhere)'}")
 
 
 if __name__ == "__main__":

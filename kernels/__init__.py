@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["KernelOps", "get_ops", "compose_ops"]
+__all__ = ["KernelOps", "get_ops", "compose_ops", "measured_ops", "ops_for_device_class"]
 
 # op name -> submodule holding its Triton implementation
 _OP_MODULES = {
@@ -48,25 +48,6 @@ BACKENDS = ("auto", "triton", "torch")
 # Triton up to BY_LENGTH_MAX_TRITON_N tokens, "cudnn" above.
 IMPLEMENTATIONS = ("triton", "torch", "cudnn", "by-length")
 BY_LENGTH_MAX_TRITON_N = 512
-
-# model.kernels: auto on CUDA, per op, the implementation measured faster. H100 SXM, bf16,
-# 2026-11-25, bench/kernels.py forward+backward as CUDA-graph GPU time at B = 64 and
-# bench/train_step.py (0.95B, ZeRO-2, micro-batch 128); the full tables are in bench/RESULTS.md.
-#   attention N=257 D=128:   Triton 0.892 ms, cuDNN 1.060, flash 1.308   -> Triton (1.19x)
-#             N=1025 D=64:   Triton 7.20 ms,  cuDNN 6.68,  flash 9.29    -> cuDNN (1.08x)
-#             N=1025 D=128:  Triton 6.28 ms,  cuDNN 5.70,  flash 7.93    -> cuDNN (1.10x)
-#     in the 0.95B step (same run): Triton attention 250.0 images/s, cuDNN 247.6
-#   modulate B64 N257:       Triton 0.137 ms, eager 0.418, compiled 0.190 -> Triton (3.1x eager)
-#   gated_residual B64 N257: Triton 0.161 ms, eager 0.305, compiled 0.147 -> Triton (1.9x eager)
-#   flow_matching_loss 64x4x32x32: Triton 0.014 ms, eager 0.044 -> Triton; interpolate: Triton
-#     0.012 ms, eager 0.022 -> Triton. Both run once per step (well under 0.1% of it).
-AUTO_ON_CUDA = {
-    "attention": "by-length",
-    "flow_matching_loss": "triton",
-    "interpolate": "triton",
-    "modulate": "triton",
-    "gated_residual": "triton",
-}
 
 
 @dataclass(frozen=True)
@@ -83,8 +64,10 @@ class KernelOps:
 
     @property
     def implementations(self) -> dict[str, str]:
-        """op -> "triton", "torch", "cudnn" or "by-length", read off each op's module."""
-        where = {"kernels.reference": "torch", "kernels.sdpa": "cudnn", __name__: "by-length"}
+        """op -> "triton", "torch", "cudnn", "by-length" or "measured" (``auto``'s per-call choice
+        from kernels/auto_table.json), read off each op's module."""
+        where = {"kernels.reference": "torch", "kernels.sdpa": "cudnn", __name__: "by-length",
+                 "kernels.auto_table": "measured"}
         return {op: where.get(getattr(self, op).__module__, "triton") for op in _OP_MODULES}
 
 
@@ -96,8 +79,9 @@ def _triton_op(name: str) -> Callable:
 def get_ops(backend: str = "auto", device: "torch.device | str" = "cpu") -> KernelOps:
     """The ops for ``backend`` on ``device``.
 
-    backend: "auto" = on CUDA, per op the implementation measured faster (``AUTO_ON_CUDA``);
-             the PyTorch reference anywhere else;
+    backend: "auto" = on CUDA, Triton where kernels/auto_table.json says it was correct and faster
+             than PyTorch on this device's class (per op, dtype, width and length; see
+             ``kernels.auto_table``), the PyTorch reference everywhere else (CPU included);
              "triton" = always Triton (on CPU only under TRITON_INTERPRET=1, else an error);
              "torch" = the PyTorch reference (``kernels.reference``).
     """
@@ -108,7 +92,7 @@ def get_ops(backend: str = "auto", device: "torch.device | str" = "cpu") -> Kern
         raise ValueError(f"kernels backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
-            return compose_ops(AUTO_ON_CUDA, device, backend="auto")
+            return measured_ops(device)
         backend = "torch"
     if backend == "torch":
         from . import reference
@@ -123,6 +107,33 @@ def get_ops(backend: str = "auto", device: "torch.device | str" = "cpu") -> Kern
     elif device.type != "cuda":
         raise RuntimeError(f"kernels backend 'triton' needs a CUDA device, got {device}")
     return KernelOps("triton", *(_triton_op(name) for name in _OP_MODULES))
+
+
+def measured_ops(device: "torch.device | str") -> KernelOps:
+    """``auto`` on a CUDA device: the ops the measured table gives this device's class."""
+    import torch
+
+    from .auto_table import device_class
+    props = torch.cuda.get_device_properties(torch.device(device))
+    return ops_for_device_class(device_class(props.name, (props.major, props.minor)), device)
+
+
+def ops_for_device_class(device_cls: str, device: "torch.device | str" = "cpu", table_path=None) -> KernelOps:
+    """Per op, Triton where the table (kernels/auto_table.json unless ``table_path``) measured it
+    correct and faster on ``device_cls`` for the call's dtype, width and length; the PyTorch
+    reference otherwise, and for every op when the class is not in the table."""
+    from . import auto_table
+    table = auto_table.load_table(table_path or auto_table.TABLE_PATH)
+    entry = table["device_classes"].get(device_cls)
+    limits = auto_table.triton_limits(entry["measurements"]) if entry else {}
+    torch_ops = get_ops("torch", device)
+    triton_ops = get_ops("triton", device) if limits else None
+
+    def pick(op: str) -> Callable:
+        if op not in limits:
+            return getattr(torch_ops, op)
+        return auto_table.measured_op(op, getattr(triton_ops, op), getattr(torch_ops, op), limits[op])
+    return KernelOps("auto", *(pick(op) for op in _OP_MODULES))
 
 
 def compose_ops(choices: dict[str, str], device: "torch.device | str" = "cpu", backend: str = "auto") -> KernelOps:

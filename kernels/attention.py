@@ -27,8 +27,9 @@ output is 0 and its q, k, v gradients are 0 (lse is stored as +inf for such rows
 Timings (H100 SXM, bf16, B = 64, H x D = 1536, forward+backward GPU time as CUDA-graph replays,
 bench/kernels.py, 2026-11-25): N = 257, D = 128: 0.892 ms (102 TFLOP/s; cuDNN SDPA 1.060 ms, flash
 1.308); N = 1025, D = 64: 7.20 ms (201 TFLOP/s; cuDNN 6.68); N = 1025, D = 128: 6.28 ms (230
-TFLOP/s; cuDNN 5.70). ``model.kernels: auto`` therefore uses this kernel up to 512 tokens and SDPA
-with cuDNN first above (kernels.AUTO_ON_CUDA); bench/RESULTS.md has the tables.
+TFLOP/s; cuDNN 5.70). ``model.kernels: auto`` therefore uses this kernel on an H100 up to the
+measured 257 tokens at D = 128 in bf16 and PyTorch's SDPA elsewhere (kernels/auto_table.json);
+bench/RESULTS.md has the tables.
 """
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ from ._launch import cdiv, check_launchable, interpret_enabled, new_output
 
 _INTERPRETED = interpret_enabled()  # decided once: triton.jit reads it when decorating below
 _LOG2E = 1.4426950408889634
-_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+# What the launcher accepts (tests/kernels/compile_variants.py compiles each for the GPU targets).
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -225,12 +228,21 @@ _INTERPRETER_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
 _DELTA_BLOCK_M = 64
 
 
+# fp32 inputs: tiles of at most this many scores, pipelined over at most this many stages.
+_FP32_MAX_TILE = 64 * 32
+_FP32_MAX_STAGES = 2
+
+
 def _fp32_small_tiles(configs, named_args, **kwargs):
-    """fp32 inputs use full-precision (non-tensor-core) dots: large tiles spill registers and take
-    minutes to compile, so only tiles of at most 64 x 64 are tried for them."""
+    """fp32 inputs use full-precision (non-tensor-core) dots, whose operands take 4 bytes and many
+    registers. The compile gate (tests/kernels/compile_variants.py, sm_80 and sm_90) measured, at
+    D = 128 with 3 stages: 64 x 64 forward tiles use 176 KiB of shared memory (sm_80 allows 163) and
+    spill 68 KB per thread; 32 x 128 dK dV tiles 208 KiB. So fp32 gets the listed tiles of at most
+    _FP32_MAX_TILE scores with at most _FP32_MAX_STAGES stages (one per kernel today)."""
     if named_args["Q"].dtype != torch.float32:
         return configs
-    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=min(c.num_stages, _FP32_MAX_STAGES))
+            for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= _FP32_MAX_TILE]
 
 
 def tuned_configs() -> dict[str, dict]:
@@ -286,10 +298,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one (B, H, N, D) shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"q, k, v must share a dtype among fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] not in _SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {q.shape[-1]} not supported; use one of {_SUPPORTED_HEAD_DIMS}")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {q.shape[-1]} not supported; use one of {SUPPORTED_HEAD_DIMS}")
     check_launchable("attention", _INTERPRETED, q, k, v)
 
 

@@ -1,5 +1,6 @@
-"""PyTorch's fused attention with cuDNN first: ``model.kernels: auto``'s attention on CUDA for
-sequences longer than ``kernels.BY_LENGTH_MAX_TRITON_N`` (512) tokens.
+"""PyTorch's fused attention with cuDNN first: the "cudnn" implementation of ``compose_ops``, and
+of its "by-length" attention for sequences longer than ``kernels.BY_LENGTH_MAX_TRITON_N`` (512)
+tokens (``model.kernels: auto`` decides from kernels/auto_table.json instead).
 
 Same signature and semantics as ``kernels.reference.attention`` (SDPA with a boolean key mask);
 only the backend order differs: cuDNN, then flash, then memory-efficient, then math. Where cuDNN

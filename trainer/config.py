@@ -47,8 +47,8 @@ class ModelConfig:
     text_proj_dim: int = _f(0, "learned MLP projecting the text features to this width before the Text VE (or the "
                                "baseline's cross-attention); the reimplementation: 1024 for T5-XXL's 4096; 0 = none")
     image_encoder_width: int = _f(32, "base channel count of the contrastive image encoder (a small CNN)")
-    kernels: str = _f("auto", "op implementation: auto (CUDA: the measured faster one per op, kernels.AUTO_ON_CUDA; "
-                              "PyTorch elsewhere), triton, torch")
+    kernels: str = _f("auto", "op implementation: auto (CUDA: Triton where kernels/auto_table.json measured it "
+                              "correct and faster on this GPU class, PyTorch elsewhere), triton, torch")
 
     def validate(self) -> None:
         from trainer.models.crossflow.presets import PRESETS

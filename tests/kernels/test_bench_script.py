@@ -24,12 +24,25 @@ def test_without_cuda_says_nothing_was_measured():
     assert "no CUDA device: nothing measured" in proc.stdout
 
 
-def test_smoke_run_covers_every_op():
-    proc = run("--smoke")
+def test_smoke_run_covers_every_op_and_writes_the_auto_table(tmp_path):
+    """--smoke --write-table: every op measured, checked against the reference, and written as a
+    device-class entry that kernels.auto_table reads back (validated); other entries kept."""
+    from kernels import auto_table
+    table = tmp_path / "auto_table.json"
+    table.write_text((Path(auto_table.TABLE_PATH)).read_text())  # start from the shipped one
+    proc = run("--smoke", "--write-table", "--table", str(table))
     assert proc.returncode == 0, proc.stderr
     assert "NOT a measurement" in proc.stdout
-    for op in ("attention", "flow_matching_loss", "interpolate", "modulate", "gated_residual"):
+    ops = ("attention", "flow_matching_loss", "interpolate", "modulate", "gated_residual")
+    for op in ops:
         assert f"| {op} |" in proc.stdout
+    classes = auto_table.load_table(table)["device_classes"]
+    assert classes["sm90-h100"] == auto_table.load_table()["device_classes"]["sm90-h100"]
+    entry = classes["cpu-smoke"]
+    assert entry["source"]["command"] == f"python bench/kernels.py --smoke --write-table --table {table}"
+    assert {m["op"] for m in entry["measurements"]} == set(ops)
+    assert all(m["triton_correct"] and m["dtype"] == "float32" for m in entry["measurements"])
+    assert run("--smoke", "--write-table").returncode == 2  # never into the shipped table
 
 
 def test_train_step_bench_runs_on_cpu(tmp_path):

@@ -43,8 +43,8 @@ def test_get_ops_backends(device):
     assert torch_ops.backend == "torch"
     assert all(getattr(torch_ops, op) is getattr(reference, op) for op in OPS)
     auto = kernels.get_ops("auto", device)
-    if device.type == "cuda":  # per op, the measured faster implementation
-        assert auto.backend == "auto" and auto.implementations == kernels.AUTO_ON_CUDA
+    if device.type == "cuda":  # per op, from kernels/auto_table.json (tests/kernels/test_auto_table.py)
+        assert auto.backend == "auto" and set(auto.implementations.values()) <= {"measured", "torch"}
     else:
         assert auto.backend == "torch"
     triton_ops = kernels.get_ops("triton", device)  # CPU: the conftest set TRITON_INTERPRET=1
