@@ -365,6 +365,10 @@ class MDSLoader(DataLoader):
     def load_state_dict(self, obj: dict) -> None:
         self.dataset.load_state_dict(obj)
 
+    def close(self) -> None:
+        """Release the dataset's shared memory now rather than at the process's exit."""
+        release_shared_memory(self.dataset)
+
 
 # ---------------------------------------------------------------------------------------------
 # WebDataset
@@ -661,9 +665,35 @@ def read_records(path: str, fmt: str = "auto", cache_dir: str | None = None) -> 
         finally:
             for stream in ds.streams:
                 stream._downloader.clean_up()
+            release_shared_memory(ds)
     finally:
         if own_cache:
             shutil.rmtree(local, ignore_errors=True)
+
+
+def release_shared_memory(dataset) -> None:
+    """Close (and, where this process created them, unlink) the shared-memory blocks a
+    StreamingDataset opened. streaming registers each block's cleanup with ``atexit`` only, which
+    keeps them open for the life of the process: a process that makes many datasets (describing
+    shards before every launch, a sweep's driver, the test suite) runs out of file descriptors,
+    about 6 per dataset plus one per shard. Call it once nothing reads the dataset any more (other
+    processes that mapped a block keep their mapping). Leans on streaming 0.13's attribute layout
+    (SharedArray.shm, SharedScalar.arr, SharedBarrier._arr): hence the <0.14 bound in setup.cfg."""
+    import atexit
+
+    from streaming.base.shared.memory import SharedMemory
+
+    def blocks(obj, depth: int = 0):
+        if isinstance(obj, SharedMemory):
+            yield obj
+        elif depth < 3 and hasattr(obj, "__dict__") and type(obj).__module__.startswith("streaming."):
+            for value in vars(obj).values():
+                yield from blocks(value, depth + 1)
+
+    for value in list(vars(dataset).values()):
+        for shm in blocks(value):
+            atexit.unregister(shm.cleanup)
+            shm.cleanup()
 
 
 def iterate_forever(loader) -> Iterator[dict]:

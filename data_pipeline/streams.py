@@ -91,6 +91,9 @@ class ShapesStream:
     def load_state_dict(self, state: dict) -> None:
         self.position, self._it = DataPosition(**state), None
 
+    def close(self) -> None:
+        self._it = None  # the DataLoader's workers end with their iterator
+
 
 class ShardStream:
     """MDS or WebDataset shards (local or s3://) as an endless, resumable stream of batches."""
@@ -112,3 +115,10 @@ class ShardStream:
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
         self._it = None
+
+    def close(self) -> None:
+        """Stop iterating and release what the loader holds (MDS: streaming's shared memory)."""
+        self._it = None
+        close = getattr(self.loader, "close", None)
+        if close is not None:
+            close()

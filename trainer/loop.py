@@ -305,6 +305,7 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
             observer.on_train_end(step, stopped)
     finally:
         metrics.close()
+        stream.close()
     scores = {k: v for observer in observers for k, v in observer.summary().items()}
     summary = {"steps": step, "stopped": stopped, "checkpoint": str(final),
                "samples": str(out_dir / "samples" / "final.png"), "skipped_steps": skipped_total,

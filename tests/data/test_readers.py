@@ -188,3 +188,29 @@ def test_iterate_forever_resumes_across_epochs(shapes_shards, fmt):
         resumed.load_state_dict(state)
         it2 = iterate_forever(resumed)
         assert head + [tuple(next(it2)["caption"]) for _ in range(15 - k)] == expect
+
+
+def _open_files() -> int:
+    import os
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_describing_and_closing_mds_shards_leaves_no_file_open(shapes_shards):
+    """streaming closes a dataset's shared memory only at the process's exit (atexit), and each new
+    dataset opens every live one's blocks while picking its prefix: a process that reads shards
+    again and again (describing them before every launch, a sweep's driver, this suite) ran out of
+    file descriptors. Describing shards releases its dataset at once, and a closed loader its own."""
+    from data_pipeline.readers import describe_shards
+    path = shapes_shards("mds", records=_features(shapes_records(8)))
+    describe_shards(path)
+    loader = build_shard_loader(path, "mds", 4, shuffle=False, drop_last=True)
+    _take(loader)
+    loader.close()
+    before = _open_files()
+    for _ in range(5):
+        describe_shards(path)
+        loader = build_shard_loader(path, "mds", 4, shuffle=False, drop_last=True)
+        _take(loader)
+        loader.close()
+    assert _open_files() <= before + 2  # was about 6 more per dataset, and growing with each one
