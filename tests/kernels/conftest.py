@@ -17,6 +17,18 @@ if not torch.cuda.is_available():
 from kernels._launch import poison_outputs  # noqa: E402  (after the environment is set)
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The compile gate's compiling starts now, in the background (see test_compile_gate.py)."""
+    if any(item.nodeid.startswith("tests/kernels/test_compile_gate.py") for item in items):
+        from tests.support.compile_gate import compile_job
+        compile_job()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests.support.compile_gate import close_compile_job
+    close_compile_job()
+
+
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
