@@ -108,6 +108,15 @@ def rank_files(ckpt_dir: Path, rank: int) -> list[Path]:
     return [ckpt_dir / name for name in written_by((p.name for p in ckpt_dir.iterdir()), rank)]
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link of ``src`` at ``dst`` (no bytes copied), or a copy where linking fails (another
+    file system, a bind mount)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def stage_rank_files(ckpt_dir: Path, step: int, rank: int, staging: Path, launch_id: str) -> Path:
     """Hard links (copies across file systems) of this rank's files, in a directory to report.
     Without a shared out_dir a non-zero rank finds its files still in the temporary directory."""
@@ -119,10 +128,7 @@ def stage_rank_files(ckpt_dir: Path, step: int, rank: int, staging: Path, launch
         if path.is_dir():
             shutil.copytree(path, staging / path.name)
             continue
-        try:
-            os.link(path, staging / path.name)
-        except OSError:
-            shutil.copy2(path, staging / path.name)
+        link_or_copy(path, staging / path.name)
     if rank == 0:
         (staging / LAUNCH_FILE).write_text(json.dumps({"launch_id": launch_id, "step": step}))
     return staging
@@ -239,10 +245,7 @@ def _fetch_file(fs: pyarrow.fs.FileSystem, info: pyarrow.fs.FileInfo, target: Pa
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.fetch-{os.getpid()}")
     if isinstance(fs, pyarrow.fs.LocalFileSystem):
-        try:
-            os.link(info.path, partial)
-        except OSError:  # another file system
-            shutil.copyfile(info.path, partial)
+        link_or_copy(Path(info.path), partial)
     else:
         pyarrow.fs.copy_files(info.path, str(partial), source_filesystem=fs,
                               destination_filesystem=pyarrow.fs.LocalFileSystem())

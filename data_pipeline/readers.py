@@ -674,9 +674,10 @@ def read_records(path: str, fmt: str = "auto", cache_dir: str | None = None) -> 
 def release_shared_memory(dataset) -> None:
     """Close (and, where this process created them, unlink) the shared-memory blocks a
     StreamingDataset opened. streaming registers each block's cleanup with ``atexit`` only, which
-    keeps them open for the life of the process: a process that makes many datasets (describing
-    shards before every launch, a sweep's driver, the test suite) runs out of file descriptors,
-    about 6 per dataset plus one per shard. Call it once nothing reads the dataset any more (other
+    keeps them open for the life of the process (6 descriptors per dataset), and each new dataset
+    opens, and keeps, the blocks of every one still there while it picks its prefix: a process that
+    makes many datasets (describing shards before every launch, a sweep's driver, the test suite)
+    ran out of file descriptors. Call it once nothing reads the dataset any more (other
     processes that mapped a block keep their mapping). Leans on streaming 0.13's attribute layout
     (SharedArray.shm, SharedScalar.arr, SharedBarrier._arr): hence the <0.14 bound in setup.cfg."""
     import atexit

@@ -139,7 +139,7 @@ def drop_records_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
+    kept = [line for line in lines if (at := _record_step(line)) is not None and at <= step]
     if len(kept) == len(lines):
         return
     from trainer.checkpoint import atomic_write_text
