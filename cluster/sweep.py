@@ -19,66 +19,14 @@ with ``--retry-failed``. ``crossflow sweep analyze <out_dir>`` then fits the sca
 """
 from __future__ import annotations
 
-import itertools
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from trainer.config import ConfigError, load_config
+from trainer.config import load_config
+from trainer.sweep_spec import SweepSpec, expand, load_sweep
 
 STATE_FILE = "sweep_state.json"
-
-
-@dataclass
-class SweepSpec:
-    name: str
-    base_config: str
-    out_dir: str
-    grid: dict[str, list]
-    overrides: list[str] = field(default_factory=list)
-    resources: dict = field(default_factory=lambda: {"cpus": 1, "gpus": 0})
-    max_concurrent: int = 0  # 0 = as many as the cluster fits
-
-
-def load_sweep(path: str | Path) -> SweepSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    known = set(SweepSpec.__dataclass_fields__)
-    unknown = set(raw) - known
-    if unknown:
-        raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; valid: {sorted(known)}")
-    missing = {"name", "base_config", "out_dir", "grid"} - set(raw)
-    if missing:
-        raise ConfigError(f"{path}: missing sweep keys {sorted(missing)}")
-    if not isinstance(raw["grid"], dict) or not raw["grid"] or \
-            not all(isinstance(v, list) and v for v in raw["grid"].values()):
-        raise ConfigError(f"{path}: grid must map config keys to non-empty lists of values")
-    return SweepSpec(**raw)
-
-
-def _slug(key: str, value) -> str:
-    return f"{key.split('.')[-1]}-{value}".replace("/", "_").replace(" ", "")
-
-
-def expand(spec: SweepSpec) -> dict[str, list[str]]:
-    """Run name -> overrides, for every point of the grid; every run's config is validated here,
-    before anything starts."""
-    keys = list(spec.grid)
-    runs = {}
-    for values in itertools.product(*(spec.grid[k] for k in keys)):
-        name = "_".join(_slug(k, v) for k, v in zip(keys, values))
-        out_dir = Path(spec.out_dir) / name
-        overrides = [*spec.overrides, *(f"{k}={v}" for k, v in zip(keys, values)),
-                     f"train.out_dir={out_dir}", f"log.wandb_group={spec.name}", f"log.wandb_name={name}",
-                     "train.resume=auto", "log.progress=false"]
-        load_config(spec.base_config, overrides)  # fail now, naming the key
-        runs[name] = overrides
-    return runs
 
 
 def is_finished(run_dir: Path, steps: int) -> bool:
@@ -99,7 +47,7 @@ def _train_task(base_config: str, overrides: list[str]) -> dict:
 def run_sweep(spec: SweepSpec, retry_failed: bool = False, address: str = "") -> dict[str, str]:
     """Run every unfinished grid point; returns run name -> finished | skipped | failed: <error>."""
     import ray
-    runs = expand(spec)
+    runs = {p.name: p.overrides for p in expand(spec)}
     root = Path(spec.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     state_path = root / STATE_FILE

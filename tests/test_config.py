@@ -77,7 +77,7 @@ def test_every_cluster_preset_parses(preset):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_sweep_expands_to_valid_configs(path, monkeypatch):
-    from cluster.sweep import expand, load_sweep
+    from trainer.sweep_spec import expand, load_sweep
     monkeypatch.chdir(REPO)
     spec = load_sweep(path)
     runs = expand(spec)  # validates every run's config
