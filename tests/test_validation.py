@@ -109,9 +109,26 @@ def test_validation_from_held_out_mds_shards_end_to_end(tmp_path):
     assert val[-1]["val/loss"] < val[0]["val/loss"]
     assert [(s, m["val/loss"]) for s, m in reports] == [(4, val[1]["val/loss"]), (7, val[-1]["val/loss"])]
     assert "loss" in reports[-1][1]  # the training loss reported beside it
-    assert summary["val/loss"] == val[-1]["val/loss"]
+    assert reports[0][1]["val/step"] == 4 and summary["val/step"] == 7 and summary["val/loss"] == val[-1]["val/loss"]
     (wandb_run,) = glob.glob(str(run / "wandb" / "offline-run-*"))
     assert b"val/loss" in b"".join(Path(p).read_bytes() for p in glob.glob(os.path.join(wandb_run, "*.wandb")))
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_validation_shards_on_s3_are_the_first_samples_in_stored_order(bucket, tmp_path, fmt):
+    """Held-out shards on S3 (the real RGW; MDS through a temporary cache), several shards: each
+    rank's share is its every other sample of the first eval.val_samples, as stored."""
+    from data_pipeline.readers import record_to_sample
+    from trainer.validation import build_validation_set
+    records = shapes_records(30, seed=1)
+    val_path = write_records(fmt, f"{bucket}/val", records, shard_bytes=3000)
+    train_path = write_records(fmt, str(tmp_path / "train"), shapes_records(8))
+    cfg, encoder, model_input, *_ = tiny_validation_pieces(tmp_path, **{
+        "data.source": fmt, "data.path": train_path, "data.val_path": val_path, "eval.val_samples": 25})
+    want = torch.stack([record_to_sample(r, cfg.data.resolution)["image"] for r in records[:25]])
+    share = build_validation_set(cfg, encoder, model_input, 1, 2)
+    assert share.index.tolist() == list(range(1, 25, 2))
+    assert torch.equal(share.target["image"], want[1::2])
 
 
 def test_bad_validation_configs_fail_naming_the_key(tmp_path):
@@ -137,6 +154,14 @@ def test_bad_validation_configs_fail_naming_the_key(tmp_path):
     cfg.data.val_path = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match=r"data\.val_path=.*missing: no such folder"):
         build_validation_set(cfg, encoder, model_input, 0, 1)
+    import numpy as np
+
+    from trainer.loop import check_data_before_launch
+    records = [{**r, "text_emb": np.zeros((12, 7), np.float16), "text_mask": np.ones(12, bool)}
+               for r in shapes_records(4)]
+    cfg.data.val_path = write_records("mds", str(tmp_path / "val-7d"), records)
+    with pytest.raises(ValueError, match=r"data\.val_path=.*val-7d holds other data than data\.path=.*: text width 7 vs"):
+        check_data_before_launch(cfg)  # before any worker starts
     cfg.data.source, cfg.data.val_path, cfg.eval.val_samples = "shapes", "", 1
     with pytest.raises(ValueError, match=r"eval\.val_samples=1 is smaller than the world size 2"):
         build_validation_set(cfg, encoder, model_input, 0, 2)

@@ -314,5 +314,8 @@ class Validator:
 
 
 def validation_summary(validator: Validator | None) -> dict[str, float]:
-    """The last validation values (for checkpoint reports and summary.json); empty without validation."""
-    return dict(validator.latest) if validator is not None else {}
+    """The last validation values and their step ``val/step`` (a report after a stop request may
+    come later), for checkpoint reports and summary.json; empty before the first validation."""
+    if validator is None or validator.last_step is None:
+        return {}
+    return {**validator.latest, "val/step": validator.last_step}
