@@ -45,6 +45,7 @@ from trainer.models.codecs import batch_target, build_codec, codec_spec
 from trainer.models.families import model_from_args, resolve_model_args
 from trainer.objectives import crossflow_losses, draw_noise
 from trainer.observers import build_observers
+from trainer.plan import with_target_flops
 from trainer.validation import Validator, build_validation_set, check_validation_shards, validation_summary
 from trainer.warm_start import init_from_checkpoint
 
@@ -227,6 +228,7 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
     codec = build_codec(model_input, device=device)  # fails now, not at the first grid, without an autoencoder
     valset = build_validation_set(cfg, encoder, model_input, rank, world)  # None without eval.val_every
     model = build_model(cfg, model_input.latent_shape, model_input.text_dim, device)
+    cfg = with_target_flops(cfg, model.flops_per_sample(), announce=rank == 0)  # train.target_flops -> steps
     if cfg.train.init_from:  # every rank refuses a checkpoint trained on other latents (metadata only)
         check_init_latents(saved_model_input(cfg.train.init_from), model_input, cfg.train.init_from)
     if cfg.train.init_from and rank == 0:  # another run's weights (a resume below overrides them); only
