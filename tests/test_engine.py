@@ -23,7 +23,7 @@ from trainer.metrics import read_metrics
 REPO = Path(__file__).resolve().parents[1]
 STEPS = golden()["overrides"]["train.steps"]  # 20: the golden run (tests/golden/tiny_run.json)
 # The shared runs also compute the validation loss (trainer/validation.py), which must not move them.
-VALIDATION = {"eval.val_every": 10, "eval.val_samples": 64}
+VALIDATION = {"eval.val_every": 10, "eval.val_samples": 32}
 
 
 def overrides(out_dir, **extra) -> list[str]:

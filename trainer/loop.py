@@ -104,8 +104,8 @@ def check_data_before_launch(cfg: Config) -> ModelInput | None:
     data = describe_data(cfg)
     model_input = resolve_model_input(cfg, data.shards, data.metadata)
     codec_spec(model_input)
-    if cfg.eval.val_every:
-        check_validation_shards(cfg, model_input)
+    if cfg.eval.val_every and (cfg.data.val_path.startswith("s3://") or Path(cfg.data.val_path).exists()):
+        check_validation_shards(cfg, model_input)  # held-out shards only the workers see: they check them
     return model_input
 
 
