@@ -114,21 +114,59 @@ def test_validation_from_held_out_mds_shards_end_to_end(tmp_path):
     assert b"val/loss" in b"".join(Path(p).read_bytes() for p in glob.glob(os.path.join(wandb_run, "*.wandb")))
 
 
+def _save_share(rank: int, port: int, overrides: list[str], out: str) -> None:
+    """Rank ``rank`` of 2 on gloo builds its share of the validation set and saves it."""
+    import torch.distributed as dist
+
+    from data_pipeline.features import text_encoder_from_config
+    from trainer.model_input import resolve_model_input
+    from trainer.validation import build_validation_set
+    # streaming reads its world from the environment
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        cfg = load_config(None, overrides)
+        encoder = text_encoder_from_config(cfg.data)
+        share = build_validation_set(cfg, encoder, resolve_model_input(cfg, None, None, encoder.dim), rank, 2)
+        torch.save({"index": share.index, "image": share.target["image"]}, Path(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("fmt", ["mds", "wds"])
 def test_validation_shards_on_s3_are_the_first_samples_in_stored_order(bucket, tmp_path, fmt):
-    """Held-out shards on S3 (the real RGW; MDS through a temporary cache), several shards: each
-    rank's share is its every other sample of the first eval.val_samples, as stored."""
+    """Held-out shards on S3 (the real RGW), several shards: each of 2 ranks gets its every other
+    sample of the first eval.val_samples, as stored. MDS on 2 spawned gloo ranks: streaming builds
+    its reader collectively, and a node's ranks must share its cache folder (with a folder per
+    process rank 1 waited for an index nobody downloaded). WebDataset: rank 1 in this process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
     from data_pipeline.readers import record_to_sample
-    from trainer.validation import build_validation_set
     records = shapes_records(30, seed=1)
     val_path = write_records(fmt, f"{bucket}/val", records, shard_bytes=3000)
     train_path = write_records(fmt, str(tmp_path / "train"), shapes_records(8))
-    cfg, encoder, model_input, *_ = tiny_validation_pieces(tmp_path, **{
-        "data.source": fmt, "data.path": train_path, "data.val_path": val_path, "eval.val_samples": 25})
-    want = torch.stack([record_to_sample(r, cfg.data.resolution)["image"] for r in records[:25]])
-    share = build_validation_set(cfg, encoder, model_input, 1, 2)
-    assert share.index.tolist() == list(range(1, 25, 2))
-    assert torch.equal(share.target["image"], want[1::2])
+    overrides = tiny_overrides(tmp_path / "run", **{"data.source": fmt, "data.path": train_path,
+                                                     "data.val_path": val_path, "eval.val_every": 1,
+                                                     "eval.val_samples": 25})
+    if fmt == "mds":
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.spawn(_save_share, args=(port, overrides, str(tmp_path)), nprocs=2)
+        ranks = (0, 1)
+    else:
+        from trainer.validation import build_validation_set
+        cfg, encoder, model_input, *_ = tiny_validation_pieces(tmp_path, **dict(o.split("=", 1) for o in overrides))
+        share = build_validation_set(cfg, encoder, model_input, 1, 2)
+        torch.save({"index": share.index, "image": share.target["image"]}, tmp_path / "rank1.pt")
+        ranks = (1,)
+    want = torch.stack([record_to_sample(r, 32)["image"] for r in records[:25]])
+    for rank in ranks:
+        share = torch.load(tmp_path / f"rank{rank}.pt")
+        assert share["index"].tolist() == list(range(rank, 25, 2))
+        assert torch.equal(share["image"], want[rank::2])
 
 
 def test_bad_validation_configs_fail_naming_the_key(tmp_path):

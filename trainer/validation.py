@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,22 @@ def shapes_validation_samples(cfg, rank: int, world_size: int) -> list[tuple[int
     return out
 
 
+def validation_cache_dir(cfg) -> str | None:
+    """Where ``s3://`` held-out shards are cached (None for a folder): ``<data.cache_dir>/validation``,
+    else node-local like the training shards' (``default_cache_dir``). Never a folder per process:
+    mosaicml-streaming's dataset is built collectively (a barrier) and its ranks on a node share one
+    folder that the node's first rank fills; a private temporary one leaves the others waiting for
+    an index that never comes (seen with 2 gloo ranks)."""
+    from data_pipeline.readers import default_cache_dir
+    from data_pipeline.s3 import is_remote, sync_endpoint_env
+    if not is_remote(cfg.data.val_path):
+        return None
+    sync_endpoint_env()
+    if cfg.data.cache_dir:
+        return os.path.join(cfg.data.cache_dir, "validation")
+    return default_cache_dir(cfg.data.val_path, cfg.data.source, cfg.train.out_dir)
+
+
 def check_validation_shards(cfg, model_input: ModelInput, encoder_dim: int | None = None) -> None:
     """``data.val_path`` holds what training trains on (``resolve_model_input`` on it: its own checks
     against the config, then the same space, target shape, latent scaling and text width as the
@@ -152,7 +169,8 @@ def check_validation_shards(cfg, model_input: ModelInput, encoder_dim: int | Non
     if not is_remote(path) and not Path(path).is_dir():
         raise FileNotFoundError(f"data.val_path={path}: no such folder (held-out shards for the validation loss)")
     val_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path))
-    val = resolve_model_input(val_cfg, describe_shards(path, cfg.data.source), read_feature_metadata(path), encoder_dim)
+    shards = describe_shards(path, cfg.data.source, validation_cache_dir(cfg))
+    val = resolve_model_input(val_cfg, shards, read_feature_metadata(path), encoder_dim)
 
     def kind(m: ModelInput) -> dict:
         out = {"space": m.space, "target shape": tuple(m.latent_shape), "text width": m.text_dim}
@@ -168,13 +186,14 @@ def check_validation_shards(cfg, model_input: ModelInput, encoder_dim: int | Non
 
 def shard_validation_samples(cfg, rank: int, world_size: int) -> list[tuple[int, dict]]:
     """(position in the set, sample) of this rank's samples among the first ``eval.val_samples`` of
-    ``data.val_path``, in stored order (no shuffle; a temporary cache for s3://, removed after);
+    ``data.val_path``, in stored order (no shuffle; s3:// through ``validation_cache_dir``; with MDS
+    collective: every rank builds the reader);
     a bad sample raises naming it, whatever ``data.on_error`` says: the set must be exactly the same
     in every run."""
     from data_pipeline.readers import BadDataError, read_records, record_to_sample
     path, n = cfg.data.val_path, cfg.eval.val_samples
     out, count = [], 0
-    with contextlib.closing(read_records(path, cfg.data.source)) as records:
+    with contextlib.closing(read_records(path, cfg.data.source, validation_cache_dir(cfg))) as records:
         for i, rec in enumerate(records):
             if i == n:
                 break
