@@ -84,6 +84,7 @@ class Plan:
     max_tokens: int
     params: dict[str, int]
     trainable_params: int
+    flow_params: int  # the flow network's (the size a scaling study counts: ``flow_params()``)
     flops_per_sample: float  # the model's training FLOPs per sample (what metrics.jsonl's MFU uses)
     tokens_per_sample: int  # image tokens through the flow transformer
     world_size: int
@@ -275,7 +276,7 @@ def make_plan(cfg: Config, hw: Hardware = Hardware(), micro_batch: int | None = 
     return Plan(
         config=config_name, family=cfg.model.family, preset=cfg.model.preset,
         latent_shape=tuple(mi.latent_shape), text_dim=mi.text_dim, max_tokens=cfg.data.max_tokens,
-        params=fam.param_counts(model), trainable_params=P, flops_per_sample=flops, tokens_per_sample=tokens,
+        params=fam.param_counts(model), trainable_params=P, flow_params=model.flow_params(), flops_per_sample=flops, tokens_per_sample=tokens,
         world_size=world, zero_stage=t.zero_stage, precision=t.precision, offload_optimizer=t.offload_optimizer,
         activation_checkpointing=t.activation_checkpointing, global_batch_size=t.global_batch_size,
         micro_batch=mb, grad_accum=accum, memory_gib=memory,

@@ -74,6 +74,7 @@ class SweepSpec:
     max_concurrent: int = 0  # 0 = as many as the cluster fits
     gpu_memory_gib: float = 0.0  # > 0: workers, micro-batch, accumulation per point from `crossflow plan`
     max_workers_per_point: int = 8
+    min_workers_per_point: int = 1  # the sizing starts here (more GPUs per point: shorter runs)
 
 
 @dataclass
@@ -155,10 +156,13 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{path}: resources must map {sorted(RESOURCE_KEYS)} to numbers (per worker), "
                           f"got {resources!r}")
     for key, least, kind in (("gpu_memory_gib", 0, (int, float)), ("max_concurrent", 0, int),
-                             ("max_workers_per_point", 1, int)):
+                             ("max_workers_per_point", 1, int), ("min_workers_per_point", 1, int)):
         value = raw.get(key, least)
         if not isinstance(value, kind) or isinstance(value, bool) or value < least:
             raise ConfigError(f"{path}: {key} must be a number >= {least}, got {value!r}")
+    if raw.get("min_workers_per_point", 1) > raw.get("max_workers_per_point", 8):
+        raise ConfigError(f"{path}: min_workers_per_point={raw['min_workers_per_point']} exceeds "
+                          f"max_workers_per_point={raw.get('max_workers_per_point', 8)}")
     return SweepSpec(**{**raw, "grid": grid, "isoflop": isoflop, "resources": resources})
 
 
@@ -242,7 +246,7 @@ def expand(spec: SweepSpec) -> list[SweepPoint]:
 
 
 def _point(spec: SweepSpec, name: str, axes: dict) -> SweepPoint:
-    from trainer.plan import format_flops, steps_for_target_flops
+    from trainer.plan import build_meta_model, format_flops, steps_for_target_flops
     out_dir = Path(spec.out_dir) / name
     resources = [f"{RESOURCE_KEYS[k]}={v}" for k, v in spec.resources.items()]
     values = [f"{k}={format_flops(v) if k == 'train.target_flops' else v}" for k, v in axes.items()]
@@ -250,10 +254,11 @@ def _point(spec: SweepSpec, name: str, axes: dict) -> SweepPoint:
            "train.resume=auto", "log.progress=false"]
     overrides = [*resources, *spec.overrides, *values]
     cfg = load_config(spec.base_config, overrides)  # fails naming the key
+    per_sample = build_meta_model(cfg).flops_per_sample()  # a model the values cannot build fails here
     if spec.gpu_memory_gib:
-        overrides += sized_overrides(cfg, spec.gpu_memory_gib, spec.max_workers_per_point)
+        overrides += sized_overrides(cfg, spec.gpu_memory_gib, spec.max_workers_per_point, spec.min_workers_per_point)
     if cfg.train.target_flops > 0:
-        overrides.append(f"train.steps={steps_for_target_flops(cfg)}")  # the error names the budget
+        overrides.append(f"train.steps={steps_for_target_flops(cfg, per_sample)}")  # the error names the budget
     overrides += run
     cfg = load_config(spec.base_config, overrides)
     per_rank_batch_size(cfg.train.global_batch_size, cfg.cluster.num_workers, cfg.train.grad_accum)  # or fail
@@ -267,18 +272,21 @@ def with_world(cfg: Config, workers: int, grad_accum: int | None = None) -> Conf
     return dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, num_workers=workers), train=train)
 
 
-def size_for_gpu(cfg: Config, gpu_memory_gib: float, max_workers: int):
-    """The plan (``trainer.plan.Plan``) of ``cfg`` at the smallest power-of-two world size up to
-    ``max_workers`` whose largest fitting micro-batch divides the global batch, at that micro-batch
-    (``plan.world_size``, ``plan.micro_batch``, ``plan.grad_accum``). ConfigError with the largest
-    world's numbers when none fits."""
+def size_for_gpu(cfg: Config, gpu_memory_gib: float, max_workers: int, min_workers: int = 1) -> tuple[int, int]:
+    """(workers, grad_accum) for ``cfg`` on GPUs of ``gpu_memory_gib``: the smallest world size of
+    min_workers x a power of two, up to ``max_workers``, at which ``crossflow plan`` finds a
+    micro-batch that fits and divides the global batch, with the largest such micro-batch
+    (``best_micro_batch`` x ``best_grad_accum``). ConfigError with the largest world's numbers when
+    none fits."""
     from trainer.plan import Hardware, make_plan
     hw = Hardware(gpu_memory_gb=gpu_memory_gib)
-    workers, plan = 1, None
-    while workers <= max_workers:
+    workers = min_workers
+    while True:
         plan = make_plan(with_world(cfg, workers, 1), hw)
         if plan.best_micro_batch:
-            return make_plan(with_world(cfg, workers, plan.best_grad_accum), hw)
+            return workers, plan.best_grad_accum
+        if 2 * workers > max_workers:
+            break
         workers *= 2
     m = plan.memory_gib
     state = m["weights"] + m["gradients"] + m["optimizer"] + m["ema"]
@@ -290,7 +298,50 @@ def size_for_gpu(cfg: Config, gpu_memory_gib: float, max_workers: int):
                       f"or train.zero_stage, or set train.activation_checkpointing=true")
 
 
-def sized_overrides(cfg: Config, gpu_memory_gib: float, max_workers: int) -> list[str]:
+def sized_overrides(cfg: Config, gpu_memory_gib: float, max_workers: int, min_workers: int = 1) -> list[str]:
     """``cluster.num_workers`` and ``train.grad_accum`` that fit ``cfg`` on GPUs of ``gpu_memory_gib``."""
-    plan = size_for_gpu(cfg, gpu_memory_gib, max_workers)
-    return [f"cluster.num_workers={plan.world_size}", f"train.grad_accum={plan.grad_accum}"]
+    workers, grad_accum = size_for_gpu(cfg, gpu_memory_gib, max_workers, min_workers)
+    return [f"cluster.num_workers={workers}", f"train.grad_accum={grad_accum}"]
+
+
+# ----------------------------------------------------------------------------- crossflow sweep plan
+def plan_rows(spec: SweepSpec, points: list[SweepPoint]) -> list[dict]:
+    """One row per point: what it trains, for how long, on how many workers, the plan's memory per
+    GPU (for GPUs of the sweep's ``gpu_memory_gib``, else 80 GiB; CPU points are not checked) and its
+    GPU hours (``crossflow plan``'s step time: H100 peak at 45% MFU, 400 Gbit/s per GPU)."""
+    from trainer.plan import Hardware, format_flops, make_plan
+    hw = Hardware(gpu_memory_gb=spec.gpu_memory_gib or 80.0)
+    rows = []
+    for p in points:
+        plan = make_plan(p.cfg, hw)
+        gpu = p.gpus_per_worker > 0
+        # the plan's step time (compute at its MFU, or communication when that is slower) x steps x GPUs
+        gpu_hours = p.steps * max(plan.compute_s_per_step, plan.comm_s_per_step) * p.workers / 3600
+        params = f"{plan.flow_params / 1e9:.3g}B" if plan.flow_params >= 1e9 else f"{plan.flow_params / 1e6:.3g}M"
+        rows.append({"point": p.name, "family": plan.family, "params": params,
+                     "FLOPs/sample": format_flops(float(f"{plan.flops_per_sample:.3g}")),
+                     "budget": format_flops(p.budget) if p.budget else "-", "steps": p.steps,
+                     "batch": p.cfg.train.global_batch_size, "workers": p.workers, "micro": p.micro_batch,
+                     "accum": p.grad_accum, "GiB/GPU": f"{plan.total_gib:.1f}",
+                     "fits": ("yes" if plan.fits else "NO") if gpu else "cpu",
+                     "GPU hours": f"{gpu_hours:.3g}" if gpu else "-",
+                     "training FLOPs": plan.training_flops})
+    return rows
+
+
+def format_sweep_plan(spec: SweepSpec, rows: list[dict]) -> str:
+    from trainer.plan import format_flops
+    columns = [c for c in rows[0] if c != "training FLOPs"]
+    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    line = lambda values: "  ".join(str(v).ljust(width[c]) for c, v in zip(columns, values)).rstrip()  # noqa: E731
+    gib = f"{spec.gpu_memory_gib:g} GiB GPUs" if spec.gpu_memory_gib else "80 GiB GPUs (no gpu_memory_gib given)"
+    out = [f"sweep {spec.name}: {len(rows)} points from {spec.base_config}; memory per GPU for {gib}", "",
+           line(columns), *(line([r[c] for c in columns]) for r in rows), "",
+           f"training FLOPs, all points: {format_flops(sum(r['training FLOPs'] for r in rows))}; workers, all "
+           f"points at once: {sum(r['workers'] for r in rows)} (max_concurrent: "
+           f"{spec.max_concurrent or 'as the cluster holds'})"]
+    hours = [float(r["GPU hours"]) for r in rows if r["GPU hours"] != "-"]
+    if hours:
+        out.append(f"GPU hours, all points: {sum(hours):.4g} at the plan's 45% MFU of an H100 (bench/RESULTS.md "
+                   f"measured 27.7% for the 0.95B)")
+    return "\n".join(out)
