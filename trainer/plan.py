@@ -147,11 +147,13 @@ def steps_for_target_flops(cfg: Config, flops_per_sample: float | None = None) -
     floor = max(1, cfg.optim.warmup_steps)
     if steps < floor:
         what = "one step" if floor == 1 else f"optim.warmup_steps={floor}"
-        raise ConfigError(f"train.target_flops={format_flops(t.target_flops)} buys {t.target_flops / per_step:.3g} steps "
-                          f"of {per_sample:.4g} FLOPs per sample (model.preset={cfg.model.preset}, "
-                          f"hidden_size={cfg.model.hidden_size or 'preset'}) x train.global_batch_size="
+        m = cfg.model
+        model = ", ".join(f"model.{k}={v}" for k, v in (("family", m.family), ("preset", m.preset),
+                                                        ("hidden_size", m.hidden_size), ("depth", m.depth)) if v)
+        raise ConfigError(f"train.target_flops={format_flops(t.target_flops)} buys {t.target_flops / per_step:.3g} "
+                          f"steps of {per_sample:.4g} FLOPs per sample ({model}) x train.global_batch_size="
                           f"{t.global_batch_size}, fewer than {what}: raise the budget to at least "
-                          f"{floor * per_step:.3g} or lower the batch")
+                          f"{format_flops(floor * per_step)}, or lower train.global_batch_size or optim.warmup_steps")
     return steps
 
 
@@ -298,7 +300,7 @@ def format_plan(p: Plan) -> str:
     lines += [f"    {name:<22}{n / 1e6:>10.1f} M" for name, n in p.params.items() if n]
     lines += [f"    {'trainable, all':<22}{p.trainable_params / 1e6:>10.1f} M",
               f"  training FLOPs per sample: {p.flops_per_sample / 1e12:.3f} TFLOP (flow network)",
-              f"  training: {p.steps} steps x global batch {p.global_batch_size} = {p.training_flops:.3g} FLOPs"
+              f"  training: {p.steps} steps x global batch {p.global_batch_size} = {format_flops(p.training_flops)} FLOPs"
               + (f" (train.target_flops={format_flops(p.target_flops)})" if p.target_flops else ""),
               f"  per GPU: world {p.world_size}, ZeRO-{p.zero_stage}, {p.precision}, "
               f"offload {'on' if p.offload_optimizer else 'off'}, activation checkpointing "

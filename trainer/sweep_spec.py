@@ -7,7 +7,7 @@ A sweep file (``configs/sweeps/*.yaml``)::
     out_dir: runs/sweeps/isoflop_tiny # one run directory per point below it
     overrides: [train.global_batch_size=16]   # applied to every run
     isoflop:                          # FLOP budgets x model sizes (Chinchilla's approach 2)
-      budgets: [2e12, 6e12]           # training FLOPs per run: train.target_flops, which sets its steps
+      budgets: [1e11, 3e11]           # training FLOPs per run: train.target_flops, which sets its steps
       sizes:                          # keys -> values, zipped: one model size per index
         model.hidden_size: [64, 128, 192]
         model.depth: [2, 3, 4]
@@ -17,6 +17,7 @@ A sweep file (``configs/sweeps/*.yaml``)::
     resources: {cpus: 1, gpus: 0}     # per worker: cluster.cpus_per_worker / gpus_per_worker (default: the config's)
     max_concurrent: 2                 # at most this many runs at once (0: as many as the cluster holds)
     gpu_memory_gib: 80                # optional: size each point with `crossflow plan` for this GPU memory
+    min_workers_per_point: 1          # the sizing's first world size (more GPUs per point: shorter runs)
     max_workers_per_point: 8          # the most workers such a point may get
 
 Points are budgets x sizes x grid (either part may be absent, not both); an isoFLOP point is named
@@ -25,10 +26,13 @@ for its budget and size, e.g. ``flops-2e12_hidden_size-64_depth-2``, and trains
 into its overrides as ``train.steps``, so its config is what the run records).
 
 Workers, micro-batch and accumulation of a point: the config's ``cluster.num_workers`` and
-``train.grad_accum``; or, with ``gpu_memory_gib``, the smallest power-of-two world size up to
-``max_workers_per_point`` at which ``crossflow plan`` finds a micro-batch that fits that memory and
-divides the global batch (its ``best_micro_batch`` x ``best_grad_accum``): fewest GPUs per point, so
-more points train at once and less of each step is communication.
+``train.grad_accum``; or, with ``gpu_memory_gib``, the smallest world size min_workers_per_point x
+2^k up to ``max_workers_per_point`` at which ``crossflow plan`` finds a micro-batch that fits that
+memory and divides the global batch (its ``best_micro_batch`` x ``best_grad_accum``), written into
+the point's overrides: fewest GPUs per point, so more points train at once and less of each step
+is communication (``min_workers_per_point`` trades that for shorter runs). ``resources`` are per
+worker and become ``cluster.cpus_per_worker`` / ``cluster.gpus_per_worker``; a point's
+``workers``, ``cpus_per_worker`` and ``gpus_per_worker`` are its config's.
 
 ``expand(spec)`` gives one ``SweepPoint`` per run, each config validated (and its steps, workers
 and micro-batch checked) before anything starts; errors name the sweep key or the point.
