@@ -58,7 +58,8 @@ def test_grid_only_sweeps_and_presets_list(tmp_path):
     ({}, "give the points"),
     ({"isoflop": {"budgets": [], "sizes": ["tiny"]}}, r"isoflop.budgets must be a non-empty"),
     ({"isoflop": {"budgets": [1e12, "lots"], "sizes": ["tiny"]}}, r"isoflop.budgets\[1\] must be a positive"),
-    ({"isoflop": {"budgets": [1e12], "sizes": {"model.hidden_size": []}}}, r"sizes.model.hidden_size must be a non-empty"),
+    ({"isoflop": {"budgets": [1e12], "sizes": {"model.hidden_size": []}}},
+     r"sizes.model.hidden_size must be a non-empty"),
     ({"isoflop": {"budgets": [1e12], "sizes": {"model.hidden_size": [64, 128], "model.depth": [2]}}},
      r"equally long: \{'model.hidden_size': 2, 'model.depth': 1\}"),
     ({"isoflop": {"budgets": [1e12]}}, "exactly the keys budgets"),
@@ -66,7 +67,8 @@ def test_grid_only_sweeps_and_presets_list(tmp_path):
     ({"grid": {"model.depth": []}}, "grid.model.depth must be a non-empty"),
     ({"grid": {"model.depth": [2]}, "resources": {"cpu": 1}}, "resources must map"),
     ({"grid": {"model.depth": [2]}, "max_workers_per_point": 0}, "max_workers_per_point must be"),
-    ({"grid": {"model.depth": [2]}, "min_workers_per_point": 16}, "min_workers_per_point=16 exceeds max_workers_per_point=8"),
+    ({"grid": {"model.depth": [2]}, "min_workers_per_point": 16},
+     "min_workers_per_point=16 exceeds max_workers_per_point=8"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, keys, match):
     with pytest.raises(ConfigError, match=match):

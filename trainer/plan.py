@@ -278,7 +278,8 @@ def make_plan(cfg: Config, hw: Hardware = Hardware(), micro_batch: int | None = 
     return Plan(
         config=config_name, family=cfg.model.family, preset=cfg.model.preset,
         latent_shape=tuple(mi.latent_shape), text_dim=mi.text_dim, max_tokens=cfg.data.max_tokens,
-        params=fam.param_counts(model), trainable_params=P, flow_params=model.flow_params(), flops_per_sample=flops, tokens_per_sample=tokens,
+        params=fam.param_counts(model), trainable_params=P, flow_params=model.flow_params(), flops_per_sample=flops,
+        tokens_per_sample=tokens,
         world_size=world, zero_stage=t.zero_stage, precision=t.precision, offload_optimizer=t.offload_optimizer,
         activation_checkpointing=t.activation_checkpointing, global_batch_size=t.global_batch_size,
         micro_batch=mb, grad_accum=accum, memory_gib=memory,
@@ -300,7 +301,8 @@ def format_plan(p: Plan) -> str:
     lines += [f"    {name:<22}{n / 1e6:>10.1f} M" for name, n in p.params.items() if n]
     lines += [f"    {'trainable, all':<22}{p.trainable_params / 1e6:>10.1f} M",
               f"  training FLOPs per sample: {p.flops_per_sample / 1e12:.3f} TFLOP (flow network)",
-              f"  training: {p.steps} steps x global batch {p.global_batch_size} = {format_flops(p.training_flops)} FLOPs"
+              f"  training: {p.steps} steps x global batch {p.global_batch_size} = "
+              f"{format_flops(p.training_flops)} FLOPs"
               + (f" (train.target_flops={format_flops(p.target_flops)})" if p.target_flops else ""),
               f"  per GPU: world {p.world_size}, ZeRO-{p.zero_stage}, {p.precision}, "
               f"offload {'on' if p.offload_optimizer else 'off'}, activation checkpointing "
