@@ -258,9 +258,12 @@ def _point(spec: SweepSpec, name: str, axes: dict) -> SweepPoint:
            "train.resume=auto", "log.progress=false"]
     overrides = [*resources, *spec.overrides, *values]
     cfg = load_config(spec.base_config, overrides)  # fails naming the key
-    per_sample = build_meta_model(cfg).flops_per_sample()  # a model the values cannot build fails here
-    if spec.gpu_memory_gib:
-        overrides += sized_overrides(cfg, spec.gpu_memory_gib, spec.max_workers_per_point, spec.min_workers_per_point)
+    if spec.gpu_memory_gib:  # (a model the values cannot build fails here, or just below)
+        plan = size_for_gpu(cfg, spec.gpu_memory_gib, spec.max_workers_per_point, spec.min_workers_per_point)
+        overrides += [f"cluster.num_workers={plan.world_size}", f"train.grad_accum={plan.best_grad_accum}"]
+        per_sample = plan.flops_per_sample
+    else:
+        per_sample = build_meta_model(cfg).flops_per_sample()
     if cfg.train.target_flops > 0:
         overrides.append(f"train.steps={steps_for_target_flops(cfg, per_sample)}")  # the error names the budget
     overrides += run
@@ -276,19 +279,19 @@ def with_world(cfg: Config, workers: int, grad_accum: int | None = None) -> Conf
     return dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, num_workers=workers), train=train)
 
 
-def size_for_gpu(cfg: Config, gpu_memory_gib: float, max_workers: int, min_workers: int = 1) -> tuple[int, int]:
-    """(workers, grad_accum) for ``cfg`` on GPUs of ``gpu_memory_gib``: the smallest world size of
-    min_workers x a power of two, up to ``max_workers``, at which ``crossflow plan`` finds a
-    micro-batch that fits and divides the global batch, with the largest such micro-batch
-    (``best_micro_batch`` x ``best_grad_accum``). ConfigError with the largest world's numbers when
-    none fits."""
+def size_for_gpu(cfg: Config, gpu_memory_gib: float, max_workers: int, min_workers: int = 1):
+    """The plan (``trainer.plan.Plan``) of ``cfg`` at the smallest world size min_workers x 2^k, up to
+    ``max_workers``, at which ``crossflow plan`` finds a micro-batch that fits GPUs of
+    ``gpu_memory_gib`` and divides the global batch: ``plan.world_size`` workers, the largest such
+    micro-batch ``plan.best_micro_batch`` x ``plan.best_grad_accum``. ConfigError with the largest
+    world's numbers when none fits."""
     from trainer.plan import Hardware, make_plan
     hw = Hardware(gpu_memory_gb=gpu_memory_gib)
     workers = min_workers
     while True:
         plan = make_plan(with_world(cfg, workers, 1), hw)
         if plan.best_micro_batch:
-            return workers, plan.best_grad_accum
+            return plan
         if 2 * workers > max_workers:
             break
         workers *= 2
@@ -301,11 +304,6 @@ def size_for_gpu(cfg: Config, gpu_memory_gib: float, max_workers: int, min_worke
                       f"{plan.max_micro_batch}, global batch {plan.global_batch_size}); raise max_workers_per_point "
                       f"or train.zero_stage, or set train.activation_checkpointing=true")
 
-
-def sized_overrides(cfg: Config, gpu_memory_gib: float, max_workers: int, min_workers: int = 1) -> list[str]:
-    """``cluster.num_workers`` and ``train.grad_accum`` that fit ``cfg`` on GPUs of ``gpu_memory_gib``."""
-    workers, grad_accum = size_for_gpu(cfg, gpu_memory_gib, max_workers, min_workers)
-    return [f"cluster.num_workers={workers}", f"train.grad_accum={grad_accum}"]
 
 
 # ----------------------------------------------------------------------------- crossflow sweep plan
