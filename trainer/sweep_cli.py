@@ -61,7 +61,7 @@ def add_sweep_commands(subparsers: argparse._SubParsersAction) -> argparse._SubP
                                    "budget (isoflop points) and the steps it buys, global batch, workers, "
                                    "micro-batch and gradient accumulation (sized by `crossflow plan` when the "
                                    "sweep gives gpu_memory_gib), the plan's memory per GPU, whether it fits and "
-                                   "its GPU hours at the plan's 45%% MFU (GPU points). Every point's config is "
+                                   "its GPU hours at the plan's 45% MFU (GPU points). Every point's config is "
                                    "validated; errors name the point.")
     p.add_argument("--config", required=True, help="sweep file (configs/sweeps/<name>.yaml)")
     p.set_defaults(func=_plan)
