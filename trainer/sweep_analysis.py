@@ -42,8 +42,8 @@ A run directory with a missing or corrupt ``config.json`` or ``metrics.jsonl`` r
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,13 +85,17 @@ class RunResult:
     def flops(self) -> float:
         return self.flops_per_sample * self.samples
 
+    def has(self, metric: str) -> bool:
+        """Whether the run's final ``metric`` can be fitted: logged, and finite (a diverged run's NaN is not)."""
+        return math.isfinite(self.final.get(metric, math.nan))
+
     def curve(self, metric: str, after_warmup: bool = False) -> list[tuple[float, float]]:
         """(FLOPs spent by the step, value) of every record logging ``metric`` after step 0; with
         ``after_warmup``, only past the LR warm-up (at most the run's first half: the law
         describes training at the full LR)."""
         first = min(self.warmup_steps, self.steps // 2) if after_warmup else 0
         return [(rec["step"] * self.global_batch * self.flops_per_sample, fitted_value(metric, rec[metric]))
-                for rec in self.records if metric in rec and rec["step"] > first]
+                for rec in self.records if metric in rec and rec["step"] > first and math.isfinite(rec[metric])]
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -134,26 +138,9 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / f).exists() for f in ("config.json", "metrics.jsonl", "summary.json"))
 
 
-def target_flops_of(raw: dict, config_path: Path) -> float:
-    """``train.target_flops`` read from the raw config.json (0 when absent); a bad value raises."""
-    value = raw.get("train", {}).get("target_flops", 0) if isinstance(raw.get("train"), dict) else 0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise SweepAnalysisError(f"{config_path}: train.target_flops must be a FLOP budget >= 0, got {value!r}")
-    return float(value)
-
-
-def config_of(raw: dict):
-    """The run's Config. A config.json written by a trainer with ``train.target_flops`` is read by
-    one without it too (the budget is taken from the raw JSON by ``target_flops_of``)."""
-    from trainer.config import TrainConfig, config_from_dict
-    if "target_flops" not in {f.name for f in dataclasses.fields(TrainConfig)} and "target_flops" in raw.get("train", {}):
-        raw = {**raw, "train": {k: v for k, v in raw["train"].items() if k != "target_flops"}}
-    return config_from_dict(raw)
-
-
 def load_run(run_dir: Path) -> RunResult:
     """One run directory -> RunResult; raises SweepAnalysisError naming the missing or bad file."""
-    from trainer.config import ConfigError
+    from trainer.config import ConfigError, config_from_dict
     config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.jsonl"
     for path in (config_path, metrics_path):
         if not path.is_file():
@@ -161,9 +148,8 @@ def load_run(run_dir: Path) -> RunResult:
     try:
         raw = json.loads(config_path.read_text())
         if not isinstance(raw, dict):
-            raise SweepAnalysisError(f"{config_path}: not a JSON object")
-        target_flops = target_flops_of(raw, config_path)
-        cfg = config_of(raw)
+            raise ConfigError(f"a JSON {type(raw).__name__}, not an object")
+        cfg = config_from_dict(raw)
     except (json.JSONDecodeError, ConfigError) as e:
         raise SweepAnalysisError(f"{config_path}: not a valid crossflow config ({e})") from e
     records = read_jsonl(metrics_path)
@@ -185,7 +171,7 @@ def load_run(run_dir: Path) -> RunResult:
     return RunResult(name=run_dir.name, family=cfg.model.family, preset=cfg.model.preset,
                      params=int(model.flow_params()), flops_per_sample=float(model.flops_per_sample()),
                      steps=steps, global_batch=cfg.train.global_batch_size, final=final, records=records,
-                     target_flops=target_flops, warmup_steps=cfg.optim.warmup_steps)
+                     target_flops=cfg.train.target_flops, warmup_steps=cfg.optim.warmup_steps)
 
 
 def collect_runs(sweep_dir: str | Path, skip_bad: bool = False) -> tuple[list[RunResult], list[tuple[str, str]]]:
@@ -238,7 +224,7 @@ def fit_sweep(runs: list[RunResult], metrics) -> dict:
     for metric in metrics:
         per_family: dict = {}
         for family in families_of(runs):
-            rs = [r for r in runs if r.family == family and metric in r.final]
+            rs = [r for r in runs if r.family == family and r.has(metric)]
             if not rs:
                 continue
             y = [fitted_value(metric, r.final[metric]) for r in rs]
@@ -259,7 +245,7 @@ def isoflop_runs(runs: list[RunResult], metric: str, family: str) -> dict[float,
     """{budget: runs} of the family's isoFLOP runs (train.target_flops > 0) that logged ``metric``."""
     by_budget: dict[float, list[RunResult]] = {}
     for r in runs:
-        if r.family == family and r.target_flops > 0 and metric in r.final:
+        if r.family == family and r.target_flops > 0 and r.has(metric):
             by_budget.setdefault(r.target_flops, []).append(r)
     return dict(sorted(by_budget.items()))
 
@@ -306,7 +292,7 @@ def frontier(rows: list[dict], resamples: int) -> dict:
 def extrapolate_params(runs: list[RunResult], metric: str, family: str) -> dict:
     """L(N) fitted on the smaller sizes' final values, the largest size's predicted, per group of
     equally long runs (no FLOP budget, same samples seen) with 3+ sizes."""
-    rs = [r for r in runs if r.family == family and metric in r.final]
+    rs = [r for r in runs if r.family == family and r.has(metric)]
     if rs and all(r.target_flops > 0 for r in rs):
         return {"checks": [], "why_not": "isoFLOP runs only: at a fixed budget loss vs N is U-shaped, not a power "
                                          "law, so there is no L(N) to extrapolate (see the L(C) check)"}
@@ -337,7 +323,7 @@ def extrapolate_params(runs: list[RunResult], metric: str, family: str) -> dict:
 def extrapolate_flops(runs: list[RunResult], metric: str, family: str) -> dict:
     """L(C) fitted on the compute envelope of the smaller sizes' curves, each largest-size run's
     final value predicted at its compute (see the module docstring for what it predicts)."""
-    rs = [r for r in runs if r.family == family and metric in r.final]
+    rs = [r for r in runs if r.family == family and r.has(metric)]
     sizes = sorted({r.params for r in rs})
     if len(sizes) < 2:
         return {"why_not": f"{len(sizes)} size: the check needs 2 or more (fit on the smaller, predict the largest)"}
@@ -374,7 +360,7 @@ def prediction(run: RunResult, x: float, predicted: float, metric: str) -> dict:
 def extrapolation(runs: list[RunResult], metric: str) -> dict:
     return {family: {"params": extrapolate_params(runs, metric, family),
                      "flops": extrapolate_flops(runs, metric, family)}
-            for family in families_of(runs) if any(metric in r.final for r in runs if r.family == family)}
+            for family in families_of(runs) if any(r.has(metric) for r in runs if r.family == family)}
 
 
 # ----------------------------------------------------------------------------- tables
@@ -459,6 +445,9 @@ class Analysis:
             lines.append(f"{r.name:28s} {r.family:20s} {r.params:10.4g} {budget} {r.flops:10.4g} {r.steps:6d} "
                          f"{r.final.get(m, float('nan')):10.5f}")
         lines += [f"skipped {name}: {why}" for name, why in self.skipped]
+        unfit = [r.name for r in self.runs if m in r.final and not r.has(m)]
+        if unfit:
+            lines.append(f"left out of every fit: {', '.join(unfit)} (final {m} not finite)")
         lines += self._fit_lines() + self._isoflop_lines() + self._frontier_lines() + self._extrapolation_lines()
         lines.append(f"wrote {', '.join(str(p) for p in self.files)}")
         return "\n".join(lines)

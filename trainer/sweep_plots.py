@@ -98,7 +98,7 @@ def plot_metric(runs: list[RunResult], metric: str, fits: dict, axis: str, path:
     ax = axes[0, 0]
     for i, family in enumerate(sorted({r.family for r in runs})):
         color = f"C{i}"
-        rs = [r for r in runs if r.family == family and metric in r.final]
+        rs = [r for r in runs if r.family == family and r.has(metric)]
         if not rs:
             continue
         xs = [r.params if axis == "params" else r.flops for r in rs]
@@ -122,12 +122,12 @@ def plot_metric(runs: list[RunResult], metric: str, fits: dict, axis: str, path:
 
 def plot_curves_by_size(runs: list[RunResult], metric: str, path: Path) -> Path:
     """Each run's logged ``metric`` against the FLOPs spent, one colour per size, one panel per family."""
-    families = sorted({r.family for r in runs if metric in r.final})
+    families = sorted({r.family for r in runs if r.has(metric)})
     fig, axes = panels(len(families))
     colors = size_colors(runs)
     for ax, family in zip(axes[:, 0], families):
         labelled = set()
-        for r in (r for r in runs if r.family == family and metric in r.final):
+        for r in (r for r in runs if r.family == family and r.has(metric)):
             pts = [(c, v) for c, v in r.curve(metric) if v > 0]
             if not pts:
                 continue
