@@ -40,11 +40,17 @@ def write_run(run_dir, family: str, hidden: int, records: list[dict], steps: int
     cfg.data.text_encoder, cfg.data.max_tokens = tiny_text_encoder(), 12
     cfg.train.steps, cfg.train.global_batch_size = steps, BATCH
     cfg.optim.warmup_steps = 0
+    cfg.log.wandb_group = root_group(run_dir)
     cfg.train.target_flops = target_flops  # the steps given are what the trainer derives from it
     raw = cfg.validate().to_dict()
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(raw))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def root_group(run_dir) -> str:
+    """As a sweep sets it: one W&B group for every run, the sweep's name."""
+    return f"sweep-{run_dir.parent.parent.name}"
 
 
 def write_grid_run(run_dir, family: str, hidden: int, final_loss: float):
@@ -336,6 +342,7 @@ def test_wandb_offline(isoflop_analysis, monkeypatch):
     assert {p.name.split("_0_")[0] for p in (media / "images").iterdir()} == {
         "val_loss_vs_params", "val_loss_vs_flops", "curves_val_loss", "isoflops_val_loss", "frontier_val_loss",
         "extrapolation_val_loss"}
+    assert isoflop_analysis.wandb_group == root_group(isoflop_analysis.out_dir)  # what --wandb logs into by default
     summary = summary_numbers(isoflop_analysis)
     assert summary["metric"] == "val/loss" and summary["frontier/reference_a"] == 0.568
     assert summary["frontier/crossflow/a_lo"] < summary["frontier/crossflow/a"] < summary["frontier/crossflow/a_hi"]

@@ -76,6 +76,7 @@ class RunResult:
     records: list[dict] = field(repr=False, default_factory=list)  # metrics.jsonl, in order
     target_flops: float = 0.0  # train.target_flops: the run's FLOP budget (0 = not an isoFLOP run)
     warmup_steps: int = 0
+    wandb_group: str = ""  # log.wandb_group: a sweep puts its runs in one group
 
     @property
     def samples(self) -> int:
@@ -171,7 +172,8 @@ def load_run(run_dir: Path) -> RunResult:
     return RunResult(name=run_dir.name, family=cfg.model.family, preset=cfg.model.preset,
                      params=int(model.flow_params()), flops_per_sample=float(model.flops_per_sample()),
                      steps=steps, global_batch=cfg.train.global_batch_size, final=final, records=records,
-                     target_flops=cfg.train.target_flops, warmup_steps=cfg.optim.warmup_steps)
+                     target_flops=cfg.train.target_flops, warmup_steps=cfg.optim.warmup_steps,
+                     wandb_group=cfg.log.wandb_group)
 
 
 def collect_runs(sweep_dir: str | Path, skip_bad: bool = False) -> tuple[list[RunResult], list[tuple[str, str]]]:
@@ -433,6 +435,12 @@ class Analysis:
     extrapolation: dict  # {family: {"params", "flops"}}
     out_dir: Path
     files: list[Path]
+
+    @property
+    def wandb_group(self) -> str:
+        """The W&B group every run was logged in (``log.wandb_group``), or "" when they differ or none is set."""
+        groups = {r.wandb_group for r in self.runs}
+        return groups.pop() if len(groups) == 1 else ""
 
     def report(self) -> str:
         """The tables and the fits, as printed by ``crossflow sweep analyze``."""

@@ -15,7 +15,7 @@ def _analyze(args: argparse.Namespace) -> int:
     print(analysis.report())
     if args.wandb:
         from pathlib import Path
-        group = args.group or Path(args.sweep_dir).resolve().name
+        group = args.group or analysis.wandb_group or Path(args.sweep_dir).resolve().name
         print(f"W&B run (group {group}): {log_to_wandb(analysis, group, args.project)}")
     return 0
 
@@ -52,7 +52,8 @@ def add_sweep_commands(subparsers: argparse._SubParsersAction) -> argparse._SubP
                         "(default: stop with an error naming the file)")
     p.add_argument("--wandb", action="store_true", help="also log the tables, fits and plots to W&B "
                                                         "(offline unless WANDB_MODE says otherwise)")
-    p.add_argument("--group", default=None, help="W&B group (default: the sweep directory's name)")
+    p.add_argument("--group", default=None, help="W&B group (default: the runs' log.wandb_group when they share one, else the "
+                                           "sweep directory's name)")
     p.add_argument("--project", default="crossflow", help="W&B project")
     p.set_defaults(func=_analyze)
     return sub
