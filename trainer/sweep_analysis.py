@@ -90,6 +90,12 @@ class RunResult:
         """Whether the run's final ``metric`` can be fitted: logged, and finite (a diverged run's NaN is not)."""
         return math.isfinite(self.final.get(metric, math.nan))
 
+    def final_flops(self, metric: str) -> float:
+        """FLOPs spent by the step of the last record logging ``metric`` (the run's end, unless it
+        was stopped between that record and its last training step)."""
+        step = max((rec["step"] for rec in self.records if metric in rec), default=self.steps)
+        return step * self.global_batch * self.flops_per_sample
+
     def curve(self, metric: str, after_warmup: bool = False) -> list[tuple[float, float]]:
         """(FLOPs spent by the step, value) of every record logging ``metric`` after step 0; with
         ``after_warmup``, only past the LR warm-up (at most the run's first half: the law
@@ -349,13 +355,15 @@ def extrapolate_flops(runs: list[RunResult], metric: str, family: str) -> dict:
     return {"fit": fit, "fit_runs": [r.name for r in fit_set], "envelope": {"flops": grid.tolist(),
                                                                              "loss": envelope.tolist()},
             "fit_flops_max": c_max,
-            "predictions": [prediction(r, r.flops, float(predict(fit, r.flops)), metric) for r in targets],
+            "predictions": [prediction(r, r.final_flops(metric), float(predict(fit, r.final_flops(metric))), metric)
+                            for r in targets],
             "why_not": ""}
 
 
 def prediction(run: RunResult, x: float, predicted: float, metric: str) -> dict:
+    """The largest-size run's final value of ``metric``, predicted at ``x`` (its N or its C), and measured."""
     measured = fitted_value(metric, run.final[metric])
-    return {"run": run.name, "params": run.params, "flops": run.flops, "x": x, "predicted": predicted,
+    return {"run": run.name, "params": run.params, "flops": run.final_flops(metric), "x": x, "predicted": predicted,
             "measured": measured, "rel_error": (predicted - measured) / measured}
 
 
