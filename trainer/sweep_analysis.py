@@ -364,7 +364,7 @@ def prediction(run: RunResult, x: float, predicted: float, metric: str) -> dict:
     """The largest-size run's final value of ``metric``, predicted at ``x`` (its N or its C), and measured."""
     measured = fitted_value(metric, run.final[metric])
     return {"run": run.name, "params": run.params, "flops": run.final_flops(metric), "x": x, "predicted": predicted,
-            "measured": measured, "rel_error": (predicted - measured) / measured}
+            "measured": measured, "rel_error": (predicted - measured) / measured if measured else math.nan}
 
 
 def extrapolation(runs: list[RunResult], metric: str) -> dict:
