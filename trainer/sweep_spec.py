@@ -253,7 +253,8 @@ def _point(spec: SweepSpec, name: str, axes: dict) -> SweepPoint:
     from trainer.plan import build_meta_model, format_flops, steps_for_target_flops
     out_dir = Path(spec.out_dir) / name
     resources = [f"{RESOURCE_KEYS[k]}={v}" for k, v in spec.resources.items()]
-    values = [f"{k}={format_flops(v) if k == 'train.target_flops' else v}" for k, v in axes.items()]
+    exact = lambda v: format_flops(v) if float(format_flops(v)) == v else repr(v)  # noqa: E731  (2e12 if exact)
+    values = [f"{k}={exact(v) if k == 'train.target_flops' else v}" for k, v in axes.items()]
     run = [f"train.out_dir={out_dir}", f"log.wandb_group={spec.name}", f"log.wandb_name={name}",
            "train.resume=auto", "log.progress=false"]
     overrides = [*resources, *spec.overrides, *values]
