@@ -20,10 +20,17 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from trainer.sweep_spec import expand, format_sweep_plan, load_sweep, plan_rows
+    spec = load_sweep(args.config)
+    print(format_sweep_plan(spec, plan_rows(spec, expand(spec))))  # a bad file or point: ConfigError
+    return 0
+
+
 def add_sweep_commands(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Register ``sweep analyze`` on the main parser's subparsers; returns the ``sweep`` parser's
     subparsers, so other commands (``sweep run``) join the same parser. Each leaf sets ``func``."""
-    sweep = subparsers.add_parser("sweep", help="scaling-law sweeps: run a grid on Ray, analyze a sweep directory",
+    sweep = subparsers.add_parser("sweep", help="scaling-law sweeps: plan a sweep, run it on Ray, analyze its runs",
                                   description="Sweeps over model sizes (and steps, batch, LR). "
                                               "`crossflow sweep --config FILE` is short for `crossflow sweep run "
                                               "--config FILE`.")
@@ -56,4 +63,15 @@ def add_sweep_commands(subparsers: argparse._SubParsersAction) -> argparse._SubP
                                            "sweep directory's name)")
     p.add_argument("--project", default="crossflow", help="W&B project")
     p.set_defaults(func=_analyze)
+
+    p = sub.add_parser("plan", help="a sweep's points before it runs: steps, workers, micro-batch, memory",
+                       description="Expand a sweep file (no Ray, nothing trained) and print one row per point: "
+                                   "name, model family, flow-network parameters, training FLOPs per sample, FLOP "
+                                   "budget (isoflop points) and the steps it buys, global batch, workers, "
+                                   "micro-batch and gradient accumulation (sized by `crossflow plan` when the "
+                                   "sweep gives gpu_memory_gib), the plan's memory per GPU, whether it fits and "
+                                   "its GPU hours at the plan's 45% MFU (GPU points). Every point's config is "
+                                   "validated; errors name the point.")
+    p.add_argument("--config", required=True, help="sweep file (configs/sweeps/<name>.yaml)")
+    p.set_defaults(func=_plan)
     return sub
