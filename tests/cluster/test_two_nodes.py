@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from cluster.ray_train import PID_DIR
 from tests.cluster.conftest import REPO, cli
 from tests.cluster.test_ray_train import check_console, wait_for
 from tests.golden import assert_matches_golden, golden, golden_overrides
+from tests.support.faults import fault_env, kill_after_step
 from tests.support.ray_nodes import mount_namespace_prefix, two_nodes
 from trainer.checkpoint import list_checkpoints, resume_files
 from trainer.metrics import read_metrics
@@ -53,14 +53,19 @@ def test_two_nodes_worker_killed_resumes_from_its_ranks_files(tmp_path):
     their loss, nothing is skipped in the data. The restarted worker on the node that held no copy
     of checkpoint 20 fetched from Ray's storage exactly the files its rank reads (its shards, RNG,
     the shared files), not the other rank's; the other node fetched only what it lacked. Neither
-    node keeps a ``.tmp-step_*`` or more than ``train.keep_last`` checkpoints."""
+    node keeps a ``.tmp-step_*`` or more than ``train.keep_last`` checkpoints.
+
+    The worker kills itself (``tests/support/faults.py``) after step 25, before the run can end: a
+    kill from outside, timed on the logged steps, could land after the last step on a slow machine."""
     run, disk_b, storage = tmp_path / "run", tmp_path / "node_b_disk", tmp_path / "storage"
+    marker = tmp_path / "killed.json"
     nodes = {"a": run, "b": disk_b}  # node B's folder, as this (node A's) process sees it
     steps, every, keep = 30, 20, 2
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
            # Ray Train's controller (an actor on the nodes) polls every 0.5 s: it has registered
            # checkpoint 20 when the kill comes
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    env.update(fault_env(kill_after_step(every + 5, marker, node_ip="127.0.0.2"), base=env))
     with two_nodes(run, disk_b, env) as address:
         cmd = cli("train", "--config", golden()["config"], *golden_overrides(run, **{
             "train.steps": steps, "train.ckpt_every": every, "train.keep_last": keep, "log.progress": True,
@@ -69,12 +74,11 @@ def test_two_nodes_worker_killed_resumes_from_its_ranks_files(tmp_path):
             "cluster.max_failures": 1}))
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            wait_for(lambda: any(r["step"] > every for n in nodes.values() for r in node_losses(n)), 300, proc,
-                     "a step after checkpoint 20")
+            wait_for(marker.is_file, 300, proc, "node B's worker to kill itself after step 25")
+            killed = json.loads(marker.read_text())
+            # what each node held of checkpoint 20 when its worker died (the restart's fetch comes later)
             before = {k: listing(n / "checkpoints" / f"step_{every:08d}") for k, n in nodes.items()}
-            killed_rank, pid = worker_pid(disk_b)
-            killed_at = time.time()
-            os.kill(pid, signal.SIGKILL)
+            killed_rank, pid, killed_at = killed["rank"], killed["pid"], killed["time"]
             out, _ = proc.communicate(timeout=400)
         finally:
             if proc.poll() is None:

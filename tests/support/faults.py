@@ -6,6 +6,9 @@ A fault wraps a production function after import; production code has no hook fo
   so their gradients are non-finite and DeepSpeed skips the step (the NaN guard's case).
 - ``kill_in_save(step)``: SIGKILL the process inside the save of ``step``, right after DeepSpeed
   wrote its files into the temporary directory (the atomic-save case).
+- ``kill_after_step(step, marker, node_ip="")``: SIGKILL the first worker to finish optimizer step
+  ``step`` (on the node with that IP when given), once: it writes ``marker`` (JSON: rank, pid, time)
+  first, and no process kills itself while the marker exists (a restarted run passes the step again).
 - ``kill_before_report(rank, step)``: SIGKILL that Ray Train worker after its checkpoint of
   ``step`` is complete but before it reports it to Ray (the lost-report case).
 
@@ -46,6 +49,10 @@ def kill_in_save(step: int) -> Fault:
     return Fault("kill_in_save", (int(step),), "trainer.engine")
 
 
+def kill_after_step(step: int, marker, node_ip: str = "") -> Fault:
+    return Fault("kill_after_step", (int(step), str(marker), str(node_ip)), "trainer.engine")
+
+
 def kill_before_report(rank: int, step: int) -> Fault:
     return Fault("kill_before_report", (int(rank), int(step)), "ray.train")
 
@@ -81,6 +88,28 @@ def _patch_kill_in_save(engine_module, step: int):
                 os.kill(os.getpid(), signal.SIGKILL)
         return save_then_die
     return _replace(engine_module.Engine, "save", wrap)
+
+
+def _patch_kill_after_step(engine_module, step: int, marker: str, node_ip: str):
+    import time
+
+    def wrap(optimizer_step):
+        def step_then_die(self):
+            stepped = optimizer_step(self)
+            if self.ds.global_steps == step and not os.path.exists(marker):
+                if node_ip:
+                    import ray.util
+                    if ray.util.get_node_ip_address() != node_ip:
+                        return stepped
+                try:  # exclusive create: one process dies even when several pass the step at once
+                    with open(marker, "x") as f:
+                        f.write(json.dumps({"rank": self.dist.rank, "pid": os.getpid(), "time": time.time()}))
+                except FileExistsError:
+                    return stepped
+                os.kill(os.getpid(), signal.SIGKILL)
+            return stepped
+        return step_then_die
+    return _replace(engine_module.Engine, "step", wrap)
 
 
 def _patch_kill_before_report(train_module, rank: int, step: int):
@@ -119,7 +148,8 @@ def _patch_measure_ema_weights(engine_module, directory: str, peak_rss: bool):
 
 
 PATCHES = {"nan_loss_at": _patch_nan_loss, "kill_in_save": _patch_kill_in_save,
-           "kill_before_report": _patch_kill_before_report, "measure_ema_weights": _patch_measure_ema_weights}
+           "kill_before_report": _patch_kill_before_report,
+           "kill_after_step": _patch_kill_after_step, "measure_ema_weights": _patch_measure_ema_weights}
 
 
 @contextlib.contextmanager
