@@ -174,20 +174,33 @@ class ShapesGenerator:
             if self.split == "all" or scene.is_heldout() == (self.split == "heldout"):
                 return scene
 
+    def _layout_rng(self, index: int) -> np.random.Generator:
+        """Sample ``index``'s second stream: its caption template, then its shapes' jitter."""
+        return np.random.default_rng([self.seed, self._split_id, index, 1])
+
     def sample(self, index: int) -> dict:
         """{"image": (H, W, 3) uint8, "caption": str, "scene": Scene} for scene ``index``."""
         scene = self.scene(index)
-        rng = np.random.default_rng([self.seed, self._split_id, index, 1])  # layout stream
+        rng = self._layout_rng(index)
         template = int(rng.integers(len(_TEMPLATES)))
         return {"image": render(scene, self.resolution, rng), "caption": caption(scene, template),
                 "scene": scene}
+
+    def fingerprint(self, index: int) -> tuple:
+        """What sample ``index`` is, without drawing it: its caption and each shape's (shape, color,
+        box). Equal fingerprints = the same caption and pixels (shapes never overlap, so drawing
+        order does not matter); about 60 us, against 100 us for ``sample``."""
+        scene = self.scene(index)
+        rng = self._layout_rng(index)  # the same draws, in the same order, as ``sample``
+        template = int(rng.integers(len(_TEMPLATES)))
+        shapes = sorted((g.shape, g.color, box) for g, box in layout(scene, self.resolution, rng))
+        return caption(scene, template), tuple(shapes)
 
     def captions(self, n: int) -> list[str]:
         """Captions of scenes 0..n-1 without rendering (cheap: for precomputing text features)."""
         out = []
         for i in range(n):
-            rng = np.random.default_rng([self.seed, self._split_id, i, 1])
-            out.append(caption(self.scene(i), int(rng.integers(len(_TEMPLATES)))))
+            out.append(caption(self.scene(i), int(self._layout_rng(i).integers(len(_TEMPLATES)))))
         return out
 
     def __iter__(self) -> Iterator[dict]:

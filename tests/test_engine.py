@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.golden import assert_matches_golden, golden, golden_overrides
+from tests.golden import REL_TOL, assert_matches_golden, golden, golden_overrides
 from tests.support.faults import fault_env, installed, kill_in_save, measure_ema_weights, nan_loss_at
 from trainer.checkpoint import latest_checkpoint, resume_files
 from trainer.config import load_config
@@ -22,6 +22,8 @@ from trainer.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = golden()["overrides"]["train.steps"]  # 20: the golden run (tests/golden/tiny_run.json)
+# The shared runs also compute the validation loss (trainer/validation.py), which must not move them.
+VALIDATION = {"eval.val_every": 10, "eval.val_samples": 32}
 
 
 def overrides(out_dir, **extra) -> list[str]:
@@ -85,8 +87,8 @@ def runs(tmp_path_factory):
     from trainer.loop import train
     root = tmp_path_factory.mktemp("engine")
     procs = [torchrun(root / f"zero{stage}", env=fault_env(measure_ema_weights(root / f"zero{stage}" / "probe")),
-                      **{"train.zero_stage": stage}) for stage in (1, 2, 3)]
-    train(config(root / "single", **{"train.zero_stage": 2}))
+                      **{"train.zero_stage": stage, **VALIDATION}) for stage in (1, 2, 3)]
+    train(config(root / "single", **{"train.zero_stage": 2, **VALIDATION}))
     for proc in procs:
         finish(proc)
     yield root
@@ -108,6 +110,22 @@ def test_zero_stage_reproduces_the_golden_losses(runs, stage):
     dist = losses(runs / f"zero{stage}")
     assert sorted(dist) == list(range(1, STEPS + 1))
     assert_matches_golden(dist, f"2-rank ZeRO-{stage}")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_validation_loss_on_two_ranks_is_the_one_process_value(runs, stage):
+    """The runs above validate at steps 10 and 20 (their golden losses show it changes no training
+    step); 2 ranks split the fixed set and all-reduce the sums: the one process's values, going
+    down. Under ZeRO-3 every rank joins each forward (a rank left out would hang the gathers)."""
+    def values(run: Path) -> dict[int, dict]:
+        return {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "val/loss" in r}
+    single, dist = values(runs / "single"), values(runs / f"zero{stage}")
+    assert sorted(single) == sorted(dist) == [10, 20]
+    for step in (10, 20):
+        for key, value in single[step].items():
+            if key.startswith("val/") and key != "val/seconds":
+                assert dist[step][key] == pytest.approx(value, rel=REL_TOL), (step, key)
+    assert single[20]["val/loss"] < single[10]["val/loss"]
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -72,6 +72,8 @@ class ModelConfig:
 class DataConfig:
     source: str = _f("shapes", "where samples come from: shapes (the synthetic generator), mds or wds (shards at data.path)")
     path: str = _f("", "mds/wds: shard folder or s3://bucket/prefix (endpoint and keys from S3_ENDPOINT_URL/AWS_* variables)")
+    val_path: str = _f("", "mds/wds: held-out shards of the validation loss (eval.val_every), same format as data.path, "
+                           "folder or s3://; the first eval.val_samples, in stored order")
     cache_dir: str | None = _f(None, "mds/wds: local cache for s3:// shards (default: node-local, $CROSSFLOW_CACHE_DIR or the temp folder)")
     shuffle: bool = _f(True, "mds/wds: shuffle samples each epoch (seeded by train.seed and the epoch)")
     on_error: str = _f("raise", "mds/wds: a bad sample or shard: raise (error naming it) or skip (drop and count)")
@@ -99,8 +101,10 @@ class DataConfig:
         _choice("data.on_error", self.on_error, ("raise", "skip"))
         if self.source != "shapes" and not self.path:
             raise ConfigError(f"data.path must name the shards (a folder or s3://bucket/prefix) for data.source={self.source}")
-        if self.path.startswith("s3://") and len(self.path) <= len("s3://"):
-            raise ConfigError(f"data.path {self.path!r} names no bucket")
+        for key in ("path", "val_path"):
+            value = getattr(self, key)
+            if value.startswith("s3://") and len(value) <= len("s3://"):
+                raise ConfigError(f"data.{key} {value!r} names no bucket")
         _choice("data.max_groups", self.max_groups, (1, 2))
         _choice("data.space", self.space, ("auto", "pixels", "latent"))
         if self.source == "shapes" and self.space == "latent":
@@ -254,10 +258,36 @@ class EvalConfig:
     every: int = _f(0, "run ShapesEval on the EMA weights every N steps; 0 = only at the end")
     shapes: bool = _f(True, "score the ShapesEval suite (shapes data only) during and after training")
     images_per_prompt: int = _f(2, "ShapesEval images per prompt during training")
+    val_every: int = _f(0, "validation loss (val/loss: flow matching of the live weights, not the EMA, on a fixed "
+                           "set, t grid and noise) every N steps and at the end; 0 = none")
+    val_samples: int = _f(256, "validation set size: the first N samples of data.val_path, or N generated shapes "
+                               "scenes disjoint from the training scenes")
+    val_t_points: int = _f(4, "K times per validation sample, t_i = (i + 0.5) / K; val/loss averages them")
+    val_seed: int = _f(0, "seed of the validation noise (z0's eps) and of the shapes validation scenes")
 
     def validate(self) -> None:
         if self.every < 0 or self.images_per_prompt <= 0:
             raise ConfigError("eval.every must be >= 0 and eval.images_per_prompt positive")
+        if self.val_every < 0:
+            raise ConfigError(f"eval.val_every must be >= 0 (0 = no validation), got {self.val_every}")
+        for name in ("val_samples", "val_t_points"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"eval.{name} must be positive, got {getattr(self, name)}")
+        if self.val_seed < 0:
+            raise ConfigError(f"eval.val_seed must be >= 0, got {self.val_seed}")
+
+
+def check_validation_data(data: DataConfig, ev: EvalConfig) -> None:
+    """The validation set's source agrees with the training data's: shard data validates on
+    held-out shards (data.val_path), the shapes generator on scenes it generates."""
+    if data.source == "shapes" and data.val_path:
+        raise ConfigError(f"data.val_path={data.val_path!r} is set but data.source=shapes: the shapes validation "
+                          f"set is generated (eval.val_seed); leave data.val_path empty")
+    if data.source != "shapes" and ev.val_every and not data.val_path:
+        raise ConfigError(f"eval.val_every={ev.val_every} with data.source={data.source} needs data.val_path: "
+                          f"held-out shards (same format as data.path) never trained on")
+    if data.val_path and data.val_path.rstrip("/") == data.path.rstrip("/"):
+        raise ConfigError(f"data.val_path is data.path ({data.path!r}): validation needs held-out shards")
 
 
 @dataclass
@@ -333,6 +363,7 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        check_validation_data(self.data, self.eval)
         return self
 
     def to_dict(self) -> dict:

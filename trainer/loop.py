@@ -12,8 +12,9 @@ Each optimizer step: for each of ``grad_accum`` micro-batches: batch -> z1 (code
 by the sample's place in the global batch -> objective (encode_text -> z0 -> x_t -> velocity ->
 losses) -> DeepSpeed backward/step (clip, AdamW, schedule at the boundary) -> EMA. Loss sums stay
 on the device and are reduced across ranks once per ``log_every`` steps. Then: the metrics (at
-logging steps), a checkpoint (every ``ckpt_every``, reported through ``on_checkpoint``), the
-observers' ``on_step_end``.
+logging steps), the validation loss (every ``eval.val_every``: ``trainer.validation``), a checkpoint
+(every ``ckpt_every``, reported through ``on_checkpoint`` with the latest metrics, validation's
+included), the observers' ``on_step_end``.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from trainer.models.families import model_from_args, resolve_model_args
 from trainer.objectives import crossflow_losses, draw_noise
 from trainer.observers import build_observers
 from trainer.plan import with_target_flops
+from trainer.validation import Validator, build_validation_set, check_validation_shards, validation_summary
 from trainer.warm_start import init_from_checkpoint
 
 
@@ -102,6 +104,8 @@ def check_data_before_launch(cfg: Config) -> ModelInput | None:
     data = describe_data(cfg)
     model_input = resolve_model_input(cfg, data.shards, data.metadata)
     codec_spec(model_input)
+    if cfg.eval.val_every and (cfg.data.val_path.startswith("s3://") or Path(cfg.data.val_path).exists()):
+        check_validation_shards(cfg, model_input)  # held-out shards only the workers see: they check them
     return model_input
 
 
@@ -222,6 +226,7 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
     cfg = resolved_config(cfg, model_input)  # what config.json and checkpoints record
     features = FeatureMetadata(model_input.latent, data.metadata.text)
     codec = build_codec(model_input, device=device)  # fails now, not at the first grid, without an autoencoder
+    valset = build_validation_set(cfg, encoder, model_input, rank, world)  # None without eval.val_every
     model = build_model(cfg, model_input.latent_shape, model_input.text_dim, device)
     cfg = with_target_flops(cfg, model.flops_per_sample(), announce=rank == 0)  # train.target_flops -> steps
     if cfg.train.init_from:  # every rank refuses a checkpoint trained on other latents (metadata only)
@@ -249,6 +254,7 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
     metrics = MetricsLogger(out_dir, cfg.log, cfg.to_dict(), cfg.train.steps, step, rank)
     observers = build_observers(cfg, engine, codec, captions, metrics, rank)
     ops = build_ops(cfg.model.kernels, device)
+    validator = Validator(cfg, valset, engine, codec, ops, micro, metrics) if valset is not None else None
     flops_per_sample = module.flops_per_sample()
     tokens_per_sample = 1 + model_input.image_tokens(module.args.patch_size)
     peak = cfg.log.peak_tflops * 1e12 or (989e12 if device.type == "cuda" else 0.0)
@@ -289,10 +295,12 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
                 if "loss" in record:
                     history.append(record)
                 stats = StepStats()
+            if validator is not None:  # before the checkpoint, whose report carries it; not in samples_per_s
+                stats.start += validator.on_step(step)
             if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
                 ckpt = save_checkpoint(engine, stream, cfg, step, rank, features)
                 if on_checkpoint is not None:
-                    on_checkpoint(step, ckpt, history[-1] if history else {})
+                    on_checkpoint(step, ckpt, {**(history[-1] if history else {}), **validation_summary(validator)})
             for observer in observers:
                 observer.on_step_end(step)
             if should_stop is not None and step % cfg.train.log_every == 0 and step < cfg.train.steps:
@@ -300,9 +308,11 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
                     stopped = True
                     break
 
+        if validator is not None:
+            validator.on_train_end(step, stopped)
         final = save_checkpoint(engine, stream, cfg, step, rank, features)
         if on_checkpoint is not None:
-            on_checkpoint(step, final, history[-1] if history else {})
+            on_checkpoint(step, final, {**(history[-1] if history else {}), **validation_summary(validator)})
         for observer in observers:
             observer.on_train_end(step, stopped)
     finally:
@@ -313,7 +323,7 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
                "samples": str(out_dir / "samples" / "final.png"), "skipped_steps": skipped_total,
                "first_loss": history[0]["loss"] if history else None,
                "final_loss": history[-1]["loss"] if history else None,
-               "metrics": str(out_dir / "metrics.jsonl"), **scores}
+               "metrics": str(out_dir / "metrics.jsonl"), **scores, **validation_summary(validator)}
     if rank == 0:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

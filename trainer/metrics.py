@@ -19,8 +19,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 
-SHOWN = ("loss", "flow_matching", "lr", "samples_per_s", "mfu")  # the numbers the progress shows
-LINE_FORMAT = {"loss": ".4f", "flow_matching": ".4f", "lr": ".2e", "samples_per_s": ".1f", "mfu": ".3f"}
+SHOWN = ("loss", "flow_matching", "lr", "samples_per_s", "mfu", "val/loss")  # the numbers the progress shows
+LINE_FORMAT = {"loss": ".4f", "flow_matching": ".4f", "lr": ".2e", "samples_per_s": ".1f", "mfu": ".3f",
+               "val/loss": ".4f"}
 
 
 class ProgressLines:
@@ -77,6 +78,7 @@ class MetricsLogger:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / "metrics.jsonl"
         self.bar = None
+        self.bar_numbers: dict[str, str] = {}  # the live bar's postfix: each shown number's latest value
         self.lines: ProgressLines | None = None
         self.wandb_run = None
         if rank != 0:
@@ -103,7 +105,8 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in SHOWN}, refresh=False)
+            self.bar_numbers.update({k: f"{v:.4g}" for k, v in record.items() if k in SHOWN})
+            self.bar.set_postfix(self.bar_numbers, refresh=False)
         if self.lines is not None:
             self.lines.print(record)
 

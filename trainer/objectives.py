@@ -220,10 +220,15 @@ def draw_noise(cfg, seed: int, step: int, first_index: int, micro_batch: int, ra
     return Noise(t=_to_device(t, device), indicator=_to_device(indicator, device), eps=eps, swap=swap)
 
 
+def kl_per_sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """(B,) KL(N(mu, exp(logvar)) || N(0, I)) of each sample, summed over the latent."""
+    kl = 0.5 * (mu.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float())  # (B, C, H, W)
+    return kl.flatten(1).sum(dim=1)
+
+
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)): summed over the latent, averaged over the batch."""
-    kl = 0.5 * (mu.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float())  # (B, C, H, W)
-    return kl.flatten(1).sum(dim=1).mean()
+    return kl_per_sample(mu, logvar).mean()
 
 
 def _gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
