@@ -33,6 +33,7 @@ class SweepSpec:
     overrides: list[str] = field(default_factory=list)
     resources: dict = field(default_factory=lambda: {"cpus": 1, "gpus": 0})
     max_concurrent: int = 0  # 0 = as many as the cluster fits
+    trial_retries: int = 0  # Tune runs a failed point again (resuming its checkpoint) this many times
 
 
 @dataclass
