@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import pytest
@@ -80,8 +81,10 @@ def test_every_sweep_expands_to_valid_configs(path, monkeypatch):
     from trainer.sweep_spec import expand, load_sweep
     monkeypatch.chdir(REPO)
     spec = load_sweep(path)
-    runs = expand(spec)  # validates every run's config
-    assert len(runs) == __import__("math").prod(len(v) for v in spec.grid.values())
+    runs = expand(spec)  # validates every run's config, steps from FLOP budgets, workers x micro-batch
+    iso = spec.isoflop
+    expected = math.prod(len(v) for v in spec.grid.values()) * (len(iso.budgets) * iso.num_sizes if iso else 1)
+    assert len(runs) == expected and len({r.name for r in runs}) == expected
 
 
 def test_cli_reports_bad_key(capsys):

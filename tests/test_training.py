@@ -15,6 +15,7 @@ from trainer.checkpoint import latest_checkpoint, list_checkpoints, tmp_tag
 from trainer.config import load_config
 from trainer.loop import train
 from trainer.metrics import read_metrics
+from trainer.plan import build_meta_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,11 +31,16 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def test_cli_train_then_sample(tmp_path):
+    """Also: train.target_flops alone sets the steps (replacing train.steps), as config.json records."""
     run = tmp_path / "run"
-    out = run_cli("train", "--no-ray", "--config", "configs/demo.yaml",
-                  *tiny_overrides(run, **{"data.text_encoder": "minilm", "data.max_tokens": 16, "train.steps": 6}))
+    overrides = tiny_overrides(run, **{"data.text_encoder": "minilm", "data.max_tokens": 16})
+    per_step = build_meta_model(load_config(REPO / "configs/demo.yaml", overrides)).flops_per_sample() * 8
+    out = run_cli("train", "--no-ray", "--config", "configs/demo.yaml", *overrides,
+                  f"train.target_flops={6.2 * per_step}")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "trained 6 steps" in out.stdout
+    assert "trained 6 steps" in out.stdout and "6 steps x global batch 8" in out.stdout
+    assert "replaces train.steps=4" in out.stdout
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 6
     assert (run / "samples" / "final.png").is_file() and (run / "summary.json").is_file()
     assert len(losses(run)) == 6
     grid = tmp_path / "grid.png"

@@ -172,6 +172,8 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = _f(1000, "optimizer steps to train")
+    target_flops: float = _f(0.0, "training FLOP budget: when > 0 it sets train.steps = round(budget / (the model's "
+                                  "FLOPs per sample x global_batch_size)), overriding train.steps; 0 = off")
     global_batch_size: int = _f(64, "samples per optimizer step, summed over ranks and accumulation")
     seed: int = _f(0, "seed of parameters, data order and noise")
     out_dir: str = _f("runs/default", "run directory: checkpoints, metrics.jsonl, samples")
@@ -206,6 +208,8 @@ class TrainConfig:
         for name in ("steps", "global_batch_size", "log_every", "keep_last", "grad_accum", "max_nonfinite_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.target_flops < 0:
+            raise ConfigError(f"train.target_flops must be >= 0 (0 = train.steps), got {self.target_flops}")
         if self.gpu_memory_gb < 0:
             raise ConfigError(f"train.gpu_memory_gb must be >= 0, got {self.gpu_memory_gb}")
         if not 0.0 <= self.ema_decay < 1.0:

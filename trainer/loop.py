@@ -44,6 +44,7 @@ from trainer.models.codecs import batch_target, build_codec, codec_spec
 from trainer.models.families import model_from_args, resolve_model_args
 from trainer.objectives import crossflow_losses, draw_noise
 from trainer.observers import build_observers
+from trainer.plan import with_target_flops
 from trainer.warm_start import init_from_checkpoint
 
 
@@ -222,6 +223,7 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
     features = FeatureMetadata(model_input.latent, data.metadata.text)
     codec = build_codec(model_input, device=device)  # fails now, not at the first grid, without an autoencoder
     model = build_model(cfg, model_input.latent_shape, model_input.text_dim, device)
+    cfg = with_target_flops(cfg, model.flops_per_sample(), announce=rank == 0)  # train.target_flops -> steps
     if cfg.train.init_from:  # every rank refuses a checkpoint trained on other latents (metadata only)
         check_init_latents(saved_model_input(cfg.train.init_from), model_input, cfg.train.init_from)
     if cfg.train.init_from and rank == 0:  # another run's weights (a resume below overrides them); only

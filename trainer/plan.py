@@ -109,6 +109,9 @@ class Plan:
     compute_s_per_step: float = 0.0
     bound: str = ""
     notes: list[str] = field(default_factory=list)
+    target_flops: float = 0.0  # train.target_flops (0 = the steps are train.steps)
+    steps: int = 0  # optimizer steps: train.steps, or derived from target_flops
+    training_flops: float = 0.0  # steps x global batch x flops_per_sample
 
 
 # ----------------------------------------------------------------------------- model
@@ -119,6 +122,51 @@ def build_meta_model(cfg: Config) -> torch.nn.Module:
                               cfg.objective.contrastive_init_temperature)
     with torch.device("meta"):
         return model_from_args(args)
+
+
+# ----------------------------------------------------------------------------- FLOP budgets
+def format_flops(flops: float) -> str:
+    """A FLOP count as written in configs and run names: 2e12, 6.5e12, 1.2e20."""
+    mantissa, _, exponent = f"{flops:.4g}".partition("e")
+    return f"{mantissa}e{int(exponent)}" if exponent else mantissa
+
+
+def steps_for_target_flops(cfg: Config, flops_per_sample: float | None = None) -> int:
+    """The run's optimizer steps: ``train.steps``, or with ``train.target_flops`` > 0 (nanochat's
+    ``--target-flops``) round(target_flops / (flops_per_sample x train.global_batch_size)), where
+    flops_per_sample is the model's own ``flops_per_sample()`` (of ``cfg``'s meta-device build
+    unless given). A budget that buys fewer than one step, or fewer than ``optim.warmup_steps``, is a
+    ConfigError naming the budget, the FLOPs per sample and the batch."""
+    t = cfg.train
+    if t.target_flops <= 0:
+        return t.steps
+    per_sample = flops_per_sample or build_meta_model(cfg).flops_per_sample()
+    per_step = per_sample * t.global_batch_size
+    steps = round(t.target_flops / per_step)
+    floor = max(1, cfg.optim.warmup_steps)
+    if steps < floor:
+        what = "one step" if floor == 1 else f"optim.warmup_steps={floor}"
+        raise ConfigError(f"train.target_flops={format_flops(t.target_flops)} buys {t.target_flops / per_step:.3g} steps "
+                          f"of {per_sample:.4g} FLOPs per sample (model.preset={cfg.model.preset}, "
+                          f"hidden_size={cfg.model.hidden_size or 'preset'}) x train.global_batch_size="
+                          f"{t.global_batch_size}, fewer than {what}: raise the budget to at least "
+                          f"{floor * per_step:.3g} or lower the batch")
+    return steps
+
+
+def with_target_flops(cfg: Config, flops_per_sample: float | None = None, announce: bool = False) -> Config:
+    """``cfg`` with ``train.steps`` set by ``steps_for_target_flops`` (a copy; ``cfg`` itself when
+    ``train.target_flops`` is 0). The budget wins over a ``train.steps`` the config also sets;
+    ``announce`` prints once what the budget gave and the ``train.steps`` it replaced."""
+    if cfg.train.target_flops <= 0:
+        return cfg
+    per_sample = flops_per_sample or build_meta_model(cfg).flops_per_sample()
+    steps = steps_for_target_flops(cfg, per_sample)
+    if announce:
+        replaced = f"; replaces train.steps={cfg.train.steps}" if steps != cfg.train.steps else ""
+        print(f"train.target_flops={format_flops(cfg.train.target_flops)}: {steps} steps x global batch "
+              f"{cfg.train.global_batch_size} x {per_sample:.4g} FLOPs per sample{replaced}", flush=True)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -217,6 +265,7 @@ def make_plan(cfg: Config, hw: Hardware = Hardware(), micro_batch: int | None = 
     comm_accum = t.global_batch_size // (world * best) if best else accum
     comm = comm_bytes_per_step(P, world, t.zero_stage, wb, comm_accum)
     comm_s = comm / (hw.bandwidth_gbps * 1e9 / 8)
+    steps = steps_for_target_flops(cfg, flops)
     mi = declared_model_input(cfg)
     tokens = mi.image_tokens(model.args.patch_size)
     memory = {k: v / GIB for k, v in state.items() if k not in ("host", "step_temporaries")}
@@ -235,7 +284,8 @@ def make_plan(cfg: Config, hw: Hardware = Hardware(), micro_batch: int | None = 
         hardware=dataclasses.asdict(hw), fits=total <= hw.gpu_memory_gb * GIB, max_micro_batch=max_mb,
         best_micro_batch=best, best_grad_accum=t.global_batch_size // (world * best) if best else 0,
         comm_gb_per_step=comm / 1e9, comm_s_per_step=comm_s, compute_s_per_step=compute_s,
-        bound="network" if comm_s > compute_s else "compute", notes=notes)
+        bound="network" if comm_s > compute_s else "compute", notes=notes, target_flops=t.target_flops,
+        steps=steps, training_flops=steps * t.global_batch_size * flops)
 
 
 def format_plan(p: Plan) -> str:
@@ -247,6 +297,8 @@ def format_plan(p: Plan) -> str:
     lines += [f"    {name:<22}{n / 1e6:>10.1f} M" for name, n in p.params.items() if n]
     lines += [f"    {'trainable, all':<22}{p.trainable_params / 1e6:>10.1f} M",
               f"  training FLOPs per sample: {p.flops_per_sample / 1e12:.3f} TFLOP (flow network)",
+              f"  training: {p.steps} steps x global batch {p.global_batch_size} = {p.training_flops:.3g} FLOPs"
+              + (f" (train.target_flops={format_flops(p.target_flops)})" if p.target_flops else ""),
               f"  per GPU: world {p.world_size}, ZeRO-{p.zero_stage}, {p.precision}, "
               f"offload {'on' if p.offload_optimizer else 'off'}, activation checkpointing "
               f"{'on' if p.activation_checkpointing else 'off'}, micro-batch {p.micro_batch} x grad_accum "
@@ -290,6 +342,8 @@ def check_memory_at_start(cfg: Config, world: int, use_ray: bool = True) -> None
         gib = torch.cuda.get_device_properties(0).total_memory / GIB
     try:
         plan = make_plan(cfg, Hardware(gpu_memory_gb=gib or 80.0))
+    except ConfigError:  # e.g. a train.target_flops under one step: refused here, before any worker
+        raise
     except ValueError as e:  # e.g. a text encoder whose width is not known without loading it
         print(f"crossflow: memory check skipped: {e}", file=sys.stderr)
         return

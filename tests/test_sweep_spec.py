@@ -1,0 +1,95 @@
+"""Sweep files and their points (no Ray, no training): isoFLOP budgets x sizes, steps from a FLOP
+budget, workers and accumulation sized by `crossflow plan`, and the errors that name the key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.config import ConfigError, load_config
+from trainer.plan import build_meta_model, format_flops, steps_for_target_flops
+from trainer.sweep_spec import expand, load_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = str(REPO / "configs" / "demo.yaml")
+TINY = ["model.kernels=torch", "train.global_batch_size=16", "optim.warmup_steps=5"]
+
+
+def sweep_file(tmp_path, **keys) -> Path:
+    values = {"name": "s", "base_config": BASE, "out_dir": str(tmp_path / "out"), "overrides": TINY, **keys}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+ISOFLOP = {"budgets": ["1e11", 3.0e11], "sizes": {"model.hidden_size": [64, 128, 192], "model.depth": [2, 3, 4]}}
+
+
+def test_isoflop_points_are_budgets_x_sizes_x_grid_with_steps_from_each_budget(tmp_path):
+    spec = load_sweep(sweep_file(tmp_path, isoflop=ISOFLOP, grid={"model.family": ["crossflow", "cross_attention_fm"]}))
+    points = expand(spec)
+    assert len(points) == 2 * 3 * 2
+    assert points[0].name == "flops-1e11_hidden_size-64_depth-2_family-crossflow"
+    assert points[-1].name == "flops-3e11_hidden_size-192_depth-4_family-cross_attention_fm"
+    for p in points:
+        assert p.budget == p.axes["train.target_flops"] == p.cfg.train.target_flops
+        per_sample = build_meta_model(p.cfg).flops_per_sample()
+        assert p.steps == round(p.budget / (per_sample * 16)) == steps_for_target_flops(p.cfg)
+        assert p.cfg.log.wandb_group == "s" and p.out_dir == tmp_path / "out" / p.name
+    crossflow_at_1e11 = [p.steps for p in points if p.budget == 1e11 and p.cfg.model.family == "crossflow"]
+    assert crossflow_at_1e11 == sorted(crossflow_at_1e11, reverse=True) and len(set(crossflow_at_1e11)) == 3
+    # three times the budget, three times the steps (within rounding)
+    by_name = {p.name: p.steps for p in points}
+    assert abs(by_name["flops-3e11_hidden_size-64_depth-2_family-crossflow"]
+               - 3 * by_name["flops-1e11_hidden_size-64_depth-2_family-crossflow"]) <= 2
+
+
+def test_grid_only_sweeps_and_presets_list(tmp_path):
+    spec = load_sweep(sweep_file(tmp_path, grid={"model.hidden_size": [64, 128], "train.steps": [7]}))
+    points = expand(spec)
+    assert [p.name for p in points] == ["hidden_size-64_steps-7", "hidden_size-128_steps-7"]
+    assert all(p.steps == 7 and p.budget == 0 for p in points)
+    iso = load_sweep(sweep_file(tmp_path, isoflop={"budgets": [1e13], "sizes": ["tiny"]})).isoflop
+    assert iso.sizes == {"model.preset": ["tiny"]} and iso.budgets == [1e13]
+
+
+@pytest.mark.parametrize("keys, match", [
+    ({}, "give the points"),
+    ({"isoflop": {"budgets": [], "sizes": ["tiny"]}}, r"isoflop.budgets must be a non-empty"),
+    ({"isoflop": {"budgets": [1e12, "lots"], "sizes": ["tiny"]}}, r"isoflop.budgets\[1\] must be a positive"),
+    ({"isoflop": {"budgets": [1e12], "sizes": {"model.hidden_size": []}}}, r"sizes.model.hidden_size must be a non-empty"),
+    ({"isoflop": {"budgets": [1e12], "sizes": {"model.hidden_size": [64, 128], "model.depth": [2]}}},
+     r"equally long: \{'model.hidden_size': 2, 'model.depth': 1\}"),
+    ({"isoflop": {"budgets": [1e12]}}, "exactly the keys budgets"),
+    ({"isoflop": ISOFLOP, "grid": {"model.depth": [2]}}, r"grid key\(s\) \['model.depth'\] conflict"),
+    ({"grid": {"model.depth": []}}, "grid.model.depth must be a non-empty"),
+    ({"grid": {"model.depth": [2]}, "resources": {"cpu": 1}}, "resources must map"),
+    ({"grid": {"model.depth": [2]}, "max_workers_per_point": 0}, "max_workers_per_point must be"),
+])
+def test_bad_sweep_files_name_the_key(tmp_path, keys, match):
+    with pytest.raises(ConfigError, match=match):
+        load_sweep(sweep_file(tmp_path, **keys))
+
+
+def test_a_budget_under_the_warmup_names_the_point_budget_flops_and_batch(tmp_path):
+    spec = load_sweep(sweep_file(tmp_path, isoflop={"budgets": [1e11, 3e10],
+                                                    "sizes": {"model.hidden_size": [64, 192]}}))
+    per_sample = build_meta_model(load_config(BASE, [*TINY, "model.hidden_size=192"])).flops_per_sample()
+    with pytest.raises(ConfigError) as e:
+        expand(spec)
+    message = str(e.value)
+    assert "point flops-3e10_hidden_size-192" in message and "train.target_flops=3e10" in message
+    assert f"{per_sample:.4g} FLOPs per sample" in message and "train.global_batch_size=16" in message
+    assert "optim.warmup_steps=5" in message
+
+
+def test_a_size_the_model_cannot_take_names_the_point(tmp_path):
+    spec = load_sweep(sweep_file(tmp_path, isoflop={"budgets": [1e12], "sizes": {"model.hidden_size": [64, 96]}}))
+    with pytest.raises(ConfigError, match="point flops-1e12_hidden_size-96: cannot build its model: width 96"):
+        expand(spec)
+
+
+def test_format_flops():
+    assert [format_flops(v) for v in (2e12, 6.5e12, 1.2e20, 300.0)] == ["2e12", "6.5e12", "1.2e20", "300"]
+
