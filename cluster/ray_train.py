@@ -317,7 +317,7 @@ def start_local_cluster(cpus: float, gpus: float) -> None:
         ray.init(address="local",  # a new cluster, even when `ray start` left one (or its address file) behind
                  num_cpus=max(1, math.ceil(cpus)), num_gpus=math.ceil(gpus) if gpus else None,
                  include_dashboard=False, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": "cluster.ray_train.quiet_state_api_probes"})
+                 runtime_env={"worker_process_setup_hook": "cluster.ray_train.embedded_worker_setup"})
 
 
 @contextlib.contextmanager
@@ -335,10 +335,15 @@ def quiet_token_notice():
         setup_logger.setLevel(level)
 
 
-def quiet_state_api_probes() -> None:
-    """Every worker of the embedded cluster: it has no dashboard, hence no state API, and Ray
-    Train's placement-group cleaner would warn that it cannot reach it every second."""
+def embedded_worker_setup() -> None:
+    """Every worker process of the embedded cluster, at its start. Ray Train's placement-group
+    cleaner asks the state API whether the run's controller is alive, at the address RAY_ADDRESS,
+    ``ray start``'s last cluster or the only GCS running on the machine names: on a machine running
+    another Ray cluster it asked that one (or failed: "multiple active Ray instances") and removed
+    the run's placement group, killing its workers. RAY_ADDRESS = this cluster's GCS. The cluster has
+    no dashboard, hence no state API, and the cleaner would warn that it cannot reach it every second."""
     import logging
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 

@@ -28,19 +28,28 @@ pytestmark = pytest.mark.slow
 SWEEP = "ci_sweep"
 EVERY = 2  # train.ckpt_every
 KILL_STEP = 5  # a worker kills itself after this optimizer step: its run resumes from checkpoint 4
+WANDB_HEADER = 7  # bytes of a .wandb file before its first record (":W&B", magic, version)
 
 
 class Console:
-    """A process's merged stdout/stderr, read as it comes (a thread: the pipe never fills)."""
+    """A process's merged stdout/stderr, read as it comes (a thread: the pipe never fills), each line
+    with the seconds since the start (``log``)."""
 
     def __init__(self, proc: subprocess.Popen):
-        self.proc, self.lines = proc, []
-        self.thread = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
+        self.proc, self.lines, self.start = proc, [], time.monotonic()
+        self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic() - self.start, line))
 
     @property
     def text(self) -> str:
-        return "".join(self.lines)
+        return "".join(line for _, line in self.lines)
+
+    def log(self) -> str:
+        return "".join(f"{t:6.1f} {line}" for t, line in self.lines)
 
 
 def start(cmd: list[str], env: dict) -> subprocess.Popen:
@@ -99,7 +108,7 @@ def resumed_at(text: str, run_dir: Path) -> list[int]:
 
 
 def test_sweep_resumes_a_killed_worker_and_a_killed_driver_then_analyzes(tmp_path):
-    """2 sizes x 2 lengths, 2 points at once. Run 1: a worker dies after step 5 in one trial, whose
+    """2 sizes x 2 FLOP budgets (steps 2 to 16), 2 points at once. Run 1: a worker dies after step 5 in one trial, whose
     Train run restarts from checkpoint 4; once that happened, a trial finished and an unfinished one
     stored a checkpoint, the driver is SIGKILLed with its cluster. Run 2 (the same command) restores
     Tune's experiment: finished points do not start again (their files untouched), unfinished ones
@@ -113,10 +122,12 @@ def test_sweep_resumes_a_killed_worker_and_a_killed_driver_then_analyzes(tmp_pat
                       "data.num_samples=512", "data.max_tokens=12", "train.global_batch_size=8",
                       "train.log_every=1", f"train.ckpt_every={EVERY}", "train.threads=1", "train.zero_stage=2",
                       "optim.warmup_steps=2", "sample.steps=2", "sample.num_prompts=1", "eval.shapes=false",
-                      "log.wandb=offline", "cluster.num_workers=2", "cluster.cpus_per_worker=1"],
-        "grid": {"model.hidden_size": [64, 128], "train.steps": [6, 10]},
-        "max_concurrent": 2}, sort_keys=False))
-    points = {f"hidden_size-{h}_steps-{s}": s for h in (64, 128) for s in (6, 10)}
+                      "log.wandb=offline", "cluster.num_workers=2"],
+        # FLOPs per sample: 9.4e7 at width 64, 3.7e8 at 128; 8 samples a step
+        "isoflop": {"budgets": [6e9, 1.2e10], "sizes": {"model.hidden_size": [64, 128]}},
+        "resources": {"cpus": 1}, "max_concurrent": 2}, sort_keys=False))
+    points = {"flops-6e9_hidden_size-64": 8, "flops-6e9_hidden_size-128": 2,
+              "flops-1.2e10_hidden_size-64": 16, "flops-1.2e10_hidden_size-128": 4}  # point -> its steps
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            # Ray Train's controller polls its workers every 0.5 s: it has registered checkpoint 4 when the kill comes
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
@@ -162,8 +173,8 @@ def test_sweep_resumes_a_killed_worker_and_a_killed_driver_then_analyzes(tmp_pat
         if second.poll() is None:
             os.killpg(second.pid, signal.SIGKILL)
     again.thread.join(10)
-    (tmp_path / "run1.log").write_text(console.text)  # for a look after a failure
-    (tmp_path / "run2.log").write_text(again.text)
+    (tmp_path / "run1.log").write_text(console.log())  # for a look after a failure
+    (tmp_path / "run2.log").write_text(again.log())
     assert second.returncode == 0, again.text[-6000:]
     assert f"restored {out / 'tune'}" in again.text
     for name in finished:  # not run again: not started, its files as they were
@@ -183,10 +194,12 @@ def test_sweep_resumes_a_killed_worker_and_a_killed_driver_then_analyzes(tmp_pat
                for n, r in rows.items()), rows
     assert all(n in again.text for n in points)  # the table, printed
 
-    # every W&B offline run (one per launch) in the sweep's group
+    # every W&B offline run (one per launch) in the sweep's group: each file W&B wrote more than its
+    # header into (a launch killed early leaves the header alone), the finished launch's above all
     for name in points:
-        blobs = list((out / name / "wandb").glob("offline-run-*/*.wandb"))
-        assert blobs and all(SWEEP.encode() in b.read_bytes() for b in blobs), name
+        blobs = sorted((out / name / "wandb").glob("offline-run-*/*.wandb"))
+        assert blobs and SWEEP.encode() in blobs[-1].read_bytes(), name
+        assert all(SWEEP.encode() in b.read_bytes() for b in blobs if b.stat().st_size > WANDB_HEADER), name
 
     analysis = run(cli("sweep", "analyze", str(out)), timeout=300)
     assert analysis.returncode == 0, analysis.stdout[-3000:] + analysis.stderr[-3000:]
