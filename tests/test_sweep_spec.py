@@ -58,7 +58,8 @@ def test_grid_only_sweeps_and_presets_list(tmp_path):
     ({}, "give the points"),
     ({"isoflop": {"budgets": [], "sizes": ["tiny"]}}, r"isoflop.budgets must be a non-empty"),
     ({"isoflop": {"budgets": [1e12, "lots"], "sizes": ["tiny"]}}, r"isoflop.budgets\[1\] must be a positive"),
-    ({"isoflop": {"budgets": [1e12], "sizes": {"model.hidden_size": []}}}, r"sizes.model.hidden_size must be a non-empty"),
+    ({"isoflop": {"budgets": [1e12], "sizes": {"model.hidden_size": []}}},
+     r"sizes.model.hidden_size must be a non-empty"),
     ({"isoflop": {"budgets": [1e12], "sizes": {"model.hidden_size": [64, 128], "model.depth": [2]}}},
      r"equally long: \{'model.hidden_size': 2, 'model.depth': 1\}"),
     ({"isoflop": {"budgets": [1e12]}}, "exactly the keys budgets"),
@@ -66,6 +67,8 @@ def test_grid_only_sweeps_and_presets_list(tmp_path):
     ({"grid": {"model.depth": []}}, "grid.model.depth must be a non-empty"),
     ({"grid": {"model.depth": [2]}, "resources": {"cpu": 1}}, "resources must map"),
     ({"grid": {"model.depth": [2]}, "max_workers_per_point": 0}, "max_workers_per_point must be"),
+    ({"grid": {"model.depth": [2]}, "min_workers_per_point": 16},
+     "min_workers_per_point=16 exceeds max_workers_per_point=8"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, keys, match):
     with pytest.raises(ConfigError, match=match):
@@ -93,3 +96,41 @@ def test_a_size_the_model_cannot_take_names_the_point(tmp_path):
 def test_format_flops():
     assert [format_flops(v) for v in (2e12, 6.5e12, 1.2e20, 300.0)] == ["2e12", "6.5e12", "1.2e20", "300"]
 
+
+
+# Sized by hand from trainer/plan.py's formulas: the tiny preset at width 192 under ZeRO-1 in fp32 holds
+# 192.6 MiB of model state on one worker (137.6 on 2, 110.1 on 4: weights, gradients, optimizer, EMA) and
+# 4.66 MiB of activations per sample. 1.2 GiB leaves (1.2 - 1 GiB fixed) / 1.05 slack = 195 MiB: nothing
+# on 1 worker, 12 samples on 2 -> micro-batch 8 (the largest dividing 64 / 2) x accumulation 4.
+SIZED = {"grid": {"model.hidden_size": [192]}, "gpu_memory_gib": 1.2,
+         "overrides": [*TINY, "train.zero_stage=1", "train.global_batch_size=64", "train.grad_accum=2",
+                       "cluster.num_workers=1"]}
+
+
+def test_gpu_memory_sizes_each_points_workers_and_accumulation(tmp_path):
+    (point,) = expand(load_sweep(sweep_file(tmp_path, **SIZED)))
+    assert (point.workers, point.micro_batch, point.grad_accum) == (2, 8, 4)
+    assert "cluster.num_workers=2" in point.overrides and "train.grad_accum=4" in point.overrides
+    (point,) = expand(load_sweep(sweep_file(tmp_path, **SIZED, min_workers_per_point=4, resources={"cpus": 2})))
+    assert (point.workers, point.micro_batch, point.grad_accum, point.cpus_per_worker) == (4, 16, 1, 2.0)
+    with pytest.raises(ConfigError, match=r"point hidden_size-192: no world size up to max_workers_per_point=8 "
+                                          r"fits gpu_memory_gib=1.1: at 8 workers the plan needs 0.09 GiB"):
+        expand(load_sweep(sweep_file(tmp_path, **{**SIZED, "gpu_memory_gib": 1.1})))
+
+
+def test_sweep_plan_prints_a_row_per_point(tmp_path, capsys):
+    from cluster.cli import main
+    path = sweep_file(tmp_path, isoflop={"budgets": [1e11], "sizes": {"model.hidden_size": [64, 128]}},
+                      grid={"model.family": ["crossflow", "cross_attention_fm"]})
+    assert main(["sweep", "plan", "--config", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split() == ["point", "family", "params", "FLOPs/sample", "budget", "steps", "batch", "workers",
+                                "micro", "accum", "GiB/GPU", "fits", "GPU", "hours"]
+    rows = {line.split()[0]: line.split() for line in lines[3:7]}
+    for p in expand(load_sweep(path)):
+        assert rows[p.name][1] == p.cfg.model.family and rows[p.name][4:10] == [
+            "1e11", str(p.steps), "16", "2", "8", "1"]  # demo.yaml's 2 workers
+        assert rows[p.name][-2:] == ["cpu", "-"]
+    bad = sweep_file(tmp_path, grid={"model.hidden_size": [96]})
+    assert main(["sweep", "plan", "--config", str(bad)]) == 2
+    assert "point hidden_size-96: cannot build its model" in capsys.readouterr().err

@@ -84,6 +84,7 @@ class Plan:
     max_tokens: int
     params: dict[str, int]
     trainable_params: int
+    flow_params: int  # the flow network's (the size a scaling study counts: ``flow_params()``)
     flops_per_sample: float  # the model's training FLOPs per sample (what metrics.jsonl's MFU uses)
     tokens_per_sample: int  # image tokens through the flow transformer
     world_size: int
@@ -146,11 +147,13 @@ def steps_for_target_flops(cfg: Config, flops_per_sample: float | None = None) -
     floor = max(1, cfg.optim.warmup_steps)
     if steps < floor:
         what = "one step" if floor == 1 else f"optim.warmup_steps={floor}"
-        raise ConfigError(f"train.target_flops={format_flops(t.target_flops)} buys {t.target_flops / per_step:.3g} steps "
-                          f"of {per_sample:.4g} FLOPs per sample (model.preset={cfg.model.preset}, "
-                          f"hidden_size={cfg.model.hidden_size or 'preset'}) x train.global_batch_size="
+        m = cfg.model
+        model = ", ".join(f"model.{k}={v}" for k, v in (("family", m.family), ("preset", m.preset),
+                                                        ("hidden_size", m.hidden_size), ("depth", m.depth)) if v)
+        raise ConfigError(f"train.target_flops={format_flops(t.target_flops)} buys {t.target_flops / per_step:.3g} "
+                          f"steps of {per_sample:.4g} FLOPs per sample ({model}) x train.global_batch_size="
                           f"{t.global_batch_size}, fewer than {what}: raise the budget to at least "
-                          f"{floor * per_step:.3g} or lower the batch")
+                          f"{format_flops(floor * per_step)}, or lower train.global_batch_size or optim.warmup_steps")
     return steps
 
 
@@ -275,7 +278,8 @@ def make_plan(cfg: Config, hw: Hardware = Hardware(), micro_batch: int | None = 
     return Plan(
         config=config_name, family=cfg.model.family, preset=cfg.model.preset,
         latent_shape=tuple(mi.latent_shape), text_dim=mi.text_dim, max_tokens=cfg.data.max_tokens,
-        params=fam.param_counts(model), trainable_params=P, flops_per_sample=flops, tokens_per_sample=tokens,
+        params=fam.param_counts(model), trainable_params=P, flow_params=model.flow_params(), flops_per_sample=flops,
+        tokens_per_sample=tokens,
         world_size=world, zero_stage=t.zero_stage, precision=t.precision, offload_optimizer=t.offload_optimizer,
         activation_checkpointing=t.activation_checkpointing, global_batch_size=t.global_batch_size,
         micro_batch=mb, grad_accum=accum, memory_gib=memory,
@@ -297,7 +301,8 @@ def format_plan(p: Plan) -> str:
     lines += [f"    {name:<22}{n / 1e6:>10.1f} M" for name, n in p.params.items() if n]
     lines += [f"    {'trainable, all':<22}{p.trainable_params / 1e6:>10.1f} M",
               f"  training FLOPs per sample: {p.flops_per_sample / 1e12:.3f} TFLOP (flow network)",
-              f"  training: {p.steps} steps x global batch {p.global_batch_size} = {p.training_flops:.3g} FLOPs"
+              f"  training: {p.steps} steps x global batch {p.global_batch_size} = "
+              f"{format_flops(p.training_flops)} FLOPs"
               + (f" (train.target_flops={format_flops(p.target_flops)})" if p.target_flops else ""),
               f"  per GPU: world {p.world_size}, ZeRO-{p.zero_stage}, {p.precision}, "
               f"offload {'on' if p.offload_optimizer else 'off'}, activation checkpointing "

@@ -7,7 +7,7 @@ A sweep file (``configs/sweeps/*.yaml``)::
     out_dir: runs/sweeps/isoflop_tiny # one run directory per point below it
     overrides: [train.global_batch_size=16]   # applied to every run
     isoflop:                          # FLOP budgets x model sizes (Chinchilla's approach 2)
-      budgets: [2e12, 6e12]           # training FLOPs per run: train.target_flops, which sets its steps
+      budgets: [1e11, 3e11]           # training FLOPs per run: train.target_flops, which sets its steps
       sizes:                          # keys -> values, zipped: one model size per index
         model.hidden_size: [64, 128, 192]
         model.depth: [2, 3, 4]
@@ -17,6 +17,7 @@ A sweep file (``configs/sweeps/*.yaml``)::
     resources: {cpus: 1, gpus: 0}     # per worker: cluster.cpus_per_worker / gpus_per_worker (default: the config's)
     max_concurrent: 2                 # at most this many runs at once (0: as many as the cluster holds)
     gpu_memory_gib: 80                # optional: size each point with `crossflow plan` for this GPU memory
+    min_workers_per_point: 1          # the sizing's first world size (more GPUs per point: shorter runs)
     max_workers_per_point: 8          # the most workers such a point may get
     trial_retries: 0                  # Tune runs a failed point again this many times (cluster/sweep.py)
 
@@ -26,10 +27,13 @@ for its budget and size, e.g. ``flops-2e12_hidden_size-64_depth-2``, and trains
 into its overrides as ``train.steps``, so its config is what the run records).
 
 Workers, micro-batch and accumulation of a point: the config's ``cluster.num_workers`` and
-``train.grad_accum``; or, with ``gpu_memory_gib``, the smallest power-of-two world size up to
-``max_workers_per_point`` at which ``crossflow plan`` finds a micro-batch that fits that memory and
-divides the global batch (its ``best_micro_batch`` x ``best_grad_accum``): fewest GPUs per point, so
-more points train at once and less of each step is communication.
+``train.grad_accum``; or, with ``gpu_memory_gib``, the smallest world size min_workers_per_point x
+2^k up to ``max_workers_per_point`` at which ``crossflow plan`` finds a micro-batch that fits that
+memory and divides the global batch (its ``best_micro_batch`` x ``best_grad_accum``), written into
+the point's overrides: fewest GPUs per point, so more points train at once and less of each step
+is communication (``min_workers_per_point`` trades that for shorter runs). ``resources`` are per
+worker and become ``cluster.cpus_per_worker`` / ``cluster.gpus_per_worker``; a point's
+``workers``, ``cpus_per_worker`` and ``gpus_per_worker`` are its config's.
 
 ``expand(spec)`` gives one ``SweepPoint`` per run, each config validated (and its steps, workers
 and micro-batch checked) before anything starts; errors name the sweep key or the point.
@@ -75,6 +79,7 @@ class SweepSpec:
     max_concurrent: int = 0  # 0 = as many as the cluster fits
     gpu_memory_gib: float = 0.0  # > 0: workers, micro-batch, accumulation per point from `crossflow plan`
     max_workers_per_point: int = 8
+    min_workers_per_point: int = 1  # the sizing starts here (more GPUs per point: shorter runs)
     trial_retries: int = 0  # Tune runs a failed point again (resuming its checkpoint) this many times
 
 
@@ -157,10 +162,14 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{path}: resources must map {sorted(RESOURCE_KEYS)} to numbers (per worker), "
                           f"got {resources!r}")
     for key, least, kind in (("gpu_memory_gib", 0, (int, float)), ("max_concurrent", 0, int),
-                             ("max_workers_per_point", 1, int), ("trial_retries", 0, int)):
+                             ("max_workers_per_point", 1, int), ("min_workers_per_point", 1, int),
+                             ("trial_retries", 0, int)):
         value = raw.get(key, least)
         if not isinstance(value, kind) or isinstance(value, bool) or value < least:
             raise ConfigError(f"{path}: {key} must be a number >= {least}, got {value!r}")
+    if raw.get("min_workers_per_point", 1) > raw.get("max_workers_per_point", 8):
+        raise ConfigError(f"{path}: min_workers_per_point={raw['min_workers_per_point']} exceeds "
+                          f"max_workers_per_point={raw.get('max_workers_per_point', 8)}")
     return SweepSpec(**{**raw, "grid": grid, "isoflop": isoflop, "resources": resources})
 
 
@@ -244,18 +253,23 @@ def expand(spec: SweepSpec) -> list[SweepPoint]:
 
 
 def _point(spec: SweepSpec, name: str, axes: dict) -> SweepPoint:
-    from trainer.plan import format_flops, steps_for_target_flops
+    from trainer.plan import build_meta_model, format_flops, steps_for_target_flops
     out_dir = Path(spec.out_dir) / name
     resources = [f"{RESOURCE_KEYS[k]}={v}" for k, v in spec.resources.items()]
-    values = [f"{k}={format_flops(v) if k == 'train.target_flops' else v}" for k, v in axes.items()]
+    exact = lambda v: format_flops(v) if float(format_flops(v)) == v else repr(v)  # noqa: E731  (2e12 if exact)
+    values = [f"{k}={exact(v) if k == 'train.target_flops' else v}" for k, v in axes.items()]
     run = [f"train.out_dir={out_dir}", f"log.wandb_group={spec.name}", f"log.wandb_name={name}",
            "train.resume=auto", "log.progress=false"]
     overrides = [*resources, *spec.overrides, *values]
     cfg = load_config(spec.base_config, overrides)  # fails naming the key
-    if spec.gpu_memory_gib:
-        overrides += sized_overrides(cfg, spec.gpu_memory_gib, spec.max_workers_per_point)
+    if spec.gpu_memory_gib:  # (a model the values cannot build fails here, or just below)
+        plan = size_for_gpu(cfg, spec.gpu_memory_gib, spec.max_workers_per_point, spec.min_workers_per_point)
+        overrides += [f"cluster.num_workers={plan.world_size}", f"train.grad_accum={plan.best_grad_accum}"]
+        per_sample = plan.flops_per_sample
+    else:
+        per_sample = build_meta_model(cfg).flops_per_sample()
     if cfg.train.target_flops > 0:
-        overrides.append(f"train.steps={steps_for_target_flops(cfg)}")  # the error names the budget
+        overrides.append(f"train.steps={steps_for_target_flops(cfg, per_sample)}")  # the error names the budget
     overrides += run
     cfg = load_config(spec.base_config, overrides)
     per_rank_batch_size(cfg.train.global_batch_size, cfg.cluster.num_workers, cfg.train.grad_accum)  # or fail
@@ -269,18 +283,21 @@ def with_world(cfg: Config, workers: int, grad_accum: int | None = None) -> Conf
     return dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, num_workers=workers), train=train)
 
 
-def size_for_gpu(cfg: Config, gpu_memory_gib: float, max_workers: int):
-    """The plan (``trainer.plan.Plan``) of ``cfg`` at the smallest power-of-two world size up to
-    ``max_workers`` whose largest fitting micro-batch divides the global batch, at that micro-batch
-    (``plan.world_size``, ``plan.micro_batch``, ``plan.grad_accum``). ConfigError with the largest
+def size_for_gpu(cfg: Config, gpu_memory_gib: float, max_workers: int, min_workers: int = 1):
+    """The plan (``trainer.plan.Plan``) of ``cfg`` at the smallest world size min_workers x 2^k, up to
+    ``max_workers``, at which ``crossflow plan`` finds a micro-batch that fits GPUs of
+    ``gpu_memory_gib`` and divides the global batch: ``plan.world_size`` workers, the largest such
+    micro-batch ``plan.best_micro_batch`` x ``plan.best_grad_accum``. ConfigError with the largest
     world's numbers when none fits."""
     from trainer.plan import Hardware, make_plan
     hw = Hardware(gpu_memory_gb=gpu_memory_gib)
-    workers, plan = 1, None
-    while workers <= max_workers:
+    workers = min_workers
+    while True:
         plan = make_plan(with_world(cfg, workers, 1), hw)
         if plan.best_micro_batch:
-            return make_plan(with_world(cfg, workers, plan.best_grad_accum), hw)
+            return plan
+        if 2 * workers > max_workers:
+            break
         workers *= 2
     m = plan.memory_gib
     state = m["weights"] + m["gradients"] + m["optimizer"] + m["ema"]
@@ -292,7 +309,45 @@ def size_for_gpu(cfg: Config, gpu_memory_gib: float, max_workers: int):
                       f"or train.zero_stage, or set train.activation_checkpointing=true")
 
 
-def sized_overrides(cfg: Config, gpu_memory_gib: float, max_workers: int) -> list[str]:
-    """``cluster.num_workers`` and ``train.grad_accum`` that fit ``cfg`` on GPUs of ``gpu_memory_gib``."""
-    plan = size_for_gpu(cfg, gpu_memory_gib, max_workers)
-    return [f"cluster.num_workers={plan.world_size}", f"train.grad_accum={plan.grad_accum}"]
+
+# ----------------------------------------------------------------------------- crossflow sweep plan
+def plan_rows(spec: SweepSpec, points: list[SweepPoint]) -> list[dict]:
+    """One row per point: what it trains, for how long, on how many workers, the plan's memory per
+    GPU (for GPUs of the sweep's ``gpu_memory_gib``, else 80 GiB; CPU points are not checked) and its
+    GPU hours (``crossflow plan``'s step time: H100 peak at 45% MFU, 400 Gbit/s per GPU)."""
+    from trainer.plan import Hardware, format_flops, make_plan
+    hw = Hardware(gpu_memory_gb=spec.gpu_memory_gib or 80.0)
+    rows = []
+    for p in points:
+        plan = make_plan(p.cfg, hw)
+        gpu = p.gpus_per_worker > 0
+        # the plan's step time (compute at its MFU, or communication when that is slower) x steps x GPUs
+        gpu_hours = p.steps * max(plan.compute_s_per_step, plan.comm_s_per_step) * p.workers / 3600
+        params = f"{plan.flow_params / 1e9:.3g}B" if plan.flow_params >= 1e9 else f"{plan.flow_params / 1e6:.3g}M"
+        rows.append({"point": p.name, "family": plan.family, "params": params,
+                     "FLOPs/sample": format_flops(float(f"{plan.flops_per_sample:.3g}")),
+                     "budget": format_flops(p.budget) if p.budget else "-", "steps": p.steps,
+                     "batch": p.cfg.train.global_batch_size, "workers": p.workers, "micro": p.micro_batch,
+                     "accum": p.grad_accum, "GiB/GPU": f"{plan.total_gib:.1f}",
+                     "fits": ("yes" if plan.fits else "NO") if gpu else "cpu",
+                     "GPU hours": f"{gpu_hours:.3g}" if gpu else "-",
+                     "training FLOPs": plan.training_flops})
+    return rows
+
+
+def format_sweep_plan(spec: SweepSpec, rows: list[dict]) -> str:
+    from trainer.plan import format_flops
+    columns = [c for c in rows[0] if c != "training FLOPs"]
+    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    line = lambda values: "  ".join(str(v).ljust(width[c]) for c, v in zip(columns, values)).rstrip()  # noqa: E731
+    gib = f"{spec.gpu_memory_gib:g} GiB GPUs" if spec.gpu_memory_gib else "80 GiB GPUs (no gpu_memory_gib given)"
+    out = [f"sweep {spec.name}: {len(rows)} points from {spec.base_config}; memory per GPU for {gib}", "",
+           line(columns), *(line([r[c] for c in columns]) for r in rows), "",
+           f"training FLOPs, all points: {format_flops(sum(r['training FLOPs'] for r in rows))}; workers, all "
+           f"points at once: {sum(r['workers'] for r in rows)} (max_concurrent: "
+           f"{spec.max_concurrent or 'as the cluster holds'})"]
+    hours = [float(r["GPU hours"]) for r in rows if r["GPU hours"] != "-"]
+    if hours:
+        out.append(f"GPU hours, all points: {sum(hours):.4g} at the plan's 45% MFU of an H100 (bench/RESULTS.md "
+                   f"measured 27.7% for the 0.95B)")
+    return "\n".join(out)
