@@ -2,8 +2,8 @@
 
 The sweep file and its points are ``trainer/sweep_spec.py``'s (``load_sweep``, ``expand``). As Ray
 Train V2 documents sweeps of distributed runs, a ``ray.tune.Tuner`` runs one trial per point; the
-trial (``run_point``: an actor reserving ``TRIAL_CPUS``, the Train workers reserve theirs) builds
-the point's TorchTrainer with ``cluster.ray_train.build_trainer`` (its ``cluster.num_workers``
+trial (``run_point``: an actor reserving ``TRIAL_MEMORY`` and no CPU; the Train workers reserve
+theirs) builds the point's TorchTrainer with ``cluster.ray_train.build_trainer`` (its ``cluster.num_workers``
 DeepSpeed workers, its own FailureConfig from ``cluster.max_failures``, its checkpoints and
 storage), adds Tune's ``TuneReportCallback`` and fits it. Tune gives:
 
@@ -12,8 +12,10 @@ storage), adds Tune's ``TuneReportCallback`` and fits it. Tune gives:
   for workers another trial holds. Without ``--address``/RAY_ADDRESS an embedded cluster sized for
   that many points starts (``max_concurrent``, else as many as this machine's CPUs hold).
 - **retries**: a failed trial (its Train run out of worker restarts, or its actor lost) runs again
-  up to ``trial_retries`` times (sweep file; default 1: Train's own restarts already cover a dead
-  worker, this covers the trial itself), its Train run resuming from its latest checkpoint.
+  up to ``trial_retries`` times (sweep file), its Train run resuming from its latest checkpoint.
+  Default 0: the Train run already restarts its workers ``cluster.max_failures`` times, and a
+  trial retry would repeat a deterministic error (a bad config, a NaN) as many times again; a run
+  lost with its trial's node is run again by ``--retry-failed``.
 - **resuming**: the experiment is ``<out_dir>/tune`` (``<cluster.storage_path>/<name>/tune`` when
   the config sets a shared storage). The same command again ``Tuner.restore``s it: finished points
   do not run again; unfinished ones start again and their Train run resumes from its own latest
@@ -28,7 +30,8 @@ storage), adds Tune's ``TuneReportCallback`` and fits it. Tune gives:
 The console: one line per trial start, finish, failure and retry (Tune's own tables are off), the
 workers' checkpoint lines. Every point's W&B run is in the sweep's group (``log.wandb_group``).
 Ctrl-C stops the sweep (Tune's handler: trials and their workers end, the state is saved); the
-same command resumes it. This replaces our own scheduler of single-process Ray tasks (a ray.wait
+same command resumes it. Not yet measured: a sweep across several nodes (the Tune state then
+needs a ``cluster.storage_path`` every node reaches). This replaces our own scheduler of single-process Ray tasks (a ray.wait
 loop, ``sweep_state.json``, a retry flag of ours).
 """
 from __future__ import annotations
@@ -50,7 +53,8 @@ from trainer.sweep_spec import SweepPoint, SweepSpec, expand
 
 TUNE_DIR = "tune"  # the Tune experiment, under the sweep's out_dir
 RESULTS_FILE = "results.csv"
-TRIAL_CPUS = 0.01  # what a trial's actor reserves: it only drives its Train run (Tune allows no 0)
+TRIAL_MEMORY = 64 * 2**20  # what a trial's actor reserves: memory, no CPU (its Train workers hold those; Tune
+                           # wants some resource), so a cluster exactly as large as k points' workers runs k
 COLUMNS = ["point", "status", "steps", "loss", "val/loss", "error"]
 
 
@@ -88,10 +92,10 @@ def run_point(config: dict, points: dict[str, dict]) -> None:
 
 # ----------------------------------------------------------------------------- resources
 def point_demand(cfg: Config) -> dict[str, float]:
-    """What one point's trial holds while it runs: its workers' resources and the trial's CPUs."""
+    """What one point's trial holds while it runs: its workers' resources and the trial's memory."""
     c = cfg.cluster
-    return {"CPU": c.num_workers * c.cpus_per_worker + TRIAL_CPUS, "GPU": c.num_workers * c.gpus_per_worker,
-            "memory": c.num_workers * c.memory_per_worker_gb * 2**30}
+    return {"CPU": c.num_workers * c.cpus_per_worker, "GPU": c.num_workers * c.gpus_per_worker,
+            "memory": c.num_workers * c.memory_per_worker_gb * 2**30 + TRIAL_MEMORY}
 
 
 def largest_demand(points: list[SweepPoint]) -> dict[str, float]:
@@ -120,7 +124,7 @@ def local_cluster_size(spec: SweepSpec, points: list[SweepPoint]) -> tuple[float
     """(CPUs, GPUs) of an embedded cluster for this sweep: ``max_concurrent`` points at once, or as
     many as this machine's CPUs hold (at least one, even when one point alone asks for more)."""
     demand = largest_demand(points)
-    fit = max(1, int((os.cpu_count() or 1) // demand["CPU"]))
+    fit = max(1, int((os.cpu_count() or 1) // demand["CPU"])) if demand["CPU"] else len(points)
     trials = min(spec.max_concurrent or fit, len(points))
     return trials * demand["CPU"], trials * demand["GPU"]
 
@@ -154,7 +158,8 @@ def make_tuner(spec: SweepSpec, points: list[SweepPoint], retry_failed: bool, ma
     """A new Tuner over the points, or the sweep's earlier experiment restored. Returns (tuner, restored)."""
     path = tune_experiment_path(spec, points)
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(run_point, points={p.name: p.cfg.to_dict() for p in points}), {"cpu": TRIAL_CPUS})
+        ray.tune.with_parameters(run_point, points={p.name: p.cfg.to_dict() for p in points}),
+        {"cpu": 0, "memory": TRIAL_MEMORY})
     if ray.tune.Tuner.can_restore(path):
         return ray.tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                       resume_errored=retry_failed), True
