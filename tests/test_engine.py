@@ -79,13 +79,16 @@ def kill_after_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int, time
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One single-process run and 2-process runs of ZeRO 1, 2 and 3 (shared by several tests)."""
+    """One single-process run and 2-process runs of ZeRO 1, 2 and 3 (shared by several tests), all at
+    once: each spends much of its start-up waiting (rendezvous, process group, DeepSpeed's set-up),
+    and every run is deterministic on its own (one thread per rank, noise keyed by sample)."""
     from trainer.loop import train
     root = tmp_path_factory.mktemp("engine")
+    procs = [torchrun(root / f"zero{stage}", env=fault_env(measure_ema_weights(root / f"zero{stage}" / "probe")),
+                      **{"train.zero_stage": stage}) for stage in (1, 2, 3)]
     train(config(root / "single", **{"train.zero_stage": 2}))
-    for stage in (1, 2, 3):
-        run = root / f"zero{stage}"
-        finish(torchrun(run, env=fault_env(measure_ema_weights(run / "probe")), **{"train.zero_stage": stage}))
+    for proc in procs:
+        finish(proc)
     yield root
     for f in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
         with __import__("contextlib").suppress(OSError):

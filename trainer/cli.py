@@ -106,6 +106,23 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from trainer.config import ConfigError, load_config
+    from trainer.plan import Hardware, format_plan, make_plan
+    cfg = load_config(args.config, args.overrides)
+    given = {k: getattr(args, k) for k in ("gpu_memory_gb", "bandwidth_gbps", "mfu", "peak_tflops")}
+    hw = Hardware(**{k: v for k, v in given.items() if v is not None})  # the rest: Hardware's defaults
+    try:
+        plan = make_plan(cfg, hw, args.micro_batch, args.config)
+    except ValueError as e:  # e.g. data.text_dim needed: reported like any config error
+        raise ConfigError(str(e)) from e
+    print(json.dumps(dataclasses.asdict(plan), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 def add_trainer_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Register the commands on a trained model and the training tools: sample, interpolate,
     arithmetic, export, config, plan, eval, sweep analyze. Returns ``sweep``'s subcommands (the
@@ -156,8 +173,27 @@ def add_trainer_commands(sub: argparse._SubParsersAction) -> argparse._SubParser
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=_config)
 
-    from trainer.plan import add_plan_command  # `crossflow plan`
-    add_plan_command(sub)
+    # `crossflow plan`: registered here, trainer.plan (torch, the model code) loaded when it runs, so
+    # that every other command, `crossflow jobs status` too, starts without importing torch
+    p = sub.add_parser("plan", help="memory, FLOPs and communication of a config, per GPU, before it runs",
+                       description="Build the config's model on the meta device and estimate, per GPU: parameters "
+                                   "per component, FLOPs, memory of weights, gradients, optimizer state, EMA and "
+                                   "activations under its ZeRO stage, world size (cluster.num_workers), micro-batch, "
+                                   "activation checkpointing and offload; the largest micro-batch that fits and the "
+                                   "grad_accum that reaches train.global_batch_size; bytes sent per step and whether "
+                                   "the step is compute- or network-bound. Formulas: trainer/plan.py.")
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--gpu-memory-gb", type=float, default=None, help="GPU memory in GiB (default 80)")
+    p.add_argument("--bandwidth-gbps", type=float, default=None,
+                   help="interconnect bandwidth per GPU in Gbit/s (default 400: one NDR InfiniBand NIC per GPU)")
+    p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilization for the compute time (0.45)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s per GPU (default 989: H100 dense bf16)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="micro-batch per GPU for the memory rows (default: global batch / (world x grad_accum))")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("overrides", nargs="*", help="config overrides as section.key=value (e.g. cluster.num_workers=1)")
+    p.set_defaults(func=_plan)
     from trainer.eval.cli import add_eval_commands  # `crossflow eval shapes|fid|clip`
     add_eval_commands(sub)
     from trainer.sweep_cli import add_sweep_commands  # `crossflow sweep analyze`

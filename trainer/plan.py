@@ -40,16 +40,14 @@ the recomputed forward) x global batch / (N x peak x MFU). The larger one bounds
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import sys
 from dataclasses import dataclass, field
 
 import torch
 
-from trainer.config import Config, ConfigError, load_config, per_rank_batch_size
+from trainer.config import Config, ConfigError, per_rank_batch_size
 from trainer.model_input import declared_model_input
 from trainer.models.families import BlockStack, family_of, model_from_args, resolve_model_args
 
@@ -368,38 +366,3 @@ def check_memory_at_start(cfg: Config, world: int, use_ray: bool = True) -> None
         raise ConfigError(f"the run needs about {summary}, more than the {gib:.1f} GiB of GPU memory: {hint} "
                           f"(`crossflow plan` shows the details; train.memory_check=false skips this check)")
     print(f"crossflow: plan estimate {summary} of {gib:.1f} GiB", file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------- CLI
-def _plan_command(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    hw = Hardware(args.gpu_memory_gb, args.bandwidth_gbps, args.mfu, args.peak_tflops)
-    try:
-        plan = make_plan(cfg, hw, args.micro_batch, args.config)
-    except ValueError as e:  # e.g. data.text_dim needed: reported like any config error
-        raise ConfigError(str(e)) from e
-    print(json.dumps(dataclasses.asdict(plan), indent=2) if args.json else format_plan(plan))
-    return 0
-
-
-def add_plan_command(sub) -> None:
-    d = Hardware()
-    p = sub.add_parser("plan", help="memory, FLOPs and communication of a config, per GPU, before it runs",
-                       description="Build the config's model on the meta device and estimate, per GPU: parameters "
-                                   "per component, FLOPs, memory of weights, gradients, optimizer state, EMA and "
-                                   "activations under its ZeRO stage, world size (cluster.num_workers), micro-batch, "
-                                   "activation checkpointing and offload; the largest micro-batch that fits and the "
-                                   "grad_accum that reaches train.global_batch_size; bytes sent per step and whether "
-                                   "the step is compute- or network-bound. Formulas: trainer/plan.py.")
-    p.add_argument("--config", required=True, help="YAML config file")
-    p.add_argument("--gpu-memory-gb", type=float, default=d.gpu_memory_gb, help="GPU memory in GiB (default 80)")
-    p.add_argument("--bandwidth-gbps", type=float, default=d.bandwidth_gbps,
-                   help="interconnect bandwidth per GPU in Gbit/s (default 400: one NDR InfiniBand NIC per GPU)")
-    p.add_argument("--mfu", type=float, default=d.mfu, help="model FLOPs utilization for the compute time (0.45)")
-    p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
-                   help="peak TFLOP/s per GPU (default 989: H100 dense bf16)")
-    p.add_argument("--micro-batch", type=int, default=None,
-                   help="micro-batch per GPU for the memory rows (default: global batch / (world x grad_accum))")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("overrides", nargs="*", help="config overrides as section.key=value (e.g. cluster.num_workers=1)")
-    p.set_defaults(func=_plan_command)

@@ -2,6 +2,7 @@
 jobs against a real Ray head started on loopback by the test."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster.jobs import TERMINAL, build_entrypoint
+from cluster.jobs import build_entrypoint, wait_for_job
 from cluster.ray_train import PID_DIR
 from cluster.runtime_env import DEFAULT_EXCLUDES, build_runtime_env, job_env_vars, shipped_files
 from data_pipeline.s3 import CHECKSUM_ENV
@@ -46,24 +47,27 @@ def marked_processes(marker: str) -> list[psutil.Process]:
 
 @pytest.fixture
 def ray_head():
-    """`ray start --head` on loopback with token auth off; stopped (only its own processes) afterwards."""
+    """`ray start --head` on loopback with token auth off, 4 logical CPUs (two 2-worker jobs at once)
+    and its own port for the dashboard agent, which runs the jobs (Ray's default, 52365, may be
+    another cluster's on this machine: then no agent takes jobs); afterwards its own processes are
+    killed by pid (SIGTERM leaves gcs_server and raylet running for 15 s or more, and there is
+    nothing of the head's to save)."""
     port, dash = free_port(), free_port()
     marker = uuid.uuid4().hex
     env = {**os.environ, "CROSSFLOW_TEST_HEAD": marker, "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     out = subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-                          "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)
+                          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "4",
+                          "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)
     try:
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         yield f"http://127.0.0.1:{dash}"
     finally:
         procs = marked_processes(marker)
         for p in procs:
-            p.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=15)
-        for p in alive:
-            p.kill()
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(procs, timeout=10)
         current = Path("/tmp/ray/ray_current_cluster")  # what `ray stop` would remove: ours only
         if current.is_file() and current.read_text().strip().endswith(f":{port}"):
             current.unlink()
@@ -187,24 +191,36 @@ def submit(ray_head: str, run_dir: Path, working_dir: Path = REPO, **extra) -> s
 
 
 def wait_terminal(ray_head: str, job_id: str, timeout: float = 300) -> str:
-    deadline, status = time.monotonic() + timeout, ""
-    while time.monotonic() < deadline:
-        status = run(cli("jobs", "status", job_id, "--address", ray_head), timeout=60).stdout.strip()
-        if status in TERMINAL:
-            break
-        time.sleep(2)
-    return status
+    """The job's status, as `crossflow jobs status` prints it, once the job has ended. The wait polls
+    with Ray's SDK (``wait_for_job``, as `jobs logs --follow` does): a `crossflow jobs status` process
+    per poll would take seconds of a CPU core from the jobs each time."""
+    wait_for_job(ray_head, job_id, timeout=timeout, poll=0.5)
+    return run(cli("jobs", "status", job_id, "--address", ray_head), timeout=60).stdout.strip()
+
+
+def wait_logged_step(run_dir: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not ((run_dir / "metrics.jsonl").is_file() and "loss" in (run_dir / "metrics.jsonl").read_text()):
+        assert time.monotonic() < deadline, f"no logged step within {timeout} s"
+        time.sleep(0.5)
 
 
 @pytest.mark.slow
 def test_submit_follow_and_stop_on_a_real_head(ray_head, tmp_path):
     """A tiny run submitted as a Ray Job from a copy of the repository succeeds (status, logs, its
     files), and the driver and both workers ran the copy Ray shipped (unpacked in its working_dir
-    cache), not the installed crossflow; a long one is stopped with `jobs stop`: a final checkpoint
-    at a logging step, and no worker left behind."""
-    run_dir, markers = tmp_path / "run", tmp_path / "imported_from"
+    cache), not the installed crossflow; a long one, submitted alongside it, is stopped with `jobs
+    stop`: a final checkpoint at a logging step, and no worker left behind."""
+    run_dir, markers, long_dir = tmp_path / "run", tmp_path / "imported_from", tmp_path / "long"
     markers.mkdir()
     job_id = submit(ray_head, run_dir, working_dir=shipped_copy(tmp_path / "copy", markers))
+    long_id = submit(ray_head, long_dir, **{"train.steps": 100000})  # at once: the head has a CPU per worker
+
+    wait_logged_step(long_dir)
+    pids = [int((long_dir / PID_DIR / f"rank{r}.pid").read_text()) for r in (0, 1)]
+    stop = run(cli("jobs", "stop", long_id, "--address", ray_head), timeout=60)
+    assert stop.returncode == 0 and "stop requested" in stop.stdout
+
     status = wait_terminal(ray_head, job_id)
     logs = run(cli("jobs", "logs", job_id, "--address", ray_head), timeout=60).stdout
     assert status == "SUCCEEDED", logs[-4000:]
@@ -217,17 +233,8 @@ def test_submit_follow_and_stop_on_a_real_head(ray_head, tmp_path):
     stop = run(cli("jobs", "stop", job_id, "--address", ray_head), timeout=60)
     assert stop.returncode == 0 and "not running" in stop.stdout
 
-    long_dir = tmp_path / "long"
-    job_id = submit(ray_head, long_dir, **{"train.steps": 100000})
-    deadline = time.monotonic() + 240
-    while not ((long_dir / "metrics.jsonl").is_file() and "loss" in (long_dir / "metrics.jsonl").read_text()):
-        assert time.monotonic() < deadline, "no logged step within 240 s"
-        time.sleep(1)
-    pids = [int((long_dir / PID_DIR / f"rank{r}.pid").read_text()) for r in (0, 1)]
-    stop = run(cli("jobs", "stop", job_id, "--address", ray_head), timeout=60)
-    assert stop.returncode == 0 and "stop requested" in stop.stdout
-    status = wait_terminal(ray_head, job_id, timeout=180)
-    logs = run(cli("jobs", "logs", job_id, "--address", ray_head), timeout=60).stdout
+    status = wait_terminal(ray_head, long_id, timeout=180)
+    logs = run(cli("jobs", "logs", long_id, "--address", ray_head), timeout=60).stdout
     assert status == "STOPPED", logs[-4000:]
     stopped = int(re.search(r"stopped at step (\d+)", logs).group(1))
     assert 0 < stopped < 100000 and stopped % 2 == 0  # a logging step (log_every=2)
