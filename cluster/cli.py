@@ -152,6 +152,36 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
 
 
 
+def _sweep_run(args: argparse.Namespace) -> int:
+    from cluster.sweep import RESULTS_FILE, format_results, run_sweep
+    from trainer.sweep_spec import load_sweep
+    spec = load_sweep(args.config)
+    rows = run_sweep(spec, args.retry_failed, args.address or os.environ.get("RAY_ADDRESS", ""))
+    print(format_results(rows))
+    print(f"results: {os.path.join(spec.out_dir, RESULTS_FILE)}")
+    if any(r["status"] == "unfinished" for r in rows):
+        print(f"interrupted: run `crossflow sweep run --config {args.config}` again to resume")
+    print(f"analyze with: crossflow sweep analyze {spec.out_dir}")
+    return 0 if all(r["status"] == "finished" for r in rows) else 1
+
+
+def add_sweep_run_command(sweep_sub: argparse._SubParsersAction) -> None:
+    """``crossflow sweep run`` on the ``sweep`` parser of ``trainer.sweep_cli`` (cluster/sweep.py)."""
+    p = sweep_sub.add_parser(
+        "run", help="run a sweep's points as Ray Tune trials, each a distributed Ray Train run",
+        description="Run every point of a sweep file (grid and isoFLOP points, trainer/sweep_spec.py) as a Ray "
+                    "Tune trial that starts the point's Ray Train run (its workers, DeepSpeed ZeRO, its "
+                    "checkpoints), as many at once as the sweep's max_concurrent and the cluster allow. Running "
+                    "the same command again resumes the sweep: finished points are not run again, unfinished "
+                    "ones resume from their checkpoints. Writes <out_dir>/results.csv (see cluster/sweep.py).")
+    p.add_argument("--config", required=True, help="sweep file (configs/sweeps/<name>.yaml)")
+    p.add_argument("--address", default="", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded "
+                                                 "cluster sized for the sweep)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="when resuming, run again the points that failed (by default they stay failed)")
+    p.set_defaults(func=_sweep_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crossflow", description=(
         "Train and sample CrossFlow: text-to-image flow matching from the text's latent, "
@@ -161,8 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_sub = add_trainer_commands(sub)  # sample, interpolate, arithmetic, export, config, plan, eval, sweep analyze
     from data_pipeline.cli import add_data_commands  # `crossflow data convert|features`
     add_data_commands(sub)
-    from cluster.sweep import add_sweep_run_command  # `crossflow sweep run` (Ray imported lazily)
-    add_sweep_run_command(sweep_sub)
+    add_sweep_run_command(sweep_sub)  # `crossflow sweep run` (Ray imported when it runs)
     add_cluster_commands(sub)  # `crossflow submit`, `crossflow jobs ...` (Ray imported lazily)
     return parser
 

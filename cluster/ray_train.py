@@ -54,8 +54,8 @@ from ray.train.v2.api.config import LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from data_pipeline.s3 import is_remote, shareable_s3_env, sync_endpoint_env
-from trainer.checkpoint import (atomic_write_text, barrier, checkpoint_root, file_rank, prune_node_checkpoints,
-                                resume_files, tmp_tag, written_by)
+from trainer.checkpoint import (atomic_write_text, barrier, checkpoint_root, file_rank, latest_checkpoint,
+                                prune_node_checkpoints, resume_files, tmp_tag, written_by)
 from trainer.config import Config, config_from_dict
 
 LAUNCH_FILE = "ray_launch.json"  # in rank 0's part of every reported checkpoint
@@ -87,12 +87,12 @@ def scaling_config(cfg: Config) -> ScalingConfig:
                          resources_per_worker=resources, placement_strategy=c.placement_strategy)
 
 
-def ray_run_config(cfg: Config) -> RunConfig:
+def ray_run_config(cfg: Config, callbacks: list | None = None) -> RunConfig:
     threads = str(max(1, int(cfg.cluster.cpus_per_worker)))
     # workers on other nodes reach the same S3 server (credentials stay with each node)
     s3_env = shareable_s3_env() if uses_s3(cfg) else {}
     return RunConfig(
-        name=run_name(cfg), storage_path=storage_path(cfg),
+        name=run_name(cfg), storage_path=storage_path(cfg), callbacks=callbacks,
         failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
         # ERROR: without a dashboard Ray Train's state-API probes warn every few seconds
@@ -280,10 +280,13 @@ def train_worker(config: dict) -> None:
 
     # A restart resumes from the newest checkpoint of this launch that every rank can read: Ray's
     # registered one, or the run's own newer copy when Ray lost the last report with the worker.
+    # With train.resume=auto, also the run directory's latest (a launch after the driver died before
+    # Ray registered it: a sweep resumed after its driver was killed).
     restored = restore_ray_checkpoint(ray.train.get_checkpoint(), rank, out_dir, config["launch_id"],
                                       cfg.train.resume)
     own = own_checkpoint(out_dir, rank, config["launch_id"])
-    candidates = [c for c in (restored, own) if c is not None]
+    latest = latest_checkpoint(out_dir) if cfg.train.resume == "auto" else None
+    candidates = [c for c in (restored, own, latest) if c is not None]
     summary = train(cfg, on_checkpoint=reporter, resume_from=candidates, should_stop=should_stop)
     if rank == 0:
         ray.get(control.put_summary.remote(summary))
@@ -300,17 +303,21 @@ def connect(cfg: Config) -> bool:
         ray.init(address=address, log_to_driver=True)
         return False
     c = cfg.cluster
+    start_local_cluster(c.num_workers * c.cpus_per_worker, c.num_workers * c.gpus_per_worker)
+    return True
+
+
+def start_local_cluster(cpus: float, gpus: float) -> None:
+    """An embedded Ray cluster on this machine with ``cpus`` and ``gpus`` (rounded up), no dashboard."""
     # The embedded cluster lives and dies with this run on one machine: no node is ever preempted, and
     # Ray Train's preemption watcher only makes its controller log an error about the watcher's own
     # restart policy ("Actor with class name: 'PreemptionWatcher' ... max_restarts > 0").
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     with quiet_token_notice():
         ray.init(address="local",  # a new cluster, even when `ray start` left one (or its address file) behind
-                 num_cpus=max(1, math.ceil(c.num_workers * c.cpus_per_worker)),
-                 num_gpus=math.ceil(c.num_workers * c.gpus_per_worker) if c.gpus_per_worker else None,
+                 num_cpus=max(1, math.ceil(cpus)), num_gpus=math.ceil(gpus) if gpus else None,
                  include_dashboard=False, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": "cluster.ray_train.quiet_state_api_probes"})
-    return True
+                 runtime_env={"worker_process_setup_hook": "cluster.ray_train.embedded_worker_setup"})
 
 
 @contextlib.contextmanager
@@ -328,10 +335,15 @@ def quiet_token_notice():
         setup_logger.setLevel(level)
 
 
-def quiet_state_api_probes() -> None:
-    """Every worker of the embedded cluster: it has no dashboard, hence no state API, and Ray
-    Train's placement-group cleaner would warn that it cannot reach it every second."""
+def embedded_worker_setup() -> None:
+    """Every worker process of the embedded cluster, at its start. Ray Train's placement-group
+    cleaner asks the state API whether the run's controller is alive, at the address RAY_ADDRESS,
+    ``ray start``'s last cluster or the only GCS running on the machine names: on a machine running
+    another Ray cluster it asked that one (or failed: "multiple active Ray instances") and removed
+    the run's placement group, killing its workers. RAY_ADDRESS = this cluster's GCS. The cluster has
+    no dashboard, hence no state API, and the cleaner would warn that it cannot reach it every second."""
     import logging
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
@@ -385,19 +397,34 @@ def fit_in_thread(trainer: TorchTrainer):
     return outcome["result"]
 
 
-def run_training(cfg: Config) -> dict:
-    """Train ``cfg`` on Ray (``cluster.*``); returns rank 0's summary (``trainer.loop.train``'s)."""
-    cfg.train.out_dir = str(Path(cfg.train.out_dir).resolve())  # workers may not share our cwd
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # relative data paths mean the driver's cwd
+def prepare_driver(cfg: Config) -> None:
+    """On the driver, before the cluster starts: an absolute out_dir (workers may not share our cwd),
+    relative data paths meaning the driver's cwd, the S3 endpoint for every process of the cluster."""
+    cfg.train.out_dir = str(Path(cfg.train.out_dir).resolve())
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     if uses_s3(cfg):
         sync_endpoint_env()  # before the embedded cluster starts: its processes inherit it
+
+
+def build_trainer(cfg: Config, control, callbacks: list | None = None) -> TorchTrainer:
+    """The Ray Train run of ``cfg``: ``cluster.num_workers`` workers running ``train_worker`` (one
+    DeepSpeed rank each), its FailureConfig, checkpoints and storage from ``cluster.*``; a new launch
+    id. ``crossflow train`` fits it from the driver (``run_training``); a sweep fits one per Tune
+    trial (``cluster/sweep.py``, with Tune's report callback in ``callbacks``). ``control``: a
+    ``RunControl`` the workers poll for a stop request and give the summary to."""
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "launch_id": uuid.uuid4().hex, "control": control},
+        scaling_config=scaling_config(cfg), run_config=ray_run_config(cfg, callbacks))
+
+
+def run_training(cfg: Config) -> dict:
+    """Train ``cfg`` on Ray (``cluster.*``); returns rank 0's summary (``trainer.loop.train``'s)."""
+    prepare_driver(cfg)
     started = connect(cfg)
     try:
         control = RunControl.remote()
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"cfg": cfg.to_dict(), "launch_id": uuid.uuid4().hex, "control": control},
-            scaling_config=scaling_config(cfg), run_config=ray_run_config(cfg))
+        trainer = build_trainer(cfg, control)
         t0 = time.perf_counter()
         with GracefulStop(control, cfg.cluster.stop_timeout_s):
             result = fit_in_thread(trainer)

@@ -19,6 +19,7 @@ A sweep file (``configs/sweeps/*.yaml``)::
     gpu_memory_gib: 80                # optional: size each point with `crossflow plan` for this GPU memory
     min_workers_per_point: 1          # the sizing's first world size (more GPUs per point: shorter runs)
     max_workers_per_point: 8          # the most workers such a point may get
+    trial_retries: 0                  # Tune runs a failed point again this many times (cluster/sweep.py)
 
 Points are budgets x sizes x grid (either part may be absent, not both); an isoFLOP point is named
 for its budget and size, e.g. ``flops-2e12_hidden_size-64_depth-2``, and trains
@@ -79,6 +80,7 @@ class SweepSpec:
     gpu_memory_gib: float = 0.0  # > 0: workers, micro-batch, accumulation per point from `crossflow plan`
     max_workers_per_point: int = 8
     min_workers_per_point: int = 1  # the sizing starts here (more GPUs per point: shorter runs)
+    trial_retries: int = 0  # Tune runs a failed point again (resuming its checkpoint) this many times
 
 
 @dataclass
@@ -160,7 +162,8 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{path}: resources must map {sorted(RESOURCE_KEYS)} to numbers (per worker), "
                           f"got {resources!r}")
     for key, least, kind in (("gpu_memory_gib", 0, (int, float)), ("max_concurrent", 0, int),
-                             ("max_workers_per_point", 1, int), ("min_workers_per_point", 1, int)):
+                             ("max_workers_per_point", 1, int), ("min_workers_per_point", 1, int),
+                             ("trial_retries", 0, int)):
         value = raw.get(key, least)
         if not isinstance(value, kind) or isinstance(value, bool) or value < least:
             raise ConfigError(f"{path}: {key} must be a number >= {least}, got {value!r}")
