@@ -451,20 +451,26 @@ def _nest(path: list[str], value: Any) -> dict:
     return out
 
 
+def read_yaml_mapping(path: str | Path, what: str, keys: str) -> dict:
+    """A YAML file whose top level is a mapping (config and sweep files); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of {keys}")
+    return values
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- overrides, then validation. Raises ConfigError naming the key."""
     cfg = Config()
     values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        values = read_yaml_mapping(path, "config file", "sections")
     parsed = [parse_override(item) for item in overrides]
     preset = next((v for k, v in reversed(parsed) if k == ["cluster", "preset"]), None)
     if preset is None and isinstance(values.get("cluster"), dict):

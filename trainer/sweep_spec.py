@@ -45,9 +45,7 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from trainer.config import Config, ConfigError, load_config, per_rank_batch_size
+from trainer.config import Config, ConfigError, load_config, per_rank_batch_size, read_yaml_mapping
 
 # The sweep's resource keys and the per-worker config keys they set.
 RESOURCE_KEYS = {"cpus": "cluster.cpus_per_worker", "gpus": "cluster.gpus_per_worker"}
@@ -132,14 +130,7 @@ class SweepPoint:
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and check a sweep file; errors name the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sweep keys")
+    raw = read_yaml_mapping(path, "sweep file", "sweep keys")
     known = set(SweepSpec.__dataclass_fields__)
     unknown = set(raw) - known
     if unknown:
