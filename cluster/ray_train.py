@@ -294,16 +294,22 @@ def train_worker(config: dict) -> None:
 
 # ----------------------------------------------------------------------------- driver side
 def connect(cfg: Config) -> bool:
-    """Join ``cluster.address`` / RAY_ADDRESS, or start an embedded local cluster. Returns True
-    when this process started the cluster (and must shut it down)."""
+    """Join ``cluster.address`` / RAY_ADDRESS, or start an embedded local cluster for the run's
+    workers. Returns True when this process started the cluster (and must shut it down)."""
+    c = cfg.cluster
+    return join_or_start(c.address or os.environ.get("RAY_ADDRESS", ""),
+                         lambda: (c.num_workers * c.cpus_per_worker, c.num_workers * c.gpus_per_worker))
+
+
+def join_or_start(address: str, local_size) -> bool:
+    """Join the Ray cluster at ``address``, or start an embedded one of ``local_size()`` = (CPUs,
+    GPUs). Nothing when Ray is already initialized. True when this process started the cluster."""
     if ray.is_initialized():
         return False
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
-    c = cfg.cluster
-    start_local_cluster(c.num_workers * c.cpus_per_worker, c.num_workers * c.gpus_per_worker)
+    start_local_cluster(*local_size())
     return True
 
 

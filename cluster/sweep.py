@@ -46,7 +46,7 @@ import ray
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from cluster.ray_train import RunControl, build_trainer, prepare_driver, start_local_cluster
+from cluster.ray_train import RunControl, build_trainer, join_or_start, prepare_driver
 from trainer.config import Config, ConfigError, config_from_dict
 from trainer.metrics import read_metrics
 from trainer.sweep_spec import SweepPoint, SweepSpec, expand
@@ -132,13 +132,7 @@ def local_cluster_size(spec: SweepSpec, points: list[SweepPoint]) -> tuple[float
 def connect(spec: SweepSpec, points: list[SweepPoint], address: str) -> bool:
     """Join ``address``, or start an embedded cluster sized for the sweep. True when this process
     started the cluster (and shuts it down)."""
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return False
-    start_local_cluster(*local_cluster_size(spec, points))
-    return True
+    return join_or_start(address, lambda: local_cluster_size(spec, points))
 
 
 # ----------------------------------------------------------------------------- the Tuner
