@@ -13,8 +13,8 @@ flow's is 0 before step K, then its warm-up and schedule run from K; the text si
 schedule from step 0 and is 0 from K unless ``objective.ve_finetune``. AdamW with learning rate 0
 leaves a parameter exactly as it is (its weight decay and its moments' update both scale with the
 learning rate), so the frozen part does not move at all, under any ZeRO stage (DeepSpeed's ZeRO
-optimizers step the wrapped optimizer's own groups, LRs included). The objective sends no gradient
-into the frozen part either (``trainer.objectives.training_stage``), so it adds nothing to the
+optimizers step the wrapped optimizer's own groups, LRs included). The objective gives the frozen
+part gradients of exactly 0 (``trainer.objectives.crossflow_losses``), so it adds nothing to the
 clipped global norm.
 
 Non-finite steps: DeepSpeed's ZeRO optimizers compute the global gradient norm at each

@@ -6,7 +6,7 @@ The paper's ablations (Table 3) are config values: ``objective.contrastive`` pic
 term (``z0_alignment_loss``: InfoNCE with the image, InfoNCE with the text's own features, or MSE
 reconstruction of them); a deterministic Text VE has no KL (logged as 0); two-stage training
 (``objective.ve_pretrain_steps``) runs a stage per optimizer step (``training_stage``): the Text VE
-alone on alignment + KL, then the flow on flow matching with the VE frozen (no gradient into it;
+alone on alignment + KL, then the flow on flow matching with the VE frozen (a zero gradient into it;
 the engine gives its parameters learning rate 0) or, with ``ve_finetune``, the joint objective.
 
 Flow matching carries z0 (the text's sample, t = 0) to the image latent z1 (t = 1):
@@ -25,7 +25,6 @@ no contrastive term since its z0 does not come from the text).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -317,28 +316,29 @@ def crossflow_losses(model, z1: torch.Tensor, text_emb: torch.Tensor, text_mask:
                      noise: Noise, stage: str = JOINT) -> Losses:
     """One forward of the whole objective for a batch (z1: target latents (B, C, H, W)); ``noise``
     (from ``draw_noise``) fixes every random draw; ``stage`` (``training_stage``) what it trains:
-    VE_PRETRAIN runs no flow (flow_matching logged as 0, total = alignment + KL), FLOW_ONLY encodes
-    the text without gradients (alignment and KL logged, total = flow matching)."""
-    text_grad = torch.no_grad() if stage == FLOW_ONLY else contextlib.nullcontext()
-    with text_grad:
-        z0, mu, logvar = model.encode_text(text_emb, text_mask, eps=noise.eps)  # (B, C, H, W) each
+    VE_PRETRAIN runs no flow (flow_matching logged as 0, total = alignment + KL); FLOW_ONLY feeds the
+    flow a detached z0 and adds the text terms with weight 0: total = flow matching, and the frozen
+    text side gets gradients of exactly 0 (alignment and KL still logged). Exact zeros, not none:
+    DeepSpeed ZeRO-3 keeps a parameter's last gradient partition when a backward gives it none, so
+    the pre-training stage's last gradients would count in every later clipped norm."""
+    z0, mu, logvar = model.encode_text(text_emb, text_mask, eps=noise.eps)  # (B, C, H, W) each
+    z0_flow = z0.detach() if stage == FLOW_ONLY else z0  # what the flow starts from; frozen: no gradient back
     if stage == VE_PRETRAIN:
         fm = z0.new_zeros((), dtype=torch.float32)
     else:
         indicator, t = noise.indicator, noise.t
         target = swapped_targets(z1, noise.swap)  # (B, C, H, W); uncond targets may come from other ranks
         cond = model.text_condition(text_emb, text_mask)  # None for CrossFlow: its text is all in z0
-        x_t = ops.interpolate(z0, target, t, cfg.sigma_min)  # (B, C, H, W)
+        x_t = ops.interpolate(z0_flow, target, t, cfg.sigma_min)  # (B, C, H, W)
         v = model.velocity(x_t, t, indicator, cond)
-        fm = ops.flow_matching_loss(v, z0, target, cfg.sigma_min).mean()
+        fm = ops.flow_matching_loss(v, z0_flow, target, cfg.sigma_min).mean()
     kl = kl_divergence(mu, logvar)
-    with text_grad:
-        con = z0_alignment_loss(model, z0, z1, text_emb, text_mask, cfg.contrastive) \
-            if cfg.contrastive_weight > 0 and model.source_from_text else fm.new_zeros(())
+    con = z0_alignment_loss(model, z0, z1, text_emb, text_mask, cfg.contrastive) \
+        if cfg.contrastive_weight > 0 and model.source_from_text else fm.new_zeros(())
     if stage == VE_PRETRAIN:
         total = cfg.kl_weight * kl + cfg.contrastive_weight * con
     elif stage == FLOW_ONLY:
-        total = fm
+        total = fm + 0.0 * (cfg.kl_weight * kl + cfg.contrastive_weight * con)  # zero gradients to the text side
     else:
         total = fm + cfg.kl_weight * kl + cfg.contrastive_weight * con
     return Losses(total=total, flow_matching=fm, kl=kl, contrastive=con)
