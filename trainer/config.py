@@ -245,7 +245,8 @@ class SampleConfig:
     steps: int = _f(50, "ODE steps from t=0 to t=1")
     solver: str = _f("euler", "euler or heun")
     cfg_scale: float = _f(3.0, "classifier-free guidance scale s: v = v_u + s (v_c - v_u); 1 = no guidance")
-    use_mean: bool = _f(False, "start from the VE mean instead of mu + sigma * eps")
+    use_mean: bool = _f(False, "start from the VE mean instead of mu + sigma * eps (no effect with model.text_ve="
+                               "deterministic: its z0 has no noise, every seed gives the same)")
     num_prompts: int = _f(16, "held-out prompts in the sample grid written by training")
     prompts_file: str = _f("", "a text file of prompts (one per line) for training's sample grids; default: held-out "
                                "shapes prompts, or the first captions seen for shard data")

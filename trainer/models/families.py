@@ -5,7 +5,9 @@ family from outside (as torchtitan's per-model ``parallelize`` does):
 - ``blocks(model)``: the repeated blocks activation checkpointing and ``torch.compile`` wrap;
 - ``block_stacks(args)``: those stacks' shapes (depth, tokens, width, heads, MLP ratio), from
   which ``crossflow plan`` counts activation memory without building anything;
-- ``param_counts(model)``: parameters per component (flow transformer, Text VE, ...).
+- ``param_counts(model)``: parameters per component (flow transformer, Text VE, ...);
+- ``text_side(model)``: the modules two-stage training (objective.ve_pretrain_steps) trains first
+  and then freezes; the engine puts them in their own optimizer groups.
 
 Both families' flow networks are the DiT trunk (``crossflow/trunk.py``), and their args classes
 extend its ``TrunkArgs``: ``args_cls.from_config`` resolves any family's config against the size
