@@ -47,13 +47,18 @@ def worker_pid(node: Path) -> tuple[int, int]:
 
 
 def ray_failures(logs: Path) -> str:
-    """What the nodes' Ray logs say about each failure and Ray Train's decision on it (a failing run's
-    driver output shows only the last error): the lines a reader needs first."""
-    keys = ("FailurePolicy", "Error count", "Source:", "Error:", "killed", "memory", "died", "SIGSEGV",
-            "Cleaning up placement group", "Traceback", "Error in training function")
-    lines = [f"{f.relative_to(logs)}: {line[:300]}" for f in sorted(logs.rglob("*")) if f.is_file()
-             for line in f.read_text(errors="replace").splitlines() if any(k in line for k in keys)]
-    return "\n".join(["Ray logs:", *lines[:80], "driver output:", ""])
+    """What the nodes' Ray logs say about each failure (a failing run's driver output shows only the
+    last error): Ray Train's controller's warnings, errors and failure decisions (their first lines),
+    and the raylets' words on killed workers."""
+    lines = []
+    for f in sorted(logs.glob("*/train/*controller*.log")):
+        for record in map(json.loads, filter(str.strip, f.read_text(errors="replace").splitlines())):
+            if "FailurePolicy" in record["message"] or record["levelname"] in ("WARNING", "ERROR"):
+                lines += [f"{record['asctime']} {record['levelname']}", *record["message"].splitlines()[:12]]
+    for f in sorted(logs.glob("*/raylet.out")):
+        lines += [f"{f.parent.name}/raylet: {line[:300]}" for line in f.read_text(errors="replace").splitlines()
+                  if any(k in line for k in ("OOM", "memory monitor", "Killing worker", "SIGKILL", "exited with"))]
+    return "\n".join(["Ray logs:", *lines[:120], "driver output:", ""])
 
 
 def test_two_nodes_worker_killed_resumes_from_its_ranks_files(tmp_path):
