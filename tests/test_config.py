@@ -36,11 +36,22 @@ def test_int_widens_to_float():
     ("optim.betas=0.9", "optim.betas"),
     ("train.global_batch_size=-4", "train.global_batch_size"),
     ("objective.uncond_prob=1.5", "objective.uncond_prob"),
+    ("eval.cfg_scales=3", "eval.cfg_scales"),
+    ("eval.cfg_scales=[1, -2]", "eval.cfg_scales"),
+    ("eval.cfg_scales=[3, 3.0]", "repeated"),
 ])
 def test_bad_keys_and_types_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert key in str(err.value)
+
+
+def test_cfg_scales_need_the_shapes_eval_and_name_their_metrics():
+    from trainer.config import cfg_scale_name
+    assert load_config(None, ["eval.cfg_scales=[1, 1.5, 7]"]).eval.cfg_scales == [1.0, 1.5, 7.0]
+    assert [cfg_scale_name(s) for s in (1.0, 1.5, 7)] == ["cfg1", "cfg1.5", "cfg7"]
+    with pytest.raises(ConfigError, match="eval.cfg_scales.*eval.shapes=False"):
+        load_config(None, ["eval.cfg_scales=[1, 3]", "eval.shapes=false"])
 
 
 def test_unknown_yaml_key_is_named(tmp_path):
