@@ -105,3 +105,21 @@ def test_baseline_sizes_and_one_seed(tmp_path, capsys):
     from cluster.cli import main
     assert main(["sweep", "analyze", str(tmp_path / "nothing"), "--ablation-table"]) == 1
     assert "sweep directory not found" in capsys.readouterr().out
+
+
+def test_two_stage_and_text_ve_variants_are_named_as_the_paper_does(tmp_path):
+    sweep = tmp_path / "two_stage"
+    for name, values in {"joint": {"objective.ve_pretrain_steps": 0},
+                         "two": {"objective.ve_pretrain_steps": 2, "train.steps": 6},
+                         "two_ft": {"objective.ve_pretrain_steps": 2, "objective.ve_finetune": True, "train.steps": 6}
+                         }.items():
+        write_run(sweep, name, {**values, "sample.cfg_scale": 1.0}, {"val/loss": 0.5})
+    table = ablation_table(sweep)
+    assert table.ablation == "two_stage"
+    assert [(r.variant, r.paper) for r in table.rows] == [
+        ("joint", "24.33"), ("two-stage", "32.55"), ("two-stage + joint fine-tuning", "23.79")]
+    sweep = tmp_path / "text_ve"
+    for ve in ("variational", "deterministic"):
+        write_run(sweep, ve, {"model.text_ve": ve}, {"val/loss": 0.5})
+    assert [(r.variant, r.paper) for r in ablation_table(sweep).rows] == [("deterministic", "n/a"),
+                                                                          ("variational", "n/a")]

@@ -94,8 +94,14 @@ def test_every_sweep_expands_to_valid_configs(path, monkeypatch):
     spec = load_sweep(path)
     runs = expand(spec)  # validates every run's config, steps from FLOP budgets, workers x micro-batch
     iso = spec.isoflop
-    expected = math.prod(len(v) for v in spec.grid.values()) * (len(iso.budgets) * iso.num_sizes if iso else 1)
+    expected = (math.prod(len(v) for v in spec.grid.values()) * (len(iso.budgets) * iso.num_sizes if iso else 1)
+                * max(1, len(spec.variants)))
     assert len(runs) == expected and len({r.name for r in runs}) == expected
+    if path.name.startswith("ablation_"):  # issue 16: several seeds per variant, validation and ShapesEval on
+        assert spec.grid["train.seed"] == [0, 1, 2]
+        assert all(r.cfg.eval.val_every > 0 and r.cfg.eval.shapes for r in runs)
+        assert spec.out_dir == f"runs/sweeps/{path.stem}" and f"sweep run --config configs/sweeps/{path.name}" \
+            in path.read_text()
 
 
 def test_cli_reports_bad_key(capsys):
