@@ -105,6 +105,9 @@ def test_baseline_sizes_and_one_seed(tmp_path, capsys):
     from cluster.cli import main
     assert main(["sweep", "analyze", str(tmp_path / "nothing"), "--ablation-table"]) == 1
     assert "sweep directory not found" in capsys.readouterr().out
+    (sweep / "crossflow_64" / "config.json").write_text("{not json")
+    assert main(["sweep", "analyze", str(sweep), "--ablation-table"]) == 1
+    assert "crossflow_64/config.json: not valid JSON" in capsys.readouterr().out
 
 
 def test_two_stage_and_text_ve_variants_are_named_as_the_paper_does(tmp_path):

@@ -115,7 +115,13 @@ def read_runs(sweep_dir: Path) -> dict[str, tuple[dict, dict]]:
         for rec in read_jsonl(metrics):  # later records win: each metric's last value
             final.update({k: float(v) for k, v in rec.items()
                           if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"})
-        runs[run_dir.name] = (flatten(json.loads((run_dir / "config.json").read_text())), final)
+        try:
+            config = json.loads((run_dir / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise AblationTableError(f"{run_dir / 'config.json'}: not valid JSON ({e.msg})") from e
+        if not isinstance(config, dict):
+            raise AblationTableError(f"{run_dir / 'config.json'}: not a crossflow config (a JSON object)")
+        runs[run_dir.name] = (flatten(config), final)
     if not runs:
         raise AblationTableError(f"{sweep_dir}: no run directory (each needs config.json and metrics.jsonl)")
     return runs
