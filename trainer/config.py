@@ -279,6 +279,8 @@ class EvalConfig:
     every: int = _f(0, "run ShapesEval on the EMA weights every N steps; 0 = only at the end")
     shapes: bool = _f(True, "score the ShapesEval suite (shapes data only) during and after training")
     images_per_prompt: int = _f(2, "ShapesEval images per prompt during training")
+    cfg_scales: list[float] = _f([], "guidance scales the end-of-training ShapesEval also scores, each logged as "
+                                     "shapes_eval/<task>@cfg<s> (1 = no guidance); empty = only sample.cfg_scale")
     val_every: int = _f(0, "validation loss (val/loss: flow matching of the live weights, not the EMA, on a fixed "
                            "set, t grid and noise) every N steps and at the end; 0 = none")
     val_samples: int = _f(256, "validation set size: the first N samples of data.val_path, or N generated shapes "
@@ -296,6 +298,15 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name} must be positive, got {getattr(self, name)}")
         if self.val_seed < 0:
             raise ConfigError(f"eval.val_seed must be >= 0, got {self.val_seed}")
+        if any(s < 0 for s in self.cfg_scales):
+            raise ConfigError(f"eval.cfg_scales must be >= 0 (1 = no guidance), got {self.cfg_scales}")
+        if len({cfg_scale_name(s) for s in self.cfg_scales}) != len(self.cfg_scales):
+            raise ConfigError(f"eval.cfg_scales has repeated values: {self.cfg_scales}")
+
+
+def cfg_scale_name(scale: float) -> str:
+    """A guidance scale in metric names: 3.0 -> ``cfg3``, 1.5 -> ``cfg1.5`` (``shapes_eval/overall@cfg3``)."""
+    return f"cfg{scale:g}"
 
 
 def check_validation_data(data: DataConfig, ev: EvalConfig) -> None:
@@ -406,6 +417,10 @@ class Config:
             getattr(self, f.name).validate()
         check_validation_data(self.data, self.eval)
         check_variants(self.model, self.objective, self.train)
+        if self.eval.cfg_scales and not (self.eval.shapes and self.data.source == "shapes"):
+            raise ConfigError(f"eval.cfg_scales={self.eval.cfg_scales} needs the ShapesEval that scores them: "
+                              f"eval.shapes=true and data.source=shapes (got eval.shapes={self.eval.shapes}, "
+                              f"data.source={self.data.source})")
         return self
 
     def to_dict(self) -> dict:
