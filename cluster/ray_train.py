@@ -307,7 +307,8 @@ def join_or_start(address: str, local_size) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": "cluster.ray_train.worker_setup"})
         return False
     start_local_cluster(*local_size())
     return True
@@ -341,15 +342,20 @@ def quiet_token_notice():
         setup_logger.setLevel(level)
 
 
-def embedded_worker_setup() -> None:
-    """Every worker process of the embedded cluster, at its start. Ray Train's placement-group
-    cleaner asks the state API whether the run's controller is alive, at the address RAY_ADDRESS,
-    ``ray start``'s last cluster or the only GCS running on the machine names: on a machine running
-    another Ray cluster it asked that one (or failed: "multiple active Ray instances") and removed
-    the run's placement group, killing its workers. RAY_ADDRESS = this cluster's GCS. The cluster has
-    no dashboard, hence no state API, and the cleaner would warn that it cannot reach it every second."""
-    import logging
+def worker_setup() -> None:
+    """Every worker process of the run's jobs, at its start. Ray Train's placement-group cleaner asks
+    the state API whether the run's controller is alive, at the address RAY_ADDRESS, ``ray start``'s
+    last cluster or the only GCS running on the machine names: on a machine running another Ray
+    cluster it asked that one (or failed: "multiple active Ray instances") and removed the run's
+    placement group, killing its workers. RAY_ADDRESS = this cluster's GCS."""
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+def embedded_worker_setup() -> None:
+    """``worker_setup`` for the embedded cluster, which has no dashboard, hence no state API: the
+    cleaner would warn that it cannot reach it every second."""
+    import logging
+    worker_setup()
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 

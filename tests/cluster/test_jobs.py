@@ -34,13 +34,16 @@ def free_port() -> int:
 
 
 def marked_processes(marker: str) -> list[psutil.Process]:
-    """Processes of the head this test started: every one inherits its marker variable."""
+    """Processes of the head this test started: every one inherits its marker variable. Read from
+    /proc/<pid>/environ as bytes: Ray's agents set their process title over the start of their
+    environment block, and psutil's ``environ()`` then reads it as empty (they were left running)."""
+    needle = f"CROSSFLOW_TEST_HEAD={marker}".encode()
     found = []
     for p in psutil.process_iter():
         try:
-            if p.environ().get("CROSSFLOW_TEST_HEAD") == marker:
+            if needle in Path(f"/proc/{p.pid}/environ").read_bytes():
                 found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        except (OSError, psutil.Error):
             pass
     return found
 

@@ -46,6 +46,21 @@ def worker_pid(node: Path) -> tuple[int, int]:
     return int(path.stem[len("rank"):]), int(path.read_text())
 
 
+def ray_failures(logs: Path) -> str:
+    """What the nodes' Ray logs say about each failure (a failing run's driver output shows only the
+    last error): Ray Train's controller's warnings, errors and failure decisions (their first lines),
+    and the raylets' words on killed workers."""
+    lines = []
+    for f in sorted(logs.glob("*/train/*controller*.log")):
+        for record in map(json.loads, filter(str.strip, f.read_text(errors="replace").splitlines())):
+            if "FailurePolicy" in record["message"] or record["levelname"] in ("WARNING", "ERROR"):
+                lines += [f"{record['asctime']} {record['levelname']}", *record["message"].splitlines()[:12]]
+    for f in sorted(logs.glob("*/raylet.out")):
+        lines += [f"{f.parent.name}/raylet: {line[:300]}" for line in f.read_text(errors="replace").splitlines()
+                  if any(k in line for k in ("OOM", "memory monitor", "Killing worker", "SIGKILL", "exited with"))]
+    return "\n".join(["Ray logs:", *lines[:120], "driver output:", ""])
+
+
 def test_two_nodes_worker_killed_resumes_from_its_ranks_files(tmp_path):
     """The golden run's config on 2 workers, one per node, 30 steps, checkpoint at step 20; SIGKILL
     node B's worker after a step past 20. Ray restarts the group from checkpoint 20: the run ends
@@ -66,7 +81,7 @@ def test_two_nodes_worker_killed_resumes_from_its_ranks_files(tmp_path):
            # checkpoint 20 when the kill comes
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
     env.update(fault_env(kill_after_step(every + 5, marker, node_ip="127.0.0.2"), base=env))
-    with two_nodes(run, disk_b, env) as address:
+    with two_nodes(run, disk_b, env, keep_logs=tmp_path / "ray_logs") as address:
         cmd = cli("train", "--config", golden()["config"], *golden_overrides(run, **{
             "train.steps": steps, "train.ckpt_every": every, "train.keep_last": keep, "log.progress": True,
             "cluster.address": address, "cluster.storage_path": str(storage), "cluster.num_workers": 2,
@@ -84,7 +99,8 @@ def test_two_nodes_worker_killed_resumes_from_its_ranks_files(tmp_path):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
                 proc.wait(60)
-    assert proc.returncode == 0, out[-4000:]
+    (tmp_path / "driver.log").write_text(out)
+    assert proc.returncode == 0, ray_failures(tmp_path / "ray_logs") + out[-4000:]
     assert f"trained {steps} steps" in out
     assert f"at step {every}" in out  # "resumed from ... at step 20": not from step 0
     new_pids = {k: worker_pid(n) for k, n in nodes.items()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -87,8 +88,9 @@ def stop(procs: list[subprocess.Popen], temp_dirs: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def two_nodes(run_dir: Path, node_b_disk: Path, env: dict):
-    """Yields the head's address; node B's processes see ``node_b_disk`` at ``run_dir``."""
+def two_nodes(run_dir: Path, node_b_disk: Path, env: dict, keep_logs: Path | None = None):
+    """Yields the head's address; node B's processes see ``node_b_disk`` at ``run_dir``. With
+    ``keep_logs``, both nodes' Ray logs are copied there (``a/``, ``b/``) before the temp dirs go."""
     prefix = mount_namespace_prefix()
     assert prefix is not None, "no mount namespace (unshare) on this machine"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -110,5 +112,10 @@ def two_nodes(run_dir: Path, node_b_disk: Path, env: dict):
         yield f"127.0.0.1:{port}"
     finally:
         stop(procs, temp_dirs)
+        if keep_logs is not None:
+            for name, t in zip("ab", temp_dirs):
+                for session in t.glob("session_2*"):
+                    shutil.copytree(session / "logs", keep_logs / name, dirs_exist_ok=True,
+                                    ignore=shutil.ignore_patterns("*.sock", "events", "export_events"))
         for t in temp_dirs:
             subprocess.run(["rm", "-rf", str(t)], check=False)
