@@ -74,7 +74,8 @@ def build(preset: str, kernels: str, precision: str, zero: int, ac: bool, compil
     cfg.optim.warmup_steps = 0
     info = init_distributed("auto")
     torch.manual_seed(0)
-    args = resolve_model_args(cfg.model, latent, text_dim, tokens, cfg.objective.contrastive_init_temperature)
+    args = resolve_model_args(cfg.model, latent, text_dim, tokens, cfg.objective.contrastive_init_temperature,
+                              cfg.objective.contrastive)
     with info.device:  # initialize on the device: seconds instead of a minute for 1B parameters on CPU
         model = model_from_args(args)
     if mixed:

@@ -36,11 +36,22 @@ def test_int_widens_to_float():
     ("optim.betas=0.9", "optim.betas"),
     ("train.global_batch_size=-4", "train.global_batch_size"),
     ("objective.uncond_prob=1.5", "objective.uncond_prob"),
+    ("eval.cfg_scales=3", "eval.cfg_scales"),
+    ("eval.cfg_scales=[1, -2]", "eval.cfg_scales"),
+    ("eval.cfg_scales=[3, 3.0]", "repeated"),
 ])
 def test_bad_keys_and_types_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert key in str(err.value)
+
+
+def test_cfg_scales_need_the_shapes_eval_and_name_their_metrics():
+    from trainer.config import cfg_scale_name
+    assert load_config(None, ["eval.cfg_scales=[1, 1.5, 7]"]).eval.cfg_scales == [1.0, 1.5, 7.0]
+    assert [cfg_scale_name(s) for s in (1.0, 1.5, 7)] == ["cfg1", "cfg1.5", "cfg7"]
+    with pytest.raises(ConfigError, match="eval.cfg_scales.*eval.shapes=False"):
+        load_config(None, ["eval.cfg_scales=[1, 3]", "eval.shapes=false"])
 
 
 def test_unknown_yaml_key_is_named(tmp_path):
@@ -83,8 +94,14 @@ def test_every_sweep_expands_to_valid_configs(path, monkeypatch):
     spec = load_sweep(path)
     runs = expand(spec)  # validates every run's config, steps from FLOP budgets, workers x micro-batch
     iso = spec.isoflop
-    expected = math.prod(len(v) for v in spec.grid.values()) * (len(iso.budgets) * iso.num_sizes if iso else 1)
+    expected = (math.prod(len(v) for v in spec.grid.values()) * (len(iso.budgets) * iso.num_sizes if iso else 1)
+                * max(1, len(spec.variants)))
     assert len(runs) == expected and len({r.name for r in runs}) == expected
+    if path.name.startswith("ablation_"):  # issue 16: several seeds per variant, validation and ShapesEval on
+        assert spec.grid["train.seed"] == [0, 1, 2]
+        assert all(r.cfg.eval.val_every > 0 and r.cfg.eval.shapes for r in runs)
+        assert spec.out_dir == f"runs/sweeps/{path.stem}" and f"sweep run --config configs/sweeps/{path.name}" \
+            in path.read_text()
 
 
 def test_cli_reports_bad_key(capsys):

@@ -146,7 +146,8 @@ def test_both_families_share_one_trunk_and_old_checkpoints_keep_their_names():
     assert list(base.state_dict()) == OLD_BASELINE_NAMES
     for model, old in ((cf, OLD_CROSSFLOW_ARGS), (base, OLD_BASELINE_ARGS)):
         stored = dataclasses.asdict(model.args)
-        assert {**stored, "latent_shape": list(stored["latent_shape"])} == old  # the same fields and values
+        added = {"text_ve": "variational", "contrastive": "image_text"} if model is cf else {}  # the ablations' defaults
+        assert {**stored, "latent_shape": list(stored["latent_shape"])} == {**old, **added}  # the same fields and values
         model_from_args(old).load_state_dict(model.state_dict())  # strict: every name matches
     config = ModelConfig(preset="tiny", hidden_size=64, depth=1)
     sizes = [dataclasses.asdict(resolve_model_args(dataclasses.replace(config, family=f), (3, 16, 16), 24, 6))

@@ -54,6 +54,18 @@ def test_grid_only_sweeps_and_presets_list(tmp_path):
     assert iso.sizes == {"model.preset": ["tiny"]} and iso.budgets == [1e13]
 
 
+def test_variants_are_points_times_the_grid(tmp_path):
+    """An ablation's points that a product cannot say: each variant once, times every grid value."""
+    spec = load_sweep(sweep_file(tmp_path, variants=[{"objective.contrastive_weight": 0.1},
+                                                     {"objective.contrastive_weight": 0, "model.depth": 3}],
+                                 grid={"train.seed": [0, 1]}))
+    points = expand(spec)
+    assert [p.name for p in points] == ["contrastive_weight-0.1_seed-0", "contrastive_weight-0.1_seed-1",
+                                        "contrastive_weight-0_depth-3_seed-0", "contrastive_weight-0_depth-3_seed-1"]
+    assert [(p.cfg.objective.contrastive_weight, p.cfg.model.depth, p.cfg.train.seed) for p in points[1:3]] == [
+        (0.1, None, 1), (0.0, 3, 0)]  # None: the preset's depth
+
+
 @pytest.mark.parametrize("keys, match", [
     ({}, "give the points"),
     ({"isoflop": {"budgets": [], "sizes": ["tiny"]}}, r"isoflop.budgets must be a non-empty"),
@@ -63,7 +75,10 @@ def test_grid_only_sweeps_and_presets_list(tmp_path):
     ({"isoflop": {"budgets": [1e12], "sizes": {"model.hidden_size": [64, 128], "model.depth": [2]}}},
      r"equally long: \{'model.hidden_size': 2, 'model.depth': 1\}"),
     ({"isoflop": {"budgets": [1e12]}}, "exactly the keys budgets"),
-    ({"isoflop": ISOFLOP, "grid": {"model.depth": [2]}}, r"grid key\(s\) \['model.depth'\] conflict"),
+    ({"isoflop": ISOFLOP, "grid": {"model.depth": [2]}}, r"grid or variant key\(s\) \['model.depth'\] conflict"),
+    ({"variants": [{"model.depth": [2, 3]}]}, r"variants\[0\] must map config keys to single values"),
+    ({"variants": [{"model.depth": 2}], "grid": {"model.depth": [3]}}, r"variants\[0\] sets grid key"),
+    ({"variants": [{"model.depth": 2}, {"model.depth": 2}]}, "repeats a variant"),
     ({"grid": {"model.depth": []}}, "grid.model.depth must be a non-empty"),
     ({"grid": {"model.depth": [2]}, "resources": {"cpu": 1}}, "resources must map"),
     ({"grid": {"model.depth": [2]}, "max_workers_per_point": 0}, "max_workers_per_point must be"),

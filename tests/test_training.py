@@ -138,11 +138,20 @@ def test_interpolate_and_arithmetic_commands(tmp_path):
 
 def test_training_logs_shapes_eval(tmp_path, tiny_config):
     """ShapesEval every step: logged, summarized and tabled consistently, over the whole suite; a
-    2-step model draws noise, which must pass no task (the learning test checks that it can pass)."""
+    2-step model draws noise, which must pass no task (the learning test checks that it can pass).
+    The final evaluation also scores each of eval.cfg_scales (shapes_eval/<task>@cfg<s>), not the periodic
+    ones; sample.cfg_scale's (3 here) are the plain scores' samples, not drawn again."""
     summary = train(tiny_config(**{"train.steps": 2, "eval.every": 1, "train.out_dir": tmp_path,
-                                   "eval.images_per_prompt": 1}))
+                                   "eval.images_per_prompt": 1, "eval.cfg_scales": "[3, 1.5]"}))
     tasks = ("object", "count", "color", "position", "size", "overall")
     assert {t: summary[f"shapes_eval/{t}"] for t in tasks} == dict.fromkeys(tasks, 0.0)
+    for scale in ("cfg3", "cfg1.5"):
+        assert {t: summary[f"shapes_eval/{t}@{scale}"] for t in tasks} == dict.fromkeys(tasks, 0.0)
+        assert summary[f"shapes_eval/overall_heldout@{scale}"] == 0.0
+        assert (tmp_path / "eval" / f"shapes_step_00000002_{scale}.txt").is_file()
+    assert (tmp_path / "eval" / "shapes_step_00000002_cfg3.txt").read_text() == (
+        tmp_path / "eval" / "shapes_step_00000002.txt").read_text()
+    assert not (tmp_path / "eval" / "shapes_step_00000001_cfg1.5.txt").exists()
     assert summary["shapes_eval/n_prompts"] == 60 and summary["shapes_eval/n_images"] == 60  # 1 per prompt
     evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "shapes_eval/overall" in r]
     assert [r["step"] for r in evals] == [1, 2]

@@ -25,8 +25,12 @@ def print_summary(summary: dict) -> None:
     print(f"samples:    {summary['samples']}")
     if "shapes_eval/overall" in summary:
         tasks = " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in summary.items()
-                         if k.startswith("shapes_eval/") and not k.endswith(("n_prompts", "n_images")))
+                         if k.startswith("shapes_eval/") and "@" not in k and not k.endswith(("n_prompts", "n_images")))
         print(f"ShapesEval: {tasks}")
+        by_scale = " ".join(f"{k.split('@')[1]}={v:.3f}" for k, v in summary.items()
+                            if k.startswith("shapes_eval/overall@"))
+        if by_scale:
+            print(f"ShapesEval overall by guidance scale: {by_scale}")
 
 
 def _sample(args: argparse.Namespace) -> int:

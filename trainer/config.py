@@ -47,6 +47,8 @@ class ModelConfig:
     text_proj_dim: int = _f(0, "learned MLP projecting the text features to this width before the Text VE (or the "
                                "baseline's cross-attention); the reimplementation: 1024 for T5-XXL's 4096; 0 = none")
     image_encoder_width: int = _f(32, "base channel count of the contrastive image encoder (a small CNN)")
+    text_ve: str = _f("variational", "variational (mu, logvar, z0 = mu + sigma eps) or deterministic (the paper's plain-"
+                                     "encoder ablation: the same trunk outputs z0; no sampling, KL 0 so kl_weight is unused)")
     kernels: str = _f("auto", "op implementation: auto (CUDA: Triton where kernels/auto_table.json measured it "
                               "correct and faster on this GPU class, PyTorch elsewhere), triton, torch")
 
@@ -56,6 +58,7 @@ class ModelConfig:
         _choice("model.preset", self.preset, tuple(PRESETS))
         _choice("model.pos_embed", self.pos_embed, ("sincos", "learned"))
         _choice("model.kernels", self.kernels, ("auto", "triton", "torch"))
+        _choice("model.text_ve", self.text_ve, ("variational", "deterministic"))
         if self.head_dim is not None:
             _choice("model.head_dim", self.head_dim, (64, 128))
         for name in ("hidden_size", "depth", "patch_size", "text_ve_width", "text_ve_depth", "text_ve_reduced_width"):
@@ -133,7 +136,15 @@ class ObjectiveConfig:
     time_mean: float = _f(0.0, "logit-normal mean of t")
     time_std: float = _f(1.0, "logit-normal std of t")
     kl_weight: float = _f(1e-4, "weight of KL(q(z0 | text) || N(0, I)) (paper 1e-4; reimplementation 1e-2)")
-    contrastive_weight: float = _f(1.0, "weight of the image-text contrastive loss")
+    contrastive_weight: float = _f(1.0, "weight of z0's alignment term (objective.contrastive); 0 = none (an ablation)")
+    contrastive: str = _f("image_text", "z0's alignment term: image_text (InfoNCE with a learned image encoder), text_text "
+                                        "(InfoNCE with a learned projection of the pooled text features) or "
+                                        "reconstruction (MSE of a learned decoder back to them); logged as contrastive")
+    ve_pretrain_steps: int = _f(0, "two-stage training: the first K of train.steps train only the Text VE (+ its "
+                                   "alignment head) on contrastive + KL, then the flow (its warm-up and schedule "
+                                   "restart at K), the VE frozen; 0 = joint from scratch (the paper's default)")
+    ve_finetune: bool = _f(False, "two-stage training: after objective.ve_pretrain_steps keep training the Text VE "
+                                  "jointly with the flow (the paper's fine-tuning variant) instead of freezing it")
     contrastive_init_temperature: float = _f(0.07, "initial temperature of the contrastive logits (learned)")
     uncond_prob: float = _f(0.1, "probability that a sample trains the unconditional indicator (for CFG)")
 
@@ -146,6 +157,15 @@ class ObjectiveConfig:
         for name in ("kl_weight", "contrastive_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"objective.{name} must be >= 0, got {getattr(self, name)}")
+        _choice("objective.contrastive", self.contrastive, ("image_text", "text_text", "reconstruction"))
+        if self.ve_pretrain_steps < 0:
+            raise ConfigError(f"objective.ve_pretrain_steps must be >= 0 (0 = joint training), got {self.ve_pretrain_steps}")
+        if self.ve_finetune and not self.ve_pretrain_steps:
+            raise ConfigError("objective.ve_finetune=true needs objective.ve_pretrain_steps > 0 (it says what the "
+                              "Text VE does after its pre-training stage)")
+        if self.ve_pretrain_steps and self.contrastive_weight == 0:
+            raise ConfigError(f"objective.ve_pretrain_steps={self.ve_pretrain_steps} trains the Text VE alone on "
+                              f"contrastive + KL, but objective.contrastive_weight=0: set a positive weight")
         if not 0.0 < self.contrastive_init_temperature:
             raise ConfigError("objective.contrastive_init_temperature must be positive")
         if not 0.0 <= self.uncond_prob < 1.0:
@@ -225,7 +245,8 @@ class SampleConfig:
     steps: int = _f(50, "ODE steps from t=0 to t=1")
     solver: str = _f("euler", "euler or heun")
     cfg_scale: float = _f(3.0, "classifier-free guidance scale s: v = v_u + s (v_c - v_u); 1 = no guidance")
-    use_mean: bool = _f(False, "start from the VE mean instead of mu + sigma * eps")
+    use_mean: bool = _f(False, "start from the VE mean instead of mu + sigma * eps (no effect with model.text_ve="
+                               "deterministic: its z0 has no noise, every seed gives the same)")
     num_prompts: int = _f(16, "held-out prompts in the sample grid written by training")
     prompts_file: str = _f("", "a text file of prompts (one per line) for training's sample grids; default: held-out "
                                "shapes prompts, or the first captions seen for shard data")
@@ -258,6 +279,8 @@ class EvalConfig:
     every: int = _f(0, "run ShapesEval on the EMA weights every N steps; 0 = only at the end")
     shapes: bool = _f(True, "score the ShapesEval suite (shapes data only) during and after training")
     images_per_prompt: int = _f(2, "ShapesEval images per prompt during training")
+    cfg_scales: list[float] = _f([], "guidance scales the end-of-training ShapesEval also scores, each logged as "
+                                     "shapes_eval/<task>@cfg<s> (1 = no guidance); empty = only sample.cfg_scale")
     val_every: int = _f(0, "validation loss (val/loss: flow matching of the live weights, not the EMA, on a fixed "
                            "set, t grid and noise) every N steps and at the end; 0 = none")
     val_samples: int = _f(256, "validation set size: the first N samples of data.val_path, or N generated shapes "
@@ -275,6 +298,15 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name} must be positive, got {getattr(self, name)}")
         if self.val_seed < 0:
             raise ConfigError(f"eval.val_seed must be >= 0, got {self.val_seed}")
+        if any(s < 0 for s in self.cfg_scales):
+            raise ConfigError(f"eval.cfg_scales must be >= 0 (1 = no guidance), got {self.cfg_scales}")
+        if len({cfg_scale_name(s) for s in self.cfg_scales}) != len(self.cfg_scales):
+            raise ConfigError(f"eval.cfg_scales has repeated values: {self.cfg_scales}")
+
+
+def cfg_scale_name(scale: float) -> str:
+    """A guidance scale in metric names: 3.0 -> ``cfg3``, 1.5 -> ``cfg1.5`` (``shapes_eval/overall@cfg3``)."""
+    return f"cfg{scale:g}"
 
 
 def check_validation_data(data: DataConfig, ev: EvalConfig) -> None:
@@ -288,6 +320,26 @@ def check_validation_data(data: DataConfig, ev: EvalConfig) -> None:
                           f"held-out shards (same format as data.path) never trained on")
     if data.val_path and data.val_path.rstrip("/") == data.path.rstrip("/"):
         raise ConfigError(f"data.val_path is data.path ({data.path!r}): validation needs held-out shards")
+
+
+def check_variants(model: ModelConfig, objective: ObjectiveConfig, train: TrainConfig) -> None:
+    """The ablation variants fit the model family and the run's length."""
+    if model.family != "crossflow":
+        asked = {k: v for k, v in (("model.text_ve", model.text_ve), ("objective.contrastive", objective.contrastive),
+                                   ("objective.ve_pretrain_steps", objective.ve_pretrain_steps))
+                 if v not in ("variational", "image_text", 0)}
+        if asked:
+            raise ConfigError(f"{asked} need model.family=crossflow: {model.family} has no Text VE (its z0 is noise, "
+                              f"not from the text)")
+    if not train.target_flops:  # else train.steps comes from the budget: plan.with_target_flops checks it
+        check_two_stage_length(objective, train.steps)
+
+
+def check_two_stage_length(objective: ObjectiveConfig, steps: int) -> None:
+    """objective.ve_pretrain_steps counts inside train.steps: the flow needs steps after it."""
+    if objective.ve_pretrain_steps and objective.ve_pretrain_steps >= steps:
+        raise ConfigError(f"objective.ve_pretrain_steps={objective.ve_pretrain_steps} must be less than "
+                          f"train.steps={steps} (the pre-training stage counts in train.steps)")
 
 
 @dataclass
@@ -364,6 +416,11 @@ class Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         check_validation_data(self.data, self.eval)
+        check_variants(self.model, self.objective, self.train)
+        if self.eval.cfg_scales and not (self.eval.shapes and self.data.source == "shapes"):
+            raise ConfigError(f"eval.cfg_scales={self.eval.cfg_scales} needs the ShapesEval that scores them: "
+                              f"eval.shapes=true and data.source=shapes (got eval.shapes={self.eval.shapes}, "
+                              f"data.source={self.data.source})")
         return self
 
     def to_dict(self) -> dict:

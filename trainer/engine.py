@@ -7,6 +7,16 @@ per-block activation checkpointing and ``torch.compile`` of the blocks the model
 (``trainer.models.families.wrapped_blocks``: the engine knows no model internals), AdamW without weight
 decay on norms/biases/embeddings/indicator vectors, warm-up then constant or cosine LR.
 
+Two-stage training (``objective.ve_pretrain_steps`` K > 0) splits the groups into the text side
+(``trainer.models.families.text_side_modules``) and the flow, each with its own LR multiplier: the
+flow's is 0 before step K, then its warm-up and schedule run from K; the text side's follows the
+schedule from step 0 and is 0 from K unless ``objective.ve_finetune``. AdamW with learning rate 0
+leaves a parameter exactly as it is (its weight decay and its moments' update both scale with the
+learning rate), so the frozen part does not move at all, under any ZeRO stage (DeepSpeed's ZeRO
+optimizers step the wrapped optimizer's own groups, LRs included). The objective gives the frozen
+part gradients of exactly 0 (``trainer.objectives.crossflow_losses``), so it adds nothing to the
+clipped global norm.
+
 Non-finite steps: DeepSpeed's ZeRO optimizers compute the global gradient norm at each
 optimizer step and skip the update (no parameter, optimizer or LR-schedule change) when it is
 NaN or Inf; ``step()`` reports whether the update was applied, and the loop counts skips.
@@ -24,7 +34,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from trainer.console import quiet_deepspeed_on_cpu, without_build_notice
-from trainer.models.families import wrapped_blocks
+from trainer.models.families import text_side_modules, wrapped_blocks
+from trainer.objectives import FLOW_ONLY, VE_PRETRAIN, training_stage
 
 NO_DECAY_NAMES = ("indicator", "pos_embed", "logit_scale")
 
@@ -106,11 +117,46 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(optim_cfg, total_steps: int):
-    """Multiplier of the peak LR at optimizer step s: linear warm-up, then constant or cosine."""
+def two_stage_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """``param_groups`` of the flow, then of the text side, each group tagged ``part``: flow or text
+    (empty groups left out)."""
+    text_ids = {id(p) for m in text_side_modules(model) for p in m.parameters()}
+    groups = []
+    for part, keep in (("flow", lambda p: id(p) not in text_ids), ("text", lambda p: id(p) in text_ids)):
+        for group in param_groups(model, weight_decay):
+            params = [p for p in group["params"] if keep(p)]
+            if params:
+                groups.append({**group, "params": params, "part": part})
+    return groups
+
+
+def part_frozen(objective_cfg, part: str, step: int) -> bool:
+    """Whether the ``part`` (flow or text) of a two-stage run stays still at optimizer step ``step``."""
+    stage = training_stage(objective_cfg, step)
+    return (part == "flow" and stage == VE_PRETRAIN) or (part == "text" and stage == FLOW_ONLY)
+
+
+def two_stage_lr_lambdas(optim_cfg, objective_cfg, total_steps: int, groups: list[dict]) -> list:
+    """One LR multiplier per group: 0 where the group's part is frozen; the flow's schedule starts at
+    objective.ve_pretrain_steps, the text side's at 0."""
+    K = objective_cfg.ve_pretrain_steps
+    schedules = {"flow": lr_lambda(optim_cfg, total_steps, start=K), "text": lr_lambda(optim_cfg, total_steps)}
+
+    def gated(part: str):
+        return lambda step: 0.0 if part_frozen(objective_cfg, part, step) else schedules[part](step)
+    return [gated(g["part"]) for g in groups]
+
+
+def lr_lambda(optim_cfg, total_steps: int, start: int = 0):
+    """Multiplier of the peak LR at optimizer step s: linear warm-up, then constant or cosine; a
+    schedule that ``start``s later counts its warm-up and cosine from there (0 before)."""
     warmup = optim_cfg.warmup_steps
+    total_steps -= start
 
     def f(step: int) -> float:
+        step -= start
+        if step < 0:
+            return 0.0
         if warmup and step < warmup:
             return (step + 1) / warmup
         if optim_cfg.schedule == "constant":
@@ -270,7 +316,9 @@ def shadow_state_dict(model: nn.Module, shadow: dict[str, torch.Tensor]) -> dict
 class Engine:
     """DeepSpeed engine + EMA. ``forward`` via ``module``; ``backward(loss)``; ``step() -> applied``."""
 
-    def __init__(self, model: nn.Module, train_cfg, optim_cfg, micro_batch: int, dist_info: DistInfo):
+    def __init__(self, model: nn.Module, train_cfg, optim_cfg, micro_batch: int, dist_info: DistInfo,
+                 objective_cfg=None):
+        """``objective_cfg``: the run's ObjectiveConfig, for two-stage training (its ve_pretrain_steps > 0)."""
         import deepspeed
         self.dist = dist_info
         blocks = wrapped_blocks(model)
@@ -281,9 +329,16 @@ class Engine:
         model.to(dist_info.device)
         ds_config = deepspeed_config(train_cfg, optim_cfg, micro_batch, dist_info.world_size,
                                      dist_info.device.type)
+        self.two_stage = objective_cfg if objective_cfg is not None and objective_cfg.ve_pretrain_steps else None
+        if self.two_stage is None:
+            groups = param_groups(model, optim_cfg.weight_decay)
+            lambdas = lr_lambda(optim_cfg, train_cfg.steps)
+        else:
+            groups = two_stage_param_groups(model, optim_cfg.weight_decay)
+            lambdas = two_stage_lr_lambdas(optim_cfg, objective_cfg, train_cfg.steps, groups)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, optim_cfg.weight_decay), config=ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim_cfg, train_cfg.steps)),
+            model=model, model_parameters=groups, config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambdas),
             dist_init_required=False)
         self.module = self.ds.module
         self.ema = EMA(self.module, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
@@ -307,6 +362,8 @@ class Engine:
         """Advance one micro-step; at an accumulation boundary, clip + AdamW + schedule + EMA.
         Returns False when the optimizer step was skipped for a non-finite gradient."""
         boundary = self.ds.is_gradient_accumulation_boundary()
+        if boundary and self.two_stage is not None:
+            self._zero_frozen_lrs()
         self.ds.step()
         if not boundary:
             return True
@@ -315,12 +372,21 @@ class Engine:
             self.ema.update(self.module)
         return applied
 
+    def _zero_frozen_lrs(self) -> None:
+        """LR 0 for the part frozen at this optimizer step, counted as the loop counts it (DeepSpeed's
+        ``global_steps``, restored on resume). The schedule already says so, but it counts only
+        applied steps: after a skipped non-finite step it would lag one step behind the stage."""
+        for group in self.optimizer.param_groups:
+            if part_frozen(self.two_stage, group["part"], self.ds.global_steps):
+                group["lr"] = 0.0
+
     def grad_norm(self) -> float | None:
         return self.ds.get_global_grad_norm()
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The LR of the groups that train (two-stage: of the part not frozen)."""
+        return max(g["lr"] for g in self.optimizer.param_groups)
 
     @contextlib.contextmanager
     def ema_weights(self):

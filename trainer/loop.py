@@ -43,7 +43,7 @@ from trainer.model_input import (ModelInput, check_init_latents, resolve_model_i
                                  saved_model_input)
 from trainer.models.codecs import batch_target, build_codec, codec_spec
 from trainer.models.families import model_from_args, resolve_model_args
-from trainer.objectives import crossflow_losses, draw_noise
+from trainer.objectives import crossflow_losses, draw_noise, training_stage
 from trainer.observers import build_observers
 from trainer.plan import with_target_flops
 from trainer.validation import Validator, build_validation_set, check_validation_shards, validation_summary
@@ -118,7 +118,7 @@ def build_ops(name: str, device: torch.device):
 def build_model(cfg: Config, latent_shape, text_dim: int, device: torch.device) -> torch.nn.Module:
     """CrossFlow or the cross-attention baseline, per ``model.family``."""
     args = resolve_model_args(cfg.model, latent_shape, text_dim, cfg.data.max_tokens,
-                              cfg.objective.contrastive_init_temperature)
+                              cfg.objective.contrastive_init_temperature, cfg.objective.contrastive)
     model = model_from_args(args)
     model.set_ops(build_ops(cfg.model.kernels, device))
     return model.to(device)
@@ -190,7 +190,8 @@ def optimizer_step(engine: Engine, stream, observers, codec, ops, cfg: Config, m
         noise = draw_noise(cfg.objective, cfg.train.seed, step, k * micro * world, micro, rank, world,
                            model_input.latent_shape, device)
         with engine.autocast():
-            losses = crossflow_losses(engine.module, z1, emb, mask, cfg.objective, ops, noise)
+            losses = crossflow_losses(engine.module, z1, emb, mask, cfg.objective, ops, noise,
+                                      training_stage(cfg.objective, step))
         engine.backward(losses.total)
         applied = engine.step()
         d = losses.detached()
@@ -234,7 +235,7 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
     if cfg.train.init_from and rank == 0:  # another run's weights (a resume below overrides them); only
         resized = init_from_checkpoint(model, cfg.train.init_from)  # rank 0 reads: DeepSpeed broadcasts them
         print(f"initialized from {cfg.train.init_from} (resized: {', '.join(resized) or 'none'})", flush=True)
-    engine = Engine(model, cfg.train, cfg.optim, micro, info)
+    engine = Engine(model, cfg.train, cfg.optim, micro, info, cfg.objective)
     module = engine.module
 
     step = 0

@@ -2,6 +2,13 @@
 
     loss = mean_b FM_b  +  contrastive_weight * InfoNCE(z0, image)  +  kl_weight * KL(q(z0|text) || N(0, I))
 
+The paper's ablations (Table 3) are config values: ``objective.contrastive`` picks z0's alignment
+term (``z0_alignment_loss``: InfoNCE with the image, InfoNCE with the text's own features, or MSE
+reconstruction of them); a deterministic Text VE has no KL (logged as 0); two-stage training
+(``objective.ve_pretrain_steps``) runs a stage per optimizer step (``training_stage``): the Text VE
+alone on alignment + KL, then the flow on flow matching with the VE frozen (a zero gradient into it;
+the engine gives its parameters learning rate 0) or, with ``ve_finetune``, the joint objective.
+
 Flow matching carries z0 (the text's sample, t = 0) to the image latent z1 (t = 1):
     x_t = (1 - (1 - sigma_min) t) z0 + t z1,    v* = z1 - (1 - sigma_min) z0.
 Gradients flow into z0, so the Text VE trains jointly with the flow. A fraction of the batch
@@ -26,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer.models.crossflow.flow_transformer import CONDITIONAL, UNCONDITIONAL
+from trainer.models.crossflow.text_heads import pooled_text_features
 
 # The contrastive logit scale (log of the inverse temperature) is clamped here, as in CLIP: a
 # temperature no lower than 1/100 keeps the logits from growing until the softmax saturates.
@@ -38,6 +46,20 @@ WORD = 0xFFFFFFFF
 KEY_STARTS = (0x243F6A88, 0x85A308D3)
 # Per-sample counters: one per scalar draw, then one per element of eps.
 TIME_COUNTER, UNCOND_COUNTER, PARTNER_COUNTER, EPS_FIRST_COUNTER = 0, 1, 2, 3
+
+# What an optimizer step trains (``training_stage``): everything (joint; the default, and two-stage
+# training's fine-tuning), the Text VE alone (two-stage's first stage), the flow alone (then, VE frozen).
+JOINT, VE_PRETRAIN, FLOW_ONLY = "joint", "ve_pretrain", "flow_only"
+
+
+def training_stage(cfg, step: int) -> str:
+    """The stage of the optimizer step after ``step`` completed ones (0-based): a function of the
+    step alone, so a resumed run continues in the right stage."""
+    if step < cfg.ve_pretrain_steps:
+        return VE_PRETRAIN
+    if cfg.ve_pretrain_steps and not cfg.ve_finetune:
+        return FLOW_ONLY
+    return JOINT
 
 
 @dataclass
@@ -220,13 +242,16 @@ def draw_noise(cfg, seed: int, step: int, first_index: int, micro_batch: int, ra
     return Noise(t=_to_device(t, device), indicator=_to_device(indicator, device), eps=eps, swap=swap)
 
 
-def kl_per_sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """(B,) KL(N(mu, exp(logvar)) || N(0, I)) of each sample, summed over the latent."""
+def kl_per_sample(mu: torch.Tensor, logvar: torch.Tensor | None) -> torch.Tensor:
+    """(B,) KL(N(mu, exp(logvar)) || N(0, I)) of each sample, summed over the latent; 0 for a
+    deterministic Text VE (``logvar`` None: no posterior to regularize)."""
+    if logvar is None:
+        return mu.new_zeros(mu.shape[0], dtype=torch.float32)
     kl = 0.5 * (mu.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float())  # (B, C, H, W)
     return kl.flatten(1).sum(dim=1)
 
 
-def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor | None) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)): summed over the latent, averaged over the batch."""
     return kl_per_sample(mu, logvar).mean()
 
@@ -256,6 +281,26 @@ def contrastive_loss(z0: torch.Tensor, image_emb: torch.Tensor, logit_scale: tor
     return 0.5 * (F.cross_entropy(logits_t2i, labels) + F.cross_entropy(logits_i2t, labels))
 
 
+def reconstruction_loss(reconstructed: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """MSE between the features decoded from z0 and the pooled text features (B, d), averaged."""
+    return F.mse_loss(reconstructed.float(), features.float())
+
+
+def z0_alignment_loss(model, z0: torch.Tensor, z1: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor,
+                      variant: str) -> torch.Tensor:
+    """z0's alignment term per ``objective.contrastive`` (paper, 70M, FID-10K): image_text, InfoNCE
+    with the learned image encoder's embedding of z1 (33.41); text_text, InfoNCE with a learned
+    projection of the pooled language-model features (34.67); reconstruction, MSE of a learned
+    decoder from z0 back to those features (40.78)."""
+    if variant == "image_text":
+        return contrastive_loss(z0, *model.embed_image(z1))
+    if variant == "text_text":
+        return contrastive_loss(z0, *model.embed_text_features(text_emb, text_mask))
+    if variant == "reconstruction":
+        return reconstruction_loss(model.reconstruct_text_features(z0), pooled_text_features(text_emb, text_mask))
+    raise ValueError(f"objective.contrastive must be image_text, text_text or reconstruction, got {variant!r}")
+
+
 def swapped_targets(z1: torch.Tensor, swap: TargetSwap) -> torch.Tensor:
     """Each local sample's target image (b, C, H, W): its own z1 row, or for an unconditional
     sample its partner's, fetched from the rank holding it (``all_to_all_single`` of only the rows
@@ -268,18 +313,32 @@ def swapped_targets(z1: torch.Tensor, swap: TargetSwap) -> torch.Tensor:
 
 
 def crossflow_losses(model, z1: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor, cfg, ops,
-                     noise: Noise) -> Losses:
+                     noise: Noise, stage: str = JOINT) -> Losses:
     """One forward of the whole objective for a batch (z1: target latents (B, C, H, W)); ``noise``
-    (from ``draw_noise``) fixes every random draw."""
+    (from ``draw_noise``) fixes every random draw; ``stage`` (``training_stage``) what it trains:
+    VE_PRETRAIN runs no flow (flow_matching logged as 0, total = alignment + KL); FLOW_ONLY feeds the
+    flow a detached z0 and adds the text terms with weight 0: total = flow matching, and the frozen
+    text side gets gradients of exactly 0 (alignment and KL still logged). Exact zeros, not none:
+    DeepSpeed ZeRO-3 keeps a parameter's last gradient partition when a backward gives it none, so
+    the pre-training stage's last gradients would count in every later clipped norm."""
     z0, mu, logvar = model.encode_text(text_emb, text_mask, eps=noise.eps)  # (B, C, H, W) each
-    indicator, t = noise.indicator, noise.t
-    target = swapped_targets(z1, noise.swap)  # (B, C, H, W); uncond targets may come from other ranks
-    cond = model.text_condition(text_emb, text_mask)  # None for CrossFlow: its text is all in z0
-    x_t = ops.interpolate(z0, target, t, cfg.sigma_min)  # (B, C, H, W)
-    v = model.velocity(x_t, t, indicator, cond)
-    fm = ops.flow_matching_loss(v, z0, target, cfg.sigma_min).mean()
+    z0_flow = z0.detach() if stage == FLOW_ONLY else z0  # what the flow starts from; frozen: no gradient back
+    if stage == VE_PRETRAIN:
+        fm = z0.new_zeros((), dtype=torch.float32)
+    else:
+        indicator, t = noise.indicator, noise.t
+        target = swapped_targets(z1, noise.swap)  # (B, C, H, W); uncond targets may come from other ranks
+        cond = model.text_condition(text_emb, text_mask)  # None for CrossFlow: its text is all in z0
+        x_t = ops.interpolate(z0_flow, target, t, cfg.sigma_min)  # (B, C, H, W)
+        v = model.velocity(x_t, t, indicator, cond)
+        fm = ops.flow_matching_loss(v, z0_flow, target, cfg.sigma_min).mean()
     kl = kl_divergence(mu, logvar)
-    con = contrastive_loss(z0, *model.embed_image(z1)) \
+    con = z0_alignment_loss(model, z0, z1, text_emb, text_mask, cfg.contrastive) \
         if cfg.contrastive_weight > 0 and model.source_from_text else fm.new_zeros(())
-    total = fm + cfg.kl_weight * kl + cfg.contrastive_weight * con
+    if stage == VE_PRETRAIN:
+        total = cfg.kl_weight * kl + cfg.contrastive_weight * con
+    elif stage == FLOW_ONLY:
+        total = fm + 0.0 * (cfg.kl_weight * kl + cfg.contrastive_weight * con)  # zero gradients to the text side
+    else:
+        total = fm + cfg.kl_weight * kl + cfg.contrastive_weight * con
     return Losses(total=total, flow_matching=fm, kl=kl, contrastive=con)

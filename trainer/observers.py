@@ -135,7 +135,9 @@ class SampleGrids(Observer):
 class ShapesEvalObserver(Observer):
     """ShapesEval of the EMA weights every ``eval.every`` steps and at the end (not after a stop
     request); rank 0 writes ``eval/shapes_step_N.txt``; the scores are logged as metrics and the
-    final ones kept in ``final_scores`` (``shapes_eval/<name>``) for the run's summary."""
+    final ones kept in ``final_scores`` (``shapes_eval/<name>``) for the run's summary. The final
+    evaluation also scores the same weights at each of ``eval.cfg_scales`` (``shapes_eval/<name>@cfg<s>``,
+    tables ``eval/shapes_step_N_cfg<s>.txt``): guidance is a sampling choice, no retraining."""
 
     def __init__(self, cfg, engine, codec, captions: CaptionCache, metrics, rank: int):
         self.cfg, self.engine, self.codec, self.captions = cfg, engine, codec, captions
@@ -149,24 +151,37 @@ class ShapesEvalObserver(Observer):
 
     def on_train_end(self, step: int, stopped: bool) -> None:
         if not stopped:
-            self.final_scores = self.evaluate(step)
+            self.final_scores = self.evaluate(step, self.cfg.eval.cfg_scales)
             self.metrics.log({"step": step, **self.final_scores})
 
     def summary(self) -> dict[str, float]:
         return self.final_scores
 
-    def evaluate(self, step: int) -> dict[str, float]:
+    def evaluate(self, step: int, cfg_scales=()) -> dict[str, float]:
+        """``shapes_eval/<name>`` at ``sample.cfg_scale``, and ``shapes_eval/<name>@cfg<s>`` for each of
+        ``cfg_scales`` (a scale equal to ``sample.cfg_scale`` reuses its samples)."""
+        from trainer.config import cfg_scale_name
         from trainer.eval.cli import sample_shapes_eval
+        default = self.cfg.sample.cfg_scale
+        reports = {}
         with self.engine.ema_weights() as model:
             model.eval()
             gen = Generator(model, self.codec, self.captions, self.cfg, self.engine.device)
-            report = sample_shapes_eval(gen, self.cfg.data.max_groups, self.cfg.eval.images_per_prompt)
+            for scale in (default, *(s for s in cfg_scales if s != default)):
+                reports[scale] = sample_shapes_eval(gen, self.cfg.data.max_groups, self.cfg.eval.images_per_prompt,
+                                                    cfg_scale=scale)
             model.train()
+        scores = {f"shapes_eval/{k}": float(v) for k, v in reports[default].summary().items()}
+        for scale in cfg_scales:
+            scores.update({f"shapes_eval/{k}@{cfg_scale_name(scale)}": float(v)
+                           for k, v in reports[scale].summary().items()})
         if self.rank == 0:
             out = Path(self.cfg.train.out_dir) / "eval"
             out.mkdir(parents=True, exist_ok=True)
-            (out / f"shapes_step_{step:08d}.txt").write_text(report.table() + "\n")
-        return {f"shapes_eval/{k}": float(v) for k, v in report.summary().items()}
+            (out / f"shapes_step_{step:08d}.txt").write_text(reports[default].table() + "\n")
+            for scale in cfg_scales:
+                (out / f"shapes_step_{step:08d}_{cfg_scale_name(scale)}.txt").write_text(reports[scale].table() + "\n")
+        return scores
 
 
 def build_observers(cfg, engine, codec, captions: CaptionCache, metrics, rank: int) -> list[Observer]:

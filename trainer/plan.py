@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.config import Config, ConfigError, per_rank_batch_size
+from trainer.config import Config, ConfigError, check_two_stage_length, per_rank_batch_size
 from trainer.model_input import declared_model_input
 from trainer.models.families import BlockStack, family_of, model_from_args, resolve_model_args
 
@@ -118,7 +118,7 @@ def build_meta_model(cfg: Config) -> torch.nn.Module:
     """The model ``crossflow train`` would build for ``cfg``, on the meta device (no memory)."""
     mi = declared_model_input(cfg)
     args = resolve_model_args(cfg.model, mi.latent_shape, mi.text_dim, cfg.data.max_tokens,
-                              cfg.objective.contrastive_init_temperature)
+                              cfg.objective.contrastive_init_temperature, cfg.objective.contrastive)
     with torch.device("meta"):
         return model_from_args(args)
 
@@ -163,6 +163,7 @@ def with_target_flops(cfg: Config, flops_per_sample: float | None = None, announ
         return cfg
     per_sample = flops_per_sample or build_meta_model(cfg).flops_per_sample()
     steps = steps_for_target_flops(cfg, per_sample)
+    check_two_stage_length(cfg.objective, steps)
     if announce:
         replaced = f"; replaces train.steps={cfg.train.steps}" if steps != cfg.train.steps else ""
         print(f"train.target_flops={format_flops(cfg.train.target_flops)}: {steps} steps x global batch "

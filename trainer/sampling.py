@@ -52,7 +52,8 @@ def solve(model, z0: torch.Tensor, steps: int = 50, solver: str = "euler", cfg_s
 @torch.no_grad()
 def encode_prompts(model, text_emb: torch.Tensor, text_mask: torch.Tensor, seed: int = 0,
                    use_mean: bool = False) -> torch.Tensor:
-    """z0 for each prompt, seeded: the same seed gives the same z0."""
+    """z0 for each prompt, seeded: the same seed gives the same z0 (a deterministic Text VE gives
+    the same z0 for every seed: it has no noise to sample)."""
     g = torch.Generator(device=text_emb.device).manual_seed(seed)
     z0, _, _ = model.encode_text(text_emb, text_mask, use_mean=use_mean, generator=g)
     return z0

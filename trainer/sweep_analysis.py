@@ -136,7 +136,7 @@ def model_on_meta(cfg):
     from trainer.models.families import model_from_args, resolve_model_args
     model_input = declared_model_input(cfg, text_dim_of(cfg.data.text_encoder))  # as training decides it
     args = resolve_model_args(cfg.model, model_input.latent_shape, model_input.text_dim, cfg.data.max_tokens,
-                              cfg.objective.contrastive_init_temperature)
+                              cfg.objective.contrastive_init_temperature, cfg.objective.contrastive)
     with torch.device("meta"):
         return model_from_args(args)
 

@@ -7,6 +7,8 @@ import argparse
 
 def _analyze(args: argparse.Namespace) -> int:
     from trainer.sweep_analysis import SweepAnalysisError, analyze_sweep, log_to_wandb
+    if args.ablation_table:
+        return _ablation_table(args)
     try:
         analysis = analyze_sweep(args.sweep_dir, args.out, args.metric or None, args.skip_bad, args.bootstrap)
     except SweepAnalysisError as e:
@@ -17,6 +19,19 @@ def _analyze(args: argparse.Namespace) -> int:
         from pathlib import Path
         group = args.group or analysis.wandb_group or Path(args.sweep_dir).resolve().name
         print(f"W&B run (group {group}): {log_to_wandb(analysis, group, args.project)}")
+    return 0
+
+
+def _ablation_table(args: argparse.Namespace) -> int:
+    from trainer.ablation_table import AblationTableError, ablation_table
+    from trainer.sweep_analysis import SweepAnalysisError
+    try:
+        table = ablation_table(args.sweep_dir, args.out)
+    except (AblationTableError, SweepAnalysisError) as e:
+        print(f"crossflow sweep analyze: {e}")
+        return 1
+    print(table.markdown)
+    print(f"wrote {', '.join(str(p) for p in table.files)}")
     return 0
 
 
@@ -62,6 +77,11 @@ def add_sweep_commands(subparsers: argparse._SubParsersAction) -> argparse._SubP
     p.add_argument("--group", default=None, help="W&B group (default: the runs' log.wandb_group when they share one, else the "
                                            "sweep directory's name)")
     p.add_argument("--project", default="crossflow", help="W&B project")
+    p.add_argument("--ablation-table", action="store_true",
+                   help="instead of the scaling fits: group the runs by what tells them apart besides train.seed "
+                        "and print mean ± std over the seeds of ShapesEval (overall, held-out, per task; a row per "
+                        "eval.cfg_scales scale) and val/loss beside the paper's FID-10K; writes ablation.md and "
+                        "ablation.csv to --out")
     p.set_defaults(func=_analyze)
 
     p = sub.add_parser("plan", help="a sweep's points before it runs: steps, workers, micro-batch, memory",

@@ -14,6 +14,9 @@ A sweep file (``configs/sweeps/*.yaml``)::
       # (or a list of presets: sizes: [70M, 150M, 300M], short for {model.preset: [...]})
     grid:                             # and/or the cartesian product of these values
       model.family: [crossflow, cross_attention_fm]
+    variants:                         # and/or named combinations, one point each (x the rest): what a
+      - {objective.contrastive: image_text}       # product cannot say, e.g. an ablation's "none" point
+      - {objective.contrastive_weight: 0}
     resources: {cpus: 1, gpus: 0}     # per worker: cluster.cpus_per_worker / gpus_per_worker (default: the config's)
     max_concurrent: 2                 # at most this many runs at once (0: as many as the cluster holds)
     gpu_memory_gib: 80                # optional: size each point with `crossflow plan` for this GPU memory
@@ -21,8 +24,9 @@ A sweep file (``configs/sweeps/*.yaml``)::
     max_workers_per_point: 8          # the most workers such a point may get
     trial_retries: 0                  # Tune runs a failed point again this many times (cluster/sweep.py)
 
-Points are budgets x sizes x grid (either part may be absent, not both); an isoFLOP point is named
-for its budget and size, e.g. ``flops-2e12_hidden_size-64_depth-2``, and trains
+Points are budgets x sizes x variants x grid (any part may be absent, not all); an isoFLOP point is
+named for its budget and size, e.g. ``flops-2e12_hidden_size-64_depth-2``, a variant for its values
+(``contrastive_weight-0_seed-1``), and an isoFLOP point trains
 ``train.target_flops=<budget>``: its steps are ``trainer.plan.steps_for_target_flops`` (written
 into its overrides as ``train.steps``, so its config is what the run records).
 
@@ -72,6 +76,7 @@ class SweepSpec:
     out_dir: str
     grid: dict[str, list] = field(default_factory=dict)
     isoflop: IsoFlop | None = None
+    variants: list[dict] = field(default_factory=list)  # each {config key: value}: one point (x grid x isoflop)
     overrides: list[str] = field(default_factory=list)
     resources: dict = field(default_factory=dict)  # per worker: {cpus, gpus}; empty = the config's cluster keys
     max_concurrent: int = 0  # 0 = as many as the cluster fits
@@ -138,15 +143,17 @@ def load_sweep(path: str | Path) -> SweepSpec:
     missing = {"name", "base_config", "out_dir"} - set(raw)
     if missing:
         raise ConfigError(f"{path}: missing sweep keys {sorted(missing)}")
-    if not raw.get("grid") and not raw.get("isoflop"):
+    if not raw.get("grid") and not raw.get("isoflop") and not raw.get("variants"):
         raise ConfigError(f"{path}: give the points: a grid (config key -> values), an isoflop section "
-                          f"(budgets x sizes), or both")
+                          f"(budgets x sizes), variants (a list of config key -> value), or several")
     grid = _check_axes(raw.get("grid") or {}, f"{path}: grid")
+    variants = _check_variants(raw.get("variants") or [], grid, f"{path}: variants")
     isoflop = _load_isoflop(raw["isoflop"], path) if raw.get("isoflop") else None
     if isoflop is not None:
-        shared = (set(grid) & set(isoflop.sizes)) | (set(grid) & {"train.target_flops", "train.steps"})
+        swept = set(grid) | {k for v in variants for k in v}
+        shared = (swept & set(isoflop.sizes)) | (swept & {"train.target_flops", "train.steps"})
         if shared:
-            raise ConfigError(f"{path}: grid key(s) {sorted(shared)} conflict with isoflop (its sizes set the "
+            raise ConfigError(f"{path}: grid or variant key(s) {sorted(shared)} conflict with isoflop (its sizes set the "
                               f"model keys, its budgets set train.target_flops and so train.steps)")
     resources = raw.get("resources") or {}
     if not isinstance(resources, dict) or set(resources) - set(RESOURCE_KEYS):
@@ -161,7 +168,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if raw.get("min_workers_per_point", 1) > raw.get("max_workers_per_point", 8):
         raise ConfigError(f"{path}: min_workers_per_point={raw['min_workers_per_point']} exceeds "
                           f"max_workers_per_point={raw.get('max_workers_per_point', 8)}")
-    return SweepSpec(**{**raw, "grid": grid, "isoflop": isoflop, "resources": resources})
+    return SweepSpec(**{**raw, "grid": grid, "isoflop": isoflop, "variants": variants, "resources": resources})
 
 
 def _check_axes(axes, where: str) -> dict[str, list]:
@@ -171,6 +178,21 @@ def _check_axes(axes, where: str) -> dict[str, list]:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}.{key} must be a non-empty list of values, got {values!r}")
     return dict(axes)
+
+
+def _check_variants(variants, grid: dict, where: str) -> list[dict]:
+    """A list of non-empty mappings of config keys to single values, none repeated, none on a grid key."""
+    if not isinstance(variants, list):
+        raise ConfigError(f"{where} must be a list of mappings (config key -> one value), got {variants!r}")
+    for i, v in enumerate(variants):
+        if not isinstance(v, dict) or not v or any(isinstance(x, (list, dict)) for x in v.values()):
+            raise ConfigError(f"{where}[{i}] must map config keys to single values, got {v!r}")
+        if set(v) & set(grid):
+            raise ConfigError(f"{where}[{i}] sets grid key(s) {sorted(set(v) & set(grid))}: give each key in one place")
+    names = [point_name(v) for v in variants]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where} repeats a variant: {names}")
+    return [dict(v) for v in variants]
 
 
 def _load_isoflop(raw, path: Path) -> IsoFlop:
@@ -211,9 +233,10 @@ def _slug(key: str, value) -> str:
 
 
 def _axes(spec: SweepSpec) -> list[dict]:
-    """Every point's sweep values, in order: budgets, then sizes, then the grid."""
+    """Every point's sweep values, in order: budgets, then sizes, then the variant, then the grid."""
     grid_keys = list(spec.grid)
     grid = [dict(zip(grid_keys, values)) for values in itertools.product(*(spec.grid[k] for k in grid_keys))]
+    grid = [{**v, **g} for v in (spec.variants or [{}]) for g in grid]
     if spec.isoflop is None:
         return grid
     iso = spec.isoflop

@@ -68,7 +68,7 @@ def init_from_checkpoint(model: nn.Module, path: str) -> list[str]:
     missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
     if missing or unexpected:
         raise ValueError(f"{where} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]} "
-                         f"(model.text_proj_dim, model.pos_embed or the preset differ?)")
+                         f"(model.text_proj_dim, model.pos_embed, model.text_ve, objective.contrastive or the preset differ?)")
     loaded, resized = {}, []
     for name, new in target.items():
         old = state[name]

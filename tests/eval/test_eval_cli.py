@@ -5,7 +5,7 @@ import json
 import pytest
 
 from data_pipeline.shapes import render
-from trainer.eval.cli import add_eval_commands, sample_shapes_eval
+from trainer.eval.cli import add_eval_commands, sample_shapes_eval, scores_at_scales
 from trainer.eval.shapes_eval import prompt_suite
 
 
@@ -49,3 +49,24 @@ def test_sample_shapes_eval_with_a_perfect_generator():
 
     summary = sample_shapes_eval(Perfect(), max_groups=2, images_per_prompt=2, seed=5).summary()
     assert summary["overall"] == 1.0 and summary["n_images"] == 180
+
+
+def test_scores_at_scales_names_each_scale_and_passes_it_to_the_sampler():
+    """One checkpoint scored at several guidance scales: ``<name>@cfg<s>``, as training logs them."""
+    scenes = {p.caption: p.scene for p in prompt_suite(1)}
+    asked = []
+
+    class GuidedOnly:  # draws the right scene only with guidance (s > 1), black images without
+        def generate(self, prompts, seed=0, cfg_scale=None, **kw):
+            import numpy as np
+            asked.append(cfg_scale)
+            if cfg_scale > 1:
+                return [render(scenes[c], 32, np.random.default_rng([seed, i])) for i, c in enumerate(prompts)]
+            return [np.zeros((32, 32, 3), np.uint8) for _ in prompts]
+
+    scores = scores_at_scales(GuidedOnly(), [1.0, 2.5], images_per_prompt=1)
+    assert asked == [1.0, 2.5]
+    assert scores["overall@cfg1"] == 0.0 and scores["overall@cfg2.5"] == 1.0
+    assert scores["overall_heldout@cfg2.5"] == 1.0 and scores["n_images@cfg1"] == 60
+    args = _parser().parse_args(["eval", "shapes", "--checkpoint", "run", "--cfg-scales", "1", "3", "7"])
+    assert args.cfg_scales == [1.0, 3.0, 7.0]

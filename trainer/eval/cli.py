@@ -76,6 +76,8 @@ def _eval_shapes(args: argparse.Namespace) -> int:
         from trainer.inference import load_generator
         gen = load_generator(args.checkpoint, args.device, vae=args.vae)
         max_groups = args.max_groups or gen.config.data.max_groups
+        if args.cfg_scales:
+            return _eval_shapes_at_scales(args, gen, max_groups)
         report = sample_shapes_eval(gen, max_groups, args.per_prompt, args.seed,
                                     steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale)
     print(report.table())
@@ -85,6 +87,35 @@ def _eval_shapes(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"ShapesEval overall: {summary['overall']:.3f} ({summary['n_images']} images, "
           f"{summary['n_prompts']} prompts)")
+    return 0
+
+
+def scores_at_scales(generator, scales, max_groups: int = 1, images_per_prompt: int = 4, seed: int = 0,
+                     **sample_kw) -> dict[str, float]:
+    """ShapesEval of one checkpoint at each guidance scale: ``{"<name>@cfg<s>": score}`` for every
+    summary entry (the names training logs under ``shapes_eval/``)."""
+    from trainer.config import cfg_scale_name
+    out = {}
+    for scale in scales:
+        report = sample_shapes_eval(generator, max_groups, images_per_prompt, seed, cfg_scale=scale, **sample_kw)
+        out.update({f"{k}@{cfg_scale_name(scale)}": float(v) for k, v in report.summary().items()})
+    return out
+
+
+def _eval_shapes_at_scales(args: argparse.Namespace, gen, max_groups: int) -> int:
+    from trainer.config import cfg_scale_name
+    from trainer.eval.shapes_eval import TASKS
+    if any(s < 0 for s in args.cfg_scales):
+        raise SystemExit(f"crossflow eval shapes: --cfg-scales must be >= 0 (1 = no guidance), got {args.cfg_scales}")
+    scores = scores_at_scales(gen, args.cfg_scales, max_groups, args.per_prompt, args.seed,
+                              steps=args.steps, solver=args.solver)
+    names = ("overall", "overall_heldout") + TASKS
+    print(f"{'cfg scale':>9} " + " ".join(f"{n:>15}" for n in names))
+    for scale in args.cfg_scales:
+        print(f"{scale:>9g} " + " ".join(f"{scores[f'{n}@{cfg_scale_name(scale)}']:>15.3f}" for n in names))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(scores, indent=2) + "\n")
     return 0
 
 
@@ -134,6 +165,9 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--max-groups", type=int, choices=(1, 2), default=None,
                    help="suite: 1 = single-group prompts, 2 = also two-group prompts (default: the checkpoint's)")
     p.add_argument("--json", help="also write the summary (per-task scores) to this JSON file")
+    p.add_argument("--cfg-scales", type=float, nargs="+", default=None, metavar="S",
+                   help="score the checkpoint at each of these guidance scales (1 = no guidance) instead of "
+                        "--cfg-scale: one row per scale; --json keys <task>@cfg<s>, as training's eval.cfg_scales")
     p.add_argument("--self-check", action="store_true",
                    help="score the generator's own renderings instead of a checkpoint (the analyzer's ceiling)")
     p.add_argument("--resolution", type=int, default=32, help="image side for --self-check")

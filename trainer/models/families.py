@@ -5,7 +5,9 @@ family from outside (as torchtitan's per-model ``parallelize`` does):
 - ``blocks(model)``: the repeated blocks activation checkpointing and ``torch.compile`` wrap;
 - ``block_stacks(args)``: those stacks' shapes (depth, tokens, width, heads, MLP ratio), from
   which ``crossflow plan`` counts activation memory without building anything;
-- ``param_counts(model)``: parameters per component (flow transformer, Text VE, ...).
+- ``param_counts(model)``: parameters per component (flow transformer, Text VE, ...);
+- ``text_side(model)``: the modules two-stage training (objective.ve_pretrain_steps) trains first
+  and then freezes; the engine puts them in their own optimizer groups.
 
 Both families' flow networks are the DiT trunk (``crossflow/trunk.py``), and their args classes
 extend its ``TrunkArgs``: ``args_cls.from_config`` resolves any family's config against the size
@@ -44,6 +46,7 @@ class Family:
     blocks: Callable[[nn.Module], list[nn.Module]]
     block_stacks: Callable[[object], list[BlockStack]]
     param_counts: Callable[[nn.Module], dict[str, int]]
+    text_side: Callable[[nn.Module], list[nn.Module]]  # what objective.ve_pretrain_steps trains first
 
 
 def _count(module: nn.Module | None) -> int:
@@ -64,8 +67,17 @@ def _crossflow_stacks(a: CrossFlowArgs) -> list[BlockStack]:
 
 
 def _crossflow_params(model: CrossFlow) -> dict[str, int]:
-    return {"flow transformer": _count(model.flow), "Text VE": _count(model.text_ve),
-            "text down-projection": _count(model.text_proj), "image encoder": _count(model.image_encoder)}
+    counts = {"flow transformer": _count(model.flow), "Text VE": _count(model.text_ve),
+              "text down-projection": _count(model.text_proj), "image encoder": _count(model.image_encoder)}
+    if model.args.contrastive != "image_text":  # the ablations' head in place of the image encoder
+        del counts["image encoder"]
+        counts["text-feature head"] = _count(model.text_feature_embedder) + _count(model.text_feature_decoder)
+    return counts
+
+
+def _crossflow_text_side(model: CrossFlow) -> list[nn.Module]:
+    return [m for m in (model.text_proj, model.text_ve, model.image_encoder, model.text_feature_embedder,
+                        model.text_feature_decoder) if m is not None]
 
 
 # ----------------------------------------------------------------------------- cross-attention baseline
@@ -84,10 +96,15 @@ def _baseline_params(model: CrossAttentionFM) -> dict[str, int]:
     return {"flow transformer": _count(model) - proj, "text down-projection": proj}
 
 
+def _baseline_text_side(model: CrossAttentionFM) -> list[nn.Module]:
+    return []  # no Text VE: two-stage training does not apply (config validation refuses it)
+
+
 FAMILIES: dict[str, Family] = {
-    "crossflow": Family(CrossFlow, CrossFlowArgs, _crossflow_blocks, _crossflow_stacks, _crossflow_params),
+    "crossflow": Family(CrossFlow, CrossFlowArgs, _crossflow_blocks, _crossflow_stacks, _crossflow_params,
+                        _crossflow_text_side),
     "cross_attention_fm": Family(CrossAttentionFM, CrossAttentionFMArgs, _baseline_blocks, _baseline_stacks,
-                                 _baseline_params),
+                                 _baseline_params, _baseline_text_side),
 }
 
 
@@ -102,12 +119,20 @@ def wrapped_blocks(model: nn.Module) -> list[nn.Module]:
     return family_of(model).blocks(model)
 
 
-def resolve_model_args(model_cfg, latent_shape, text_dim: int, max_tokens: int, init_temperature: float = 0.07):
-    """The args of ``model_cfg.family`` at its preset, with the config's overrides."""
+def text_side_modules(model: nn.Module) -> list[nn.Module]:
+    """The text side two-stage training trains first and then freezes (the Text VE, its input
+    projection and the alignment head), as the model's family says; the rest is the flow."""
+    return family_of(model).text_side(model)
+
+
+def resolve_model_args(model_cfg, latent_shape, text_dim: int, max_tokens: int, init_temperature: float = 0.07,
+                       contrastive: str = "image_text"):
+    """The args of ``model_cfg.family`` at its preset, with the config's overrides (``contrastive``:
+    objective.contrastive, which alignment head CrossFlow builds)."""
     if model_cfg.family not in FAMILIES:
         raise ValueError(f"model.family must be one of {list(FAMILIES)}, got {model_cfg.family!r}")
     return FAMILIES[model_cfg.family].args_cls.from_config(model_cfg, latent_shape, text_dim, max_tokens,
-                                                           init_temperature)
+                                                           init_temperature, contrastive)
 
 
 def model_from_args(args) -> nn.Module:

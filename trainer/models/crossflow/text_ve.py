@@ -3,6 +3,8 @@
 (B, n, d) tokens -> input projection to the VE width -> pre-norm transformer layers with a
 key-padding mask -> halving reduction layers per token (width -> width/2 -> ... -> reduced)
 -> flatten (n * reduced) -> linear head to 2 * C*H*W: mu and logvar, each (B, C, H, W).
+The deterministic variant (``model.text_ve: deterministic``, the paper's "plain encoder" ablation)
+is the same trunk with a head to C*H*W only: its output is z0, there is no logvar.
 No positional embedding (as in the reimplementation): the language model's token
 embeddings already carry position, and the flatten makes the head position-aware.
 """
@@ -44,7 +46,8 @@ class TextProjection(nn.Module):
 
 class TextVE(nn.Module):
     def __init__(self, text_dim: int, max_tokens: int, latent_shape: tuple[int, int, int],
-                 width: int, depth: int, reduced_width: int, head_dim: int = 64, dropout: float = 0.0):
+                 width: int, depth: int, reduced_width: int, head_dim: int = 64, dropout: float = 0.0,
+                 variational: bool = True):
         super().__init__()
         if reduced_width > width:
             raise ValueError(f"text VE reduced width {reduced_width} exceeds its width {width}")
@@ -59,10 +62,13 @@ class TextVE(nn.Module):
         if w != reduced_width:
             reductions += [nn.Linear(w, reduced_width), nn.GELU(approximate="tanh")]
         self.reduce = nn.Sequential(*reductions)
-        self.head = nn.Linear(max_tokens * reduced_width, 2 * math.prod(latent_shape))
+        self.variational = variational
+        outputs = 2 if variational else 1  # (mu, logvar) or z0 alone
+        self.head = nn.Linear(max_tokens * reduced_width, outputs * math.prod(latent_shape))
 
-    def forward(self, emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """emb (B, n, d), mask (B, n) True = real token -> mu, logvar, each (B, C, H, W)."""
+    def forward(self, emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """emb (B, n, d), mask (B, n) True = real token -> mu, logvar, each (B, C, H, W); for the
+        deterministic encoder (z0, None)."""
         B, n, _ = emb.shape
         if n != self.max_tokens:
             raise ValueError(f"text VE expects {self.max_tokens} tokens (data.max_tokens), got {n}")
@@ -72,5 +78,7 @@ class TextVE(nn.Module):
             x = block(x, mask)
         x = self.reduce(self.norm(x))  # (B, n, r)
         x = x * mask[..., None].to(x.dtype)  # padding contributes nothing to the head
+        if not self.variational:
+            return self.head(x.flatten(1)).view(B, *self.latent_shape), None  # (B, C, H, W)
         mu, logvar = self.head(x.flatten(1)).chunk(2, dim=1)  # (B, CHW) each
         return mu.view(B, *self.latent_shape), logvar.view(B, *self.latent_shape)

@@ -42,12 +42,14 @@ class TrunkArgs:
     family: str = ""  # each family's args class sets its name as the default
 
     @classmethod
-    def from_config(cls, model_cfg, latent_shape, text_dim: int, max_tokens: int, init_temperature: float = 0.07):
-        """Every field of ``cls``: the data's shapes and the objective's temperature as given, else the
-        ``model_cfg`` (a ModelConfig) value, else, where that is None, the size preset's."""
+    def from_config(cls, model_cfg, latent_shape, text_dim: int, max_tokens: int, init_temperature: float = 0.07,
+                    contrastive: str = "image_text"):
+        """Every field of ``cls``: the data's shapes and the objective's temperature and contrastive
+        variant as given, else the ``model_cfg`` (a ModelConfig) value, else, where that is None, the
+        size preset's."""
         preset = PRESETS[model_cfg.preset]
         given = {"latent_shape": tuple(latent_shape), "text_dim": text_dim, "max_tokens": max_tokens,
-                 "init_temperature": init_temperature}
+                 "init_temperature": init_temperature, "contrastive": contrastive}
 
         def value(name: str):
             if name in given:
