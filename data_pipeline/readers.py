@@ -245,14 +245,15 @@ def _make_mds_dataset_class():
             except Exception as e:
                 reason = e if isinstance(e, BadDataError) else BadDataError(
                     f"{self._where(shard_id)} cannot be read: {type(e).__name__}: {e}")
-                if self.on_error != "skip":
-                    # Streaming left the shard PREPARING: other workers would wait on it forever.
-                    # Back to REMOTE, so each of them tries, fails and raises too.
-                    self._shard_states[shard_id] = _ShardState.REMOTE
-                    raise reason from e
-                # Mark it LOCAL so streaming's ready thread moves on; get_item skips its samples.
-                self._bad_shards[shard_id] = str(reason)
+                # Streaming left the shard PREPARING, and other workers and ranks wait on it: a blocking
+                # prepare_shard while it is PREPARING, a ready thread until it is LOCAL (back to REMOTE
+                # stranded those forever). LOCAL releases both; the file is still missing or damaged, so
+                # whoever reads it next downloads it again (streaming does, for a LOCAL shard without
+                # its file) or checks its size, and fails here too, or skips its samples.
                 self._shard_states[shard_id] = _ShardState.LOCAL
+                if self.on_error != "skip":
+                    raise reason from e
+                self._bad_shards[shard_id] = str(reason)
 
         def get_item(self, sample_id: int, retry: int = 7) -> Any:
             shard_id, idx = self.spanner[sample_id]

@@ -3,8 +3,11 @@ Never a hang (each test has a timeout) and never a silently shorter epoch."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data_pipeline.readers import BadDataError, build_shard_loader
@@ -71,6 +74,51 @@ def test_missing_shard(shapes_shards, fmt, workers):
     captions, skipped = _read_all(path, fmt, "skip", workers)
     assert skipped["skipped"] == lost and len(captions) == N - lost  # counted, not silently short
     assert gone.name in skipped["examples"][0]
+
+
+def test_mds_workers_waiting_on_a_failed_download_go_on_and_fail(shapes_shards):
+    """Two workers (or ranks) need shard 1: one downloads it, the other's ready thread waits on that
+    download through streaming's shared shard state, and the download fails (the shard is gone).
+    The waiting worker must go on and fail naming the shard, not wait forever: from S3 with 2
+    DataLoader workers, 3 epochs in 10 stalled until the DataLoader timeout. Here the two workers
+    are two threads of one dataset, and the real download is held until the other one waits on it."""
+    from streaming.base.dataset import _Iterator, _ShardState
+    path = shapes_shards("mds", n=N, shard_bytes=3000)
+    gone, _ = _shards(path, "mds")[1]
+    gone.unlink()
+    loader = build_shard_loader(path, "mds", 4, shuffle=False)
+    ds, release, failed = loader.dataset, threading.Event(), []
+    download = ds.streams[0].prepare_shard
+    ds.streams[0].prepare_shard = lambda shard: (release.wait(10), download(shard))[1]
+    ds._event = threading.Event()  # what streaming's __iter__ gives its threads
+
+    def download_shard_1():
+        try:
+            ds.prepare_shard(1)
+        except BadDataError as e:
+            failed.append(str(e))
+
+    downloader = threading.Thread(target=download_shard_1)
+    downloader.start()
+    while ds._shard_states[1] != _ShardState.PREPARING:
+        time.sleep(0.01)
+    samples = [i for i in range(ds.num_samples) if int(ds.spanner[i][0]) == 1]
+    waiter = threading.Thread(target=ds._ready_thread, args=(_Iterator(np.array(samples)),))
+    waiter.start()
+    time.sleep(0.5)  # the waiter is in its wait for shard 1 to be LOCAL
+    release.set()
+    downloader.join(10)
+    waiter.join(5)
+    stuck = waiter.is_alive()
+    ds._event.set()  # frees a stuck waiter before the asserts
+    waiter.join(5)
+    try:
+        assert failed and gone.name in failed[0]
+        assert not stuck, "the ready thread still waits on the failed download of shard 1"
+        with pytest.raises(BadDataError, match=gone.name):  # the waiter reads it: fails too, at once
+            ds.get_item(samples[0])
+    finally:
+        loader.close()
 
 
 @pytest.mark.parametrize("fmt", ["mds", "wds"])
