@@ -13,8 +13,10 @@ from tests.conftest import tiny_overrides
 from data_pipeline.streams import EpochSampler
 from trainer.checkpoint import latest_checkpoint, list_checkpoints, tmp_tag
 from trainer.config import load_config
+from trainer.inference import labeled_grid_size
 from trainer.loop import train
 from trainer.metrics import read_metrics
+from trainer.observers import GRID_SCALE, GRID_SEEDS
 from trainer.plan import build_meta_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +43,10 @@ def test_cli_train_then_sample(tmp_path):
     assert "trained 6 steps" in out.stdout and "6 steps x global batch 8" in out.stdout
     assert "replaces train.steps=4" in out.stdout
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 6
-    assert (run / "samples" / "final.png").is_file() and (run / "summary.json").is_file()
+    assert (run / "summary.json").is_file()
+    # 2 held-out prompts: each row the prompt's text, the generator's rendering, GRID_SEEDS samples
+    with Image.open(run / "samples" / "final.png") as final:
+        assert final.size == labeled_grid_size(2, 1 + GRID_SEEDS, side=32, scale=GRID_SCALE)
     assert len(losses(run)) == 6
     grid = tmp_path / "grid.png"
     out = run_cli("sample", "--checkpoint", str(run), "--prompt", "two small red squares on the left",

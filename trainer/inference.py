@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from data_pipeline.features import CaptionCache, text_encoder_from_config
 from trainer.checkpoint import load_features, load_weights, resolve_weights
@@ -103,3 +103,51 @@ def image_grid(rows: list[list[np.ndarray]], scale: int = 1, pad: int = 2) -> Im
             canvas[y:y + h, x:x + w] = img
     out = Image.fromarray(canvas)
     return out.resize((out.width * scale, out.height * scale), Image.NEAREST) if scale > 1 else out
+
+
+LABEL_FONT_SIZE = 14  # pixels; PIL's bundled default font (no font files, nothing downloaded)
+LABEL_WIDTH = 200  # pixels of the prompt column on the left of a labeled grid
+LABEL_LINE = LABEL_FONT_SIZE + 4  # pixels per line of label text
+
+
+def labeled_grid_size(num_rows: int, num_cols: int, side: int, scale: int = 1, pad: int = 2,
+                      titled: bool = True) -> tuple[int, int]:
+    """(width, height) of ``labeled_grid``'s image for square ``side``-pixel images."""
+    header = LABEL_LINE * (2 if titled else 1) + 4
+    return (LABEL_WIDTH + (num_cols * (side + pad) + pad) * scale, header + (num_rows * (side + pad) + pad) * scale)
+
+
+def wrap_text(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` into lines no wider than ``width`` pixels (a longer word keeps its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def labeled_grid(rows: list[list[np.ndarray]], row_labels: list[str], column_labels: list[str],
+                 scale: int = 1, pad: int = 2, title: str = "") -> Image.Image:
+    """``image_grid(rows)`` with each row's label (a prompt, word-wrapped) in a column on its left, each
+    column's label above it and an optional title line on top: black text on white."""
+    if len(row_labels) != len(rows):
+        raise ValueError(f"{len(rows)} rows but {len(row_labels)} row labels")
+    h, w = rows[0][0].shape[:2]
+    grid = image_grid(rows, scale, pad)
+    width, height = labeled_grid_size(len(rows), max(len(r) for r in rows), w, scale, pad, bool(title))
+    header = height - grid.height
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    canvas.paste(grid, (LABEL_WIDTH, header))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(LABEL_FONT_SIZE)
+    if title:
+        draw.text((4, 2), title, fill=(0, 0, 0), font=font)
+    for j, label in enumerate(column_labels):
+        x = LABEL_WIDTH + (pad + j * (w + pad)) * scale
+        draw.text((x, header - LABEL_LINE), label, fill=(0, 0, 0), font=font)
+    for i, label in enumerate(row_labels):
+        y = header + (pad + i * (h + pad)) * scale
+        for k, line in enumerate(wrap_text(label, font, LABEL_WIDTH - 8)):
+            draw.text((4, y + k * LABEL_LINE), line, fill=(0, 0, 0), font=font)
+    return canvas

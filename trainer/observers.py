@@ -16,7 +16,7 @@ import torch
 
 from data_pipeline.features import CaptionCache
 from data_pipeline.shapes import ShapesGenerator, caption as scene_caption, render
-from trainer.inference import Generator, image_grid
+from trainer.inference import Generator, labeled_grid
 
 GRID_SEEDS = 4  # samples per prompt in a grid: enough to see the spread a prompt gets, one row wide
 GRID_SCALE = 4  # grid pixels per image pixel: 32-pixel shapes samples are legible at 128
@@ -79,12 +79,19 @@ def reference_images(gen: Generator, seen: SeenSamples, n: int, side: int) -> li
             for im in images]
 
 
+def grid_title(sample, step: int) -> str:
+    """The sampling settings of a grid, in one line: what a reader needs to reproduce a row."""
+    start = "z0 = mu (VE mean)" if sample.use_mean else "z0 = mu + sigma * eps"
+    return f"step {step}: {start}, cfg scale {sample.cfg_scale:g}, {sample.steps} {sample.solver} steps"
+
+
 class SampleGrids(Observer):
     """Every ``train.sample_every`` steps and at the end (not after a stop request: it wants the
     checkpoint, not the minutes of sampling): ``samples/step_N.png`` / ``final.png``, one row per
     prompt (``sample.prompts_file``, else held-out shapes scenes with the generator's own rendering
     first, else captions seen in training with their stored sample, decoded, first), then
-    ``GRID_SEEDS`` EMA samples decoded by ``codec``; logged as images."""
+    ``GRID_SEEDS`` EMA samples (seeds 0, 1, ...) decoded by ``codec``; the prompt's text on the left,
+    column labels and the sampling settings on top; logged as images."""
 
     def __init__(self, cfg, engine, codec, captions: CaptionCache, metrics, rank: int):
         self.cfg, self.engine, self.codec, self.captions = cfg, engine, codec, captions
@@ -127,7 +134,8 @@ class SampleGrids(Observer):
             model.train()
         if self.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            image_grid(rows, scale=GRID_SCALE).save(path)
+            columns = (["reference"] if len(rows[0]) > GRID_SEEDS else []) + [f"seed {k}" for k in range(GRID_SEEDS)]
+            labeled_grid(rows, prompts, columns, scale=GRID_SCALE, title=grid_title(self.cfg.sample, step)).save(path)
             path.with_suffix(".txt").write_text("\n".join(f"row {i}: {p}" for i, p in enumerate(prompts)) + "\n")
         self.metrics.log_image(path, step)
 

@@ -14,6 +14,7 @@ from data_pipeline.metadata import read_feature_metadata
 from tests.cluster.conftest import cli, ray_tiny_overrides, run
 from tests.support.tiny_models import save_tiny_clip, save_tiny_t5, save_tiny_vae
 from trainer.checkpoint import latest_checkpoint, load_features
+from trainer.inference import labeled_grid_size
 from cluster.cli import main
 
 pytestmark = pytest.mark.slow
@@ -46,8 +47,8 @@ def test_latent_shards_train_on_ray_and_every_image_is_decoded(tmp_path, capsys)
         out, **{"data.source": "mds", "data.path": str(feat), "data.text_encoder": clip, "data.max_tokens": 8,
                 "data.resolution": RES, "train.steps": 2, "train.log_every": 1})), timeout=600)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
-    # 2 prompts seen in training: the decoded stored latent, then 4 samples, upscaled 4x
-    assert_rgb(out / "samples" / "final.png", grid_size(2, 5, scale=4))
+    # 2 prompts seen in training: the prompt, the decoded stored latent, then 4 samples, upscaled 4x
+    assert_rgb(out / "samples" / "final.png", labeled_grid_size(2, 5, RES, scale=4))
     config = json.loads((out / "config.json").read_text())["data"]
     assert (config["space"], config["vae"], config["text_dim"]) == ("latent", vae, 32)
     ckpt = latest_checkpoint(out)
@@ -111,7 +112,7 @@ def test_baseline_on_t5_latents_trains_on_ray_with_checkpointing_and_compile(tmp
                 "data.text_multiplier": 10.0, "data.resolution": RES, "train.steps": 2, "train.log_every": 1})),
         timeout=600)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
-    assert_rgb(out / "samples" / "final.png", grid_size(2, 5, scale=4))
+    assert_rgb(out / "samples" / "final.png", labeled_grid_size(2, 5, RES, scale=4))
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["family"] == "cross_attention_fm" and config["data"]["space"] == "latent"
     assert main(["sample", "--checkpoint", str(out), "--steps", "2", "--scale", "1", "--prompt", "a red circle",
