@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -48,13 +49,25 @@ def test_cli_train_then_sample(tmp_path):
     with Image.open(run / "samples" / "final.png") as final:
         assert final.size == labeled_grid_size(2, 1 + GRID_SEEDS, side=32, scale=GRID_SCALE)
     assert len(losses(run)) == 6
-    grid = tmp_path / "grid.png"
-    out = run_cli("sample", "--checkpoint", str(run), "--prompt", "two small red squares on the left",
-                  "--prompt", "a large blue circle at the top", "--per-prompt", "3", "--steps", "3",
-                  "--out", str(grid))
-    assert out.returncode == 0, out.stderr[-3000:]
-    img = Image.open(grid)
-    assert img.size[0] > img.size[1] > 0  # 2 rows x 3 columns
+    # --z0 sampled (the paper's sampling) against the demo config's use_mean: seeds differ; --z0 mean: they coincide
+    for z0, prompts, per_prompt in (("sampled", 2, 3), ("mean", 1, 2)):
+        grid = tmp_path / f"grid_{z0}.png"
+        out = run_cli("sample", "--checkpoint", str(run), "--prompt", "two small red squares on the left",
+                      *["--prompt", "a large blue circle at the top"][:2 * (prompts - 1)],
+                      "--per-prompt", str(per_prompt), "--steps", "3", "--z0", z0, "--scale", "1", "--out", str(grid))
+        assert out.returncode == 0, out.stderr[-3000:]
+        cells = grid_cells(grid, prompts, per_prompt, side=32)
+        distinct = {cells[0][k].tobytes() for k in range(per_prompt)}
+        assert len(distinct) == (per_prompt if z0 == "sampled" else 1), z0
+
+
+def grid_cells(path, rows: int, cols: int, side: int, pad: int = 2) -> list[list[np.ndarray]]:
+    """The (side, side, 3) images of an ``image_grid`` PNG written at scale 1."""
+    with Image.open(path) as img:
+        a = np.asarray(img.convert("RGB"))
+    assert a.shape[:2] == (rows * (side + pad) + pad, cols * (side + pad) + pad)
+    return [[a[pad + i * (side + pad):][:side, pad + j * (side + pad):][:, :side] for j in range(cols)]
+            for i in range(rows)]
 
 
 def test_cli_bad_config_names_the_key(tmp_path):

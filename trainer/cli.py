@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trainer.cli_args import add_sampling_args
+from trainer.cli_args import add_sampling_args, generator_from_args
 
 OVERRIDES_HELP = "config overrides as section.key=value (e.g. optim.lr=3e-4 train.steps=200)"
 
@@ -34,8 +34,8 @@ def print_summary(summary: dict) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from trainer.inference import image_grid, load_generator
-    gen = load_generator(args.checkpoint, args.device, vae=args.vae)
+    from trainer.inference import image_grid
+    gen = generator_from_args(args)
     prompts = list(args.prompt)
     if args.prompts:
         prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
@@ -77,17 +77,15 @@ def _strip(args: argparse.Namespace, images) -> None:
 
 
 def _interpolate(args: argparse.Namespace) -> int:
-    from trainer.inference import load_generator
-    gen = load_generator(args.checkpoint, args.device, vae=args.vae)
+    gen = generator_from_args(args)
     _strip(args, gen.interpolation(args.a, args.b, args.num, args.seed, steps=args.steps,
                                    solver=args.solver, cfg_scale=args.cfg_scale))
     return 0
 
 
 def _arithmetic(args: argparse.Namespace) -> int:
-    from trainer.inference import load_generator
     terms = parse_arithmetic(args.terms)
-    gen = load_generator(args.checkpoint, args.device, vae=args.vae)
+    gen = generator_from_args(args)
     _strip(args, gen.arithmetic(terms, args.seed, steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale))
     return 0
 

@@ -76,13 +76,17 @@ class Generator:
 
 
 def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu",
-                   text_encoder: str | None = None, vae: str | None = None) -> Generator:
+                   text_encoder: str | None = None, vae: str | None = None,
+                   use_mean: bool | None = None) -> Generator:
     """From an export (.safetensors), a checkpoint directory, or a run directory (its latest):
     EMA weights, model args, config and the autoencoder its feature metadata names (``vae``, a local
-    AutoencoderKL folder, replaces it); no DeepSpeed needed."""
+    AutoencoderKL folder, replaces it); no DeepSpeed needed. ``use_mean`` replaces the config's
+    ``sample.use_mean`` (z0 from the Text VE's mean, or sampled)."""
     path = resolve_weights(checkpoint)
     state, args, config = load_weights(path)
     cfg = config_from_dict(config)
+    if use_mean is not None:
+        cfg.sample.use_mean = use_mean
     device = torch.device(device)
     codec = build_codec(checkpoint_model_input(cfg, args, load_features(path)), vae or "", device)
     model = model_from_args(args)  # the class its model.family names

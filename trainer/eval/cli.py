@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.cli_args import add_sampling_args
+from trainer.cli_args import add_sampling_args, generator_from_args
 from trainer.eval.shapes_eval import ShapesEvalReport, evaluate, prompt_suite, render_suite
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -55,8 +55,7 @@ def _read_prompts(path: str | None, max_groups: int) -> list[str]:
 
 def _generate(args: argparse.Namespace, prompts: list[str]):
     """(images in prompt order, repeated per seed; the prompts matching them; the generator)."""
-    from trainer.inference import load_generator
-    gen = load_generator(args.checkpoint, args.device, vae=args.vae)
+    gen = generator_from_args(args)
     kw = dict(steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale)
     images, matched = [], []
     for k in range(args.per_prompt):
@@ -73,8 +72,7 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     else:
         if not args.checkpoint:
             raise SystemExit("crossflow eval shapes: give --checkpoint (or --self-check)")
-        from trainer.inference import load_generator
-        gen = load_generator(args.checkpoint, args.device, vae=args.vae)
+        gen = generator_from_args(args)
         max_groups = args.max_groups or gen.config.data.max_groups
         if args.cfg_scales:
             return _eval_shapes_at_scales(args, gen, max_groups)
