@@ -13,7 +13,7 @@ from tests.support.tiny_models import save_tiny_vae, tiny_text_encoder
 
 def test_cross_attention_baseline_on_latents_decodes_and_refuses_other_data(tmp_path, tiny_config, capsys):
     from trainer.checkpoint import latest_checkpoint, read_checkpoint_metadata, read_weights_metadata
-    from trainer.inference import load_generator
+    from trainer.inference import labeled_grid_size, load_generator
     from trainer.loop import train
     vae = save_tiny_vae(tmp_path / "vae")
     raw, feat = str(tmp_path / "raw"), str(tmp_path / "feat")
@@ -25,8 +25,8 @@ def test_cross_attention_baseline_on_latents_decodes_and_refuses_other_data(tmp_
             "eval.shapes": False}
     cfg = tiny_config(**data, **{"data.path": feat})
     summary = train(cfg)
-    with Image.open(summary["samples"]) as grid:  # 2 rows: stored latent decoded + 4 samples, 64 px, 4x
-        assert (grid.mode, grid.size) == ("RGB", ((5 * 66 + 2) * 4, (2 * 66 + 2) * 4))
+    with Image.open(summary["samples"]) as grid:  # 2 rows: prompt, stored latent decoded, 4 samples; 64 px, 4x
+        assert (grid.mode, grid.size) == ("RGB", labeled_grid_size(2, 5, side=64, scale=4))
     gen = load_generator(cfg.train.out_dir)
     assert gen.codec.name == "latent" and gen.codec.spec.autoencoder == vae
     [image] = gen.generate(["a red circle"], steps=2)
