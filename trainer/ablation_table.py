@@ -103,7 +103,7 @@ def flatten(values: dict, prefix: str = "") -> dict:
 
 def read_runs(sweep_dir: Path) -> dict[str, tuple[dict, dict]]:
     """{run name: (flat config, final metrics)} of every run directory holding both files."""
-    from trainer.sweep_analysis import read_jsonl
+    from trainer.sweep_analysis import final_metrics, read_jsonl
     if not sweep_dir.is_dir():
         raise AblationTableError(f"sweep directory not found: {sweep_dir}")
     runs = {}
@@ -111,10 +111,7 @@ def read_runs(sweep_dir: Path) -> dict[str, tuple[dict, dict]]:
         metrics = run_dir / "metrics.jsonl"
         if not metrics.is_file():
             raise AblationTableError(f"run {run_dir}: metrics.jsonl is missing")
-        final: dict = {}
-        for rec in read_jsonl(metrics):  # later records win: each metric's last value
-            final.update({k: float(v) for k, v in rec.items()
-                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"})
+        final = final_metrics(read_jsonl(metrics))
         try:
             config = json.loads((run_dir / "config.json").read_text())
         except json.JSONDecodeError as e:

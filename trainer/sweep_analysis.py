@@ -122,6 +122,15 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def final_metrics(records: list[dict]) -> dict[str, float]:
+    """Each numeric metric's last logged value (later records win; ``step`` and flags left out)."""
+    final: dict[str, float] = {}
+    for r in records:
+        final.update({k: float(v) for k, v in r.items()
+                      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return final
+
+
 def text_dim_of(spec: str) -> int:
     """Width of the text encoder's token embeddings, without loading its weights when possible."""
     from data_pipeline.features import load_text_encoder, text_encoder_dim
@@ -165,10 +174,7 @@ def load_run(run_dir: Path) -> RunResult:
     for i, r in enumerate(records, start=1):
         if not isinstance(r.get("step"), int):
             raise SweepAnalysisError(f"{metrics_path}: record {i} has no integer 'step'")
-    final: dict[str, float] = {}
-    for r in records:  # later records win: the last value of each metric
-        final.update({k: float(v) for k, v in r.items()
-                      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    final = final_metrics(records)
     steps = max(r["step"] for r in records if "loss" in r)
     try:
         model = model_on_meta(cfg)
