@@ -309,6 +309,11 @@ def cfg_scale_name(scale: float) -> str:
     return f"cfg{scale:g}"
 
 
+def at_cfg_scale(name: str, scale: float) -> str:
+    """A metric's name at a guidance scale: ``overall``, 3.0 -> ``overall@cfg3``."""
+    return f"{name}@{cfg_scale_name(scale)}"
+
+
 def check_validation_data(data: DataConfig, ev: EvalConfig) -> None:
     """The validation set's source agrees with the training data's: shard data validates on
     held-out shards (data.val_path), the shapes generator on scenes it generates."""

@@ -168,7 +168,7 @@ class ShapesEvalObserver(Observer):
     def evaluate(self, step: int, cfg_scales=()) -> dict[str, float]:
         """``shapes_eval/<name>`` at ``sample.cfg_scale``, and ``shapes_eval/<name>@cfg<s>`` for each of
         ``cfg_scales`` (a scale equal to ``sample.cfg_scale`` reuses its samples)."""
-        from trainer.config import cfg_scale_name
+        from trainer.config import at_cfg_scale, cfg_scale_name
         from trainer.eval.cli import sample_shapes_eval
         default = self.cfg.sample.cfg_scale
         reports = {}
@@ -181,7 +181,7 @@ class ShapesEvalObserver(Observer):
             model.train()
         scores = {f"shapes_eval/{k}": float(v) for k, v in reports[default].summary().items()}
         for scale in cfg_scales:
-            scores.update({f"shapes_eval/{k}@{cfg_scale_name(scale)}": float(v)
+            scores.update({at_cfg_scale(f"shapes_eval/{k}", scale): float(v)
                            for k, v in reports[scale].summary().items()})
         if self.rank == 0:
             out = Path(self.cfg.train.out_dir) / "eval"

@@ -92,16 +92,16 @@ def scores_at_scales(generator, scales, max_groups: int = 1, images_per_prompt: 
                      **sample_kw) -> dict[str, float]:
     """ShapesEval of one checkpoint at each guidance scale: ``{"<name>@cfg<s>": score}`` for every
     summary entry (the names training logs under ``shapes_eval/``)."""
-    from trainer.config import cfg_scale_name
+    from trainer.config import at_cfg_scale
     out = {}
     for scale in scales:
         report = sample_shapes_eval(generator, max_groups, images_per_prompt, seed, cfg_scale=scale, **sample_kw)
-        out.update({f"{k}@{cfg_scale_name(scale)}": float(v) for k, v in report.summary().items()})
+        out.update({at_cfg_scale(k, scale): float(v) for k, v in report.summary().items()})
     return out
 
 
 def _eval_shapes_at_scales(args: argparse.Namespace, gen, max_groups: int) -> int:
-    from trainer.config import cfg_scale_name
+    from trainer.config import at_cfg_scale
     from trainer.eval.shapes_eval import TASKS
     if any(s < 0 for s in args.cfg_scales):
         raise SystemExit(f"crossflow eval shapes: --cfg-scales must be >= 0 (1 = no guidance), got {args.cfg_scales}")
@@ -110,7 +110,7 @@ def _eval_shapes_at_scales(args: argparse.Namespace, gen, max_groups: int) -> in
     names = ("overall", "overall_heldout") + TASKS
     print(f"{'cfg scale':>9} " + " ".join(f"{n:>15}" for n in names))
     for scale in args.cfg_scales:
-        print(f"{scale:>9g} " + " ".join(f"{scores[f'{n}@{cfg_scale_name(scale)}']:>15.3f}" for n in names))
+        print(f"{scale:>9g} " + " ".join(f"{scores[at_cfg_scale(n, scale)]:>15.3f}" for n in names))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(scores, indent=2) + "\n")
