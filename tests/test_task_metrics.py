@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.shapes import Scene, ShapeGroup, ShapesGenerator, caption
-from trainer.eval.task_metrics import (PSNR_CAP_DB, bicubic_baseline, caption_metrics, caption_references,
+from data_pipeline.shapes import Scene, ShapeGroup, ShapesGenerator, caption, phrasings
+from trainer.eval.task_metrics import (PSNR_CAP_DB, bicubic_baseline, caption_metrics,
                                        depth_metrics, image_metrics, mean_depth_map, most_frequent_caption)
 
 
@@ -61,7 +61,7 @@ def test_caption_metrics_attribute_by_attribute():
     assert (scores["object"], scores["color"], scores["count"], scores["size"], scores["position"]) == \
         (0.0, 0.25, 0.25, 0.5, 0.25)
     assert 0 < scores["bleu4"] < 1
-    assert caption_references(Scene((left,))) == ["two small red circles on the left",
+    assert phrasings(Scene((left,))) == ["two small red circles on the left",
                                                   "there is two small red circles on the left",
                                                   "an image of two small red circles on the left"]
     with pytest.raises(ValueError, match="2 generated captions for 1 scenes"):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from data_pipeline.image_ops import area_downsample, bicubic_upsample
-from data_pipeline.shapes import _TEMPLATES, Scene, ShapeGroup, caption, parse_caption
+from data_pipeline.shapes import Scene, ShapeGroup, parse_caption, phrasings
 
 PSNR_CAP_DB = 100.0  # what one image identical to its ground truth counts for (its PSNR is infinite)
 DELTA1_THRESHOLD = 1.25
@@ -73,11 +73,6 @@ def depth_metrics(pred: list[np.ndarray], truth: list[np.ndarray]) -> dict[str, 
     return {"abs_rel": float(np.mean(np.abs(p - g) / g)), "delta1": float(np.mean(ratio < DELTA1_THRESHOLD))}
 
 
-def caption_references(scene: Scene) -> list[str]:
-    """Every distinct template phrasing of ``scene``: BLEU-4's references."""
-    return list(dict.fromkeys(caption(scene, t) for t in range(len(_TEMPLATES))))
-
-
 def _matching_group(true: ShapeGroup, index: int, predicted: tuple[ShapeGroup, ...]) -> ShapeGroup | None:
     """The predicted group ``true`` is compared with: the one at the same position, else the one in
     the same place in the caption, else none."""
@@ -104,7 +99,7 @@ def caption_metrics(generated: list[str], scenes: list[Scene]) -> dict[str, floa
     does not parse gets every attribute wrong. ``overall``: the fraction of captions that describe
     exactly the true scene (same groups, any order). ``parsed``: the fraction that parse.
     ``bleu4``: corpus BLEU-4 (torchmetrics, no smoothing) of the lowercased captions against every
-    phrasing of the true scene (``caption_references``)."""
+    phrasing of the true scene (``shapes.phrasings``)."""
     from torchmetrics.functional.text import bleu_score
     if len(generated) != len(scenes):
         raise ValueError(f"{len(generated)} generated captions for {len(scenes)} scenes")
@@ -122,7 +117,7 @@ def caption_metrics(generated: list[str], scenes: list[Scene]) -> dict[str, floa
                 right[name] += scores[name]
             groups += 1
     preds = [" ".join(text.lower().split()) for text in generated]
-    bleu = bleu_score(preds, [caption_references(scene) for scene in scenes], n_gram=4)
+    bleu = bleu_score(preds, [phrasings(scene) for scene in scenes], n_gram=4)
     n = len(generated)
     return {"bleu4": float(bleu), **{name: right[name] / groups for name in CAPTION_ATTRIBUTES},
             "overall": overall / n, "parsed": parsed / n}
