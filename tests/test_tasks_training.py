@@ -25,7 +25,7 @@ TASK_OVERRIDES = {
     "captioning": {"task.source": "image_ve", "task.target": "caption"},
 }
 FLOW_SHAPES = {"super_resolution": [3, 32, 32], "depth": [1, 32, 32], "captioning": [4, 8, 8]}
-CAPTION_AUTOENCODER = "caption"  # parameter names of the caption autoencoder start with it (model helper's name)
+CAPTION_AUTOENCODER = "caption."  # parameter names of the model's caption autoencoder (CrossFlow.caption)
 
 
 def task_config(tmp_path: Path, task: str, **extra):
