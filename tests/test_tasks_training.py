@@ -30,7 +30,8 @@ CAPTION_AUTOENCODER = "caption."  # parameter names of the model's caption autoe
 
 def task_config(tmp_path: Path, task: str, **extra):
     values = {"train.steps": 6, "train.global_batch_size": 8, "data.num_samples": 64, "model.depth": 1,
-              "eval.shapes": False, **TASK_OVERRIDES[task], **extra}
+              "eval.shapes": False, "eval.val_every": 3, "eval.val_samples": 8, "eval.val_t_points": 2,
+              **TASK_OVERRIDES[task], **extra}
     return load_config(None, tiny_overrides(tmp_path, **values))
 
 
@@ -51,6 +52,10 @@ def test_task_trains_and_checkpoints(tmp_path, task):
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["flow_matching"]) for r in records.values())
     if task == "depth":
         assert all(r["kl"] > 0 for r in records.values())  # the image VE is variational
+    validation = {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "val/loss" in r}
+    assert sorted(validation) == [3, 6] and all(math.isfinite(r["val/loss"]) for r in validation.values())
+    assert ("val/kl" in validation[6]) == (task == "depth")  # an upsampled image has no posterior
+    assert summary["val/loss"] == validation[6]["val/loss"]
     ckpt = Path(summary["checkpoint"])
     assert ckpt.name == "step_00000006" and (ckpt / WEIGHTS_FILE).is_file()
     assert json.loads((ckpt / "model.json").read_text())["latent_shape"] == FLOW_SHAPES[task]
@@ -75,6 +80,9 @@ def test_captioning_trains_and_resumes_exactly(tmp_path):
     for step in (4, 5, 6):
         for key in ("loss", "flow_matching", "caption_ce", "caption_kl"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-7), (step, key)
+    val_a, val_b = ({r["step"]: r["val/loss"] for r in read_metrics(run / "metrics.jsonl") if "val/loss" in r}
+                    for run in (straight, resumed))
+    assert sorted(val_a) == [3, 6] and val_b[6] == pytest.approx(val_a[6], rel=1e-6)
     assert saved_model_input(straight).latent_shape == (4, 8, 8)
 
 
@@ -114,7 +122,6 @@ def test_two_stage_captioning_freezes_the_caption_autoencoder(tmp_path):
     ({"task.source": "image_ve", "task.target": "depth", "objective.ve_pretrain_steps": 2},
      "applies to task.source=text_ve only"),
     ({"task.source": "image_ve", "task.target": "depth", "objective.contrastive": "text_text"}, "has none"),
-    ({"task.source": "image_ve", "task.target": "depth", "eval.val_every": 2}, "eval.val_every=2"),
     ({"task.source": "image_ve", "task.target": "depth", "data.source": "mds", "data.path": "/x"},
      "data.source=mds"),
 ])

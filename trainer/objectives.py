@@ -361,10 +361,10 @@ def encode_source(model, source: dict, eps: torch.Tensor):
     return model.encode_source(source, eps=eps)
 
 
-def source_is_learned(model, source: dict) -> bool:
+def source_is_learned(model, from_text: bool) -> bool:
     """Whether z0 comes from a learned encoder, so KL and the alignment term apply: the Text VE's
-    (not the baseline's noise) or an image VE's (not an upsampled image)."""
-    return model.source_from_text if "text_emb" in source else model.source_is_learned
+    (``from_text``; not the baseline's noise) or an image VE's (not an upsampled image)."""
+    return model.source_from_text if from_text else model.source_is_learned
 
 
 @dataclass
@@ -424,7 +424,7 @@ def flow_losses(model, source: dict, z1: torch.Tensor | None, cfg, ops, noise: N
         fm = ops.flow_matching_loss(v, z0_flow, target, cfg.sigma_min).mean()
     kl = kl_divergence(mu, logvar)
     con = z0_alignment_loss(model, z0, z1, source, cfg.contrastive) \
-        if cfg.contrastive_weight > 0 and source_is_learned(model, source) else fm.new_zeros(())
+        if cfg.contrastive_weight > 0 and source_is_learned(model, "text_emb" in source) else fm.new_zeros(())
     if stage == VE_PRETRAIN:
         total = cfg.kl_weight * kl + cfg.contrastive_weight * con
     elif stage == FLOW_ONLY:
