@@ -19,6 +19,13 @@ do; ranks exchange indices, not latents: each computes the global partner map fr
 scalars and fetches only the rows its unconditional samples need (``swapped_targets``).
 All randomness comes from ``draw_noise``: a counter-based RNG keyed by (seed, step, the sample's
 global position), so N ranks draw exactly what one process draws.
+The tasks beside text to image (``trainer.tasks``) run through the same function (``flow_losses``):
+z0 from the task's source (an image VE, or an upsampled image with no KL and no alignment term), z1
+from its target (an image, a depth map) or, for captioning, the caption VE's mean (detached), whose
+caption autoencoder adds its own terms: the decoder's cross-entropy on a sample of the caption VE
+plus ``task.caption_kl_weight`` x its KL (logged as caption_ce and caption_kl); its two stages
+(``task.target_pretrain_steps``) reuse the Text VE's mechanism, with the caption autoencoder as the
+part trained first and then frozen.
 Every coefficient comes from ``ObjectiveConfig``. The same objective trains the cross-attention
 baseline (z0 is noise, KL is 0, ``text_condition`` carries the text to ``velocity``, and there is
 no contrastive term since its z0 does not come from the text).
