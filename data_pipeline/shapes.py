@@ -87,6 +87,11 @@ def caption(scene: Scene, template: int = 0) -> str:
     return _TEMPLATES[template % len(_TEMPLATES)].format(groups=groups)
 
 
+def phrasings(scene: Scene) -> list[str]:
+    """Every distinct caption of the scene, one per distinct template (BLEU's references)."""
+    return list(dict.fromkeys(caption(scene, t) for t in range(len(_TEMPLATES))))
+
+
 _WORD_COUNTS = {w: n for n, w in _COUNT_WORDS.items()}
 _PHRASE_POSITIONS = {p: pos for pos, p in _POSITION_PHRASES.items()}
 _GROUP_RE = re.compile(
