@@ -53,8 +53,7 @@ from data_pipeline.features import CaptionCache, TextEncoder
 from data_pipeline.shapes import ShapesGenerator, depth_to_tensor_array, image_to_tensor_array
 from trainer.model_input import ModelInput
 from trainer.models.crossflow.flow_transformer import CONDITIONAL
-from trainer.objectives import (EPS_FIRST_COUNTER, bits_to_normal, encode_source, kl_per_sample, random_bits,
-                                sample_keys, source_is_learned)
+from trainer.objectives import EPS_FIRST_COUNTER, bits_to_normal, kl_per_sample, random_bits, sample_keys
 from trainer.tasks import TASKS, Task, source_inputs, target_latent, task_of
 
 # The validation noise is keyed like a training sample's, with this in place of the optimizer step:
@@ -280,7 +279,7 @@ def validation_sums(model, ops, codec, batches, times: list[float], sigma_min: f
         with autocast():
             if z1 is None:
                 z1 = model.encode_caption(emb, mask)[0]  # (b, C, H, W): the caption VE's mean
-            z0, mu, logvar = encode_source(model, source, eps)  # (b, C, H, W) each
+            z0, mu, logvar = model.encode_source(source, eps=eps)  # (b, C, H, W) each
             z0_k, z1_k = z0.repeat(K, 1, 1, 1), z1.repeat(K, 1, 1, 1)  # (K*b, C, H, W)
             cond = model.text_condition(emb.repeat(K, 1, 1), mask.repeat(K, 1)) \
                 if task.source == "text_ve" else None  # None for CrossFlow (the baseline's text tokens)
@@ -342,8 +341,7 @@ class Validator:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)
         seconds = time.perf_counter() - start
-        with_kl = source_is_learned(model, self.cfg.task.source == "text_ve")
-        self.latest = {**validation_metrics(sums, self.times, with_kl), "val/seconds": seconds}
+        self.latest = {**validation_metrics(sums, self.times, model.source_is_learned), "val/seconds": seconds}
         self.last_step = step
         self.metrics.log({"step": step, **self.latest})
         return seconds
