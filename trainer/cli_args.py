@@ -32,22 +32,30 @@ def use_mean_from_args(args: argparse.Namespace) -> bool | None:
     return None if args.z0 is None else args.z0 == "mean"
 
 
+def require_task(checkpoint: str, task: str, command: str) -> None:
+    """Refuse, before any weights load, a checkpoint trained for another task than ``task`` (a name of
+    ``trainer.tasks.TASKS``), naming both."""
+    from trainer.checkpoint import read_checkpoint_metadata
+    from trainer.config import config_from_dict
+    from trainer.task_inference import task_description
+    from trainer.tasks import task_of
+    _, config, _ = read_checkpoint_metadata(checkpoint)
+    cfg = config_from_dict(config)
+    if task_of(cfg).name != task:
+        raise SystemExit(f"{command}: {checkpoint} is a checkpoint of {task_description(cfg)}, not of {task}")
+
+
 def generator_from_args(args: argparse.Namespace):
-    """The checkpoint's Generator as ``add_sampling_args``' arguments ask for it."""
+    """The checkpoint's Generator as ``add_sampling_args``' arguments ask for it (text-to-image only)."""
     from trainer.inference import load_generator
+    require_task(args.checkpoint, "text_to_image", f"crossflow {getattr(args, 'command', 'sample')}")
     return load_generator(args.checkpoint, args.device, vae=args.vae, use_mean=use_mean_from_args(args))
 
 
 def task_predictor_from_args(args: argparse.Namespace, task: str, command: str):
-    """The checkpoint's TaskPredictor for ``task`` (a name of trainer.tasks.TASKS) as ``add_flow_args``'
-    arguments ask for it; a checkpoint of another task is refused before its weights load, naming both."""
-    from trainer.config import config_from_dict
-    from trainer.checkpoint import read_checkpoint_metadata
-    from trainer.task_inference import load_task_predictor, task_description
-    from trainer.tasks import task_of
-    _, config, _ = read_checkpoint_metadata(args.checkpoint)
-    cfg = config_from_dict(config)
-    if task_of(cfg).name != task:
-        raise SystemExit(f"{command}: {args.checkpoint} is a checkpoint of {task_description(cfg)}, not of {task}")
+    """The checkpoint's TaskPredictor for ``task`` as ``add_flow_args``' arguments ask for it; a
+    checkpoint of another task is refused before its weights load, naming both."""
+    from trainer.task_inference import load_task_predictor
+    require_task(args.checkpoint, task, command)
     return load_task_predictor(args.checkpoint, args.device, vae=getattr(args, "vae", None),
                                use_mean=use_mean_from_args(args))
