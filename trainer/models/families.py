@@ -5,7 +5,8 @@ family from outside (as torchtitan's per-model ``parallelize`` does):
 - ``blocks(model)``: the repeated blocks activation checkpointing and ``torch.compile`` wrap;
 - ``block_stacks(args)``: those stacks' shapes (depth, tokens, width, heads, MLP ratio), from
   which ``crossflow plan`` counts activation memory without building anything;
-- ``param_counts(model)``: parameters per component (flow transformer, Text VE, ...);
+- ``param_counts(model)``: parameters per component (flow transformer, Text VE or image VE,
+  caption VE and decoder, ...);
 - ``text_side(model)``: the modules two-stage training (objective.ve_pretrain_steps) trains first
   and then freezes; the engine puts them in their own optimizer groups.
 
@@ -55,27 +56,47 @@ def _count(module: nn.Module | None) -> int:
 
 # ----------------------------------------------------------------------------- CrossFlow
 def _crossflow_blocks(model: CrossFlow) -> list[nn.Module]:
-    return [*model.flow.blocks, *model.text_ve.blocks]
+    text = [] if model.text_ve is None else list(model.text_ve.blocks)
+    caption = [] if model.caption is None else [*model.caption.ve.blocks, *model.caption.decoder.blocks]
+    return [*model.flow.blocks, *text, *caption]
 
 
 def _crossflow_stacks(a: CrossFlowArgs) -> list[BlockStack]:
     image_tokens = 1 + (a.latent_shape[1] // a.patch_size) * (a.latent_shape[2] // a.patch_size)  # + indicator
-    ve_head_dim = min(64, a.text_ve_width)  # TextVE's default head width
-    return [BlockStack("flow transformer", a.depth, image_tokens, a.hidden_size, a.hidden_size // a.head_dim,
-                       a.mlp_ratio),
-            BlockStack("Text VE", a.text_ve_depth, a.max_tokens, a.text_ve_width, a.text_ve_width // ve_head_dim, 4.0)]
+    ve_head_dim = min(64, a.text_ve_width)  # TextVE's default head width (the caption VE's and decoder's too)
+    ve_heads = a.text_ve_width // ve_head_dim
+    stacks = [BlockStack("flow transformer", a.depth, image_tokens, a.hidden_size, a.hidden_size // a.head_dim,
+                         a.mlp_ratio)]
+    if a.source == "text_ve":
+        stacks.append(BlockStack("Text VE", a.text_ve_depth, a.max_tokens, a.text_ve_width, ve_heads, 4.0))
+    if a.target == "caption":
+        latent_pixels = a.latent_shape[1] * a.latent_shape[2]
+        stacks += [BlockStack("caption VE", a.text_ve_depth, a.max_tokens, a.text_ve_width, ve_heads, 4.0),
+                   BlockStack("caption decoder", a.text_ve_depth, latent_pixels + a.caption_tokens, a.text_ve_width,
+                              ve_heads, 4.0)]
+    return stacks  # (the image VE is convolutions, no block stack)
 
 
 def _crossflow_params(model: CrossFlow) -> dict[str, int]:
-    counts = {"flow transformer": _count(model.flow), "Text VE": _count(model.text_ve),
-              "text down-projection": _count(model.text_proj), "image encoder": _count(model.image_encoder)}
+    counts = {"flow transformer": _count(model.flow)}
+    if model.text_ve is not None:
+        counts |= {"Text VE": _count(model.text_ve), "text down-projection": _count(model.text_proj)}
+    if model.image_ve is not None:
+        counts["image VE"] = _count(model.image_ve)
+    if model.image_encoder is not None:
+        counts["image encoder"] = _count(model.image_encoder)
     if model.args.contrastive != "image_text":  # the ablations' head in place of the image encoder
-        del counts["image encoder"]
         counts["text-feature head"] = _count(model.text_feature_embedder) + _count(model.text_feature_decoder)
+    if model.caption is not None:
+        counts |= {"caption VE": _count(model.caption.ve) + _count(model.caption.text_proj),
+                   "caption decoder": _count(model.caption.decoder)}
     return counts
 
 
 def _crossflow_text_side(model: CrossFlow) -> list[nn.Module]:
+    """Text-to-image's text side; none for other sources (objective.ve_pretrain_steps is text_ve's)."""
+    if model.text_ve is None:
+        return []
     return [m for m in (model.text_proj, model.text_ve, model.image_encoder, model.text_feature_embedder,
                         model.text_feature_decoder) if m is not None]
 
@@ -126,13 +147,18 @@ def text_side_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def resolve_model_args(model_cfg, latent_shape, text_dim: int, max_tokens: int, init_temperature: float = 0.07,
-                       contrastive: str = "image_text"):
+                       contrastive: str = "image_text", *, source: str = "text_ve", target: str = "image",
+                       source_shape: tuple = (), caption_vocab: int = 0):
     """The args of ``model_cfg.family`` at its preset, with the config's overrides (``contrastive``:
-    objective.contrastive, which alignment head CrossFlow builds)."""
+    objective.contrastive, which alignment head CrossFlow builds) and the task's pair (``source``,
+    ``target``: task.source, task.target; ``source_shape``: image_ve's input image (3, H, W);
+    ``caption_vocab``: the caption target's vocabulary size). ``latent_shape`` is the flow's."""
     if model_cfg.family not in FAMILIES:
         raise ValueError(f"model.family must be one of {list(FAMILIES)}, got {model_cfg.family!r}")
     return FAMILIES[model_cfg.family].args_cls.from_config(model_cfg, latent_shape, text_dim, max_tokens,
-                                                           init_temperature, contrastive)
+                                                           init_temperature, contrastive, source=source,
+                                                           target=target, source_shape=source_shape,
+                                                           caption_vocab=caption_vocab)
 
 
 def model_from_args(args) -> nn.Module:
@@ -141,6 +167,8 @@ def model_from_args(args) -> nn.Module:
     if dataclasses.is_dataclass(args):
         args = dataclasses.asdict(args)
     args = {**args, "latent_shape": tuple(args["latent_shape"])}
+    if "source_shape" in args:  # a list once through JSON
+        args["source_shape"] = tuple(args["source_shape"])
     family = args.setdefault("family", "crossflow")
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; known: {list(FAMILIES)}")

@@ -43,13 +43,25 @@ class TrunkArgs:
 
     @classmethod
     def from_config(cls, model_cfg, latent_shape, text_dim: int, max_tokens: int, init_temperature: float = 0.07,
-                    contrastive: str = "image_text"):
-        """Every field of ``cls``: the data's shapes and the objective's temperature and contrastive
-        variant as given, else the ``model_cfg`` (a ModelConfig) value, else, where that is None, the
-        size preset's."""
+                    contrastive: str = "image_text", *, source: str = "text_ve", target: str = "image",
+                    source_shape: tuple = (), caption_vocab: int = 0):
+        """Every field of ``cls``: the data's shapes, the objective's temperature and contrastive
+        variant and the task's source and target (``source_shape`` kept for image_ve alone,
+        ``caption_vocab`` and ``caption_tokens`` = ``max_tokens`` for the caption target alone, so
+        text-to-image's args are today's whatever the caller passes) as given, else the
+        ``model_cfg`` (a ModelConfig) value, else, where that is None, the size preset's. A family
+        without task fields (the cross-attention baseline) refuses any pair but text_ve -> image."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if (source, target) != ("text_ve", "image") and "source" not in names:
+            raise ValueError(f"model.family={model_cfg.family!r} flows from noise to the image: it takes no "
+                             f"task.source={source!r} / task.target={target!r} (only text_ve -> image); "
+                             f"use model.family=crossflow")
         preset = PRESETS[model_cfg.preset]
         given = {"latent_shape": tuple(latent_shape), "text_dim": text_dim, "max_tokens": max_tokens,
-                 "init_temperature": init_temperature, "contrastive": contrastive}
+                 "init_temperature": init_temperature, "contrastive": contrastive, "source": source,
+                 "target": target, "source_shape": tuple(source_shape) if source == "image_ve" else (),
+                 "caption_vocab": caption_vocab if target == "caption" else 0,
+                 "caption_tokens": max_tokens if target == "caption" else 0}
 
         def value(name: str):
             if name in given:
@@ -57,7 +69,7 @@ class TrunkArgs:
             v = getattr(model_cfg, name)
             return getattr(preset, name) if v is None else v
 
-        return cls(**{f.name: value(f.name) for f in dataclasses.fields(cls) if f.name != "family"})
+        return cls(**{name: value(name) for name in names if name != "family"})
 
 
 class DiTBlock(nn.Module):
