@@ -122,7 +122,7 @@ def _caption(args: argparse.Namespace) -> int:
     images = read_images(args.image, predictor.config.data.resolution, "crossflow caption")
     captions = predictor.predict(images, seed=args.seed, steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale)
     for path, text in zip(args.image, captions):
-        print(f"{path}: {text}")
+        print(f"{path}: {text or '(empty: the decoder gave only special or padding tokens)'}")
     return 0
 
 

@@ -263,9 +263,11 @@ CAPTION_LABEL_WIDTH = 420  # pixels of the caption column of a captioning grid: 
 
 
 def depth_image(depth: np.ndarray) -> np.ndarray:
-    """Metric depth (H, W) -> (H, W, 3) uint8 gray: white at DEPTH_NEAR, black at DEPTH_FAR (fixed scale)."""
+    """Metric depth (H, W) -> (H, W, 3) uint8 gray, linear in log depth (as the model's target): white at
+    DEPTH_NEAR, black at DEPTH_FAR, the same scale for every map."""
     from data_pipeline.shapes import DEPTH_FAR, DEPTH_NEAR
-    gray = np.clip((DEPTH_FAR - depth) / (DEPTH_FAR - DEPTH_NEAR), 0.0, 1.0) * 255 + 0.5  # (H, W)
+    near = np.log(np.clip(depth, DEPTH_NEAR, DEPTH_FAR) / DEPTH_FAR) / np.log(DEPTH_NEAR / DEPTH_FAR)  # (H, W) 0 far, 1 near
+    gray = near * 255 + 0.5  # (H, W)
     return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=-1)
 
 
@@ -319,7 +321,7 @@ def task_grid(predictor: TaskPredictor, samples: list[dict], step: int | None = 
         return labeled_grid(rows, [s["caption"] for s in samples], ["input"] + labels + ["truth"], scale=scale,
                             title=title)
     rows = [[s["image"]] + [caption_drawing(o[i], res) for o in outputs] for i, s in enumerate(samples)]
-    row_labels = ["\n".join([f"true: {s['caption']}"] + [f"seed {k}: {o[i]}" for k, o in zip(seeds, outputs)])
+    row_labels = ["\n".join([f"true: {s['caption']}"] + [f"seed {k}: {o[i] or '(empty)'}" for k, o in zip(seeds, outputs)])
                   for i, s in enumerate(samples)]
     return labeled_grid(rows, row_labels, ["image"] + [f"{c} drawn" for c in labels], scale=scale, title=title,
                         label_width=CAPTION_LABEL_WIDTH)
