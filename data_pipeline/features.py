@@ -22,14 +22,25 @@ TEXT_DTYPE = np.float16  # stored features are 16-bit: half the bytes, ample pre
 
 
 class TextEncoder:
-    """Token embeddings ``(B, n, d)`` and a mask ``(B, n)`` (True = real token) for captions."""
+    """Token embeddings ``(B, n, d)`` and a mask ``(B, n)`` (True = real token) for captions, and the
+    token ids behind them (the captioning task's target): ``token_ids`` tokenizes exactly as
+    ``encode`` does, ``decode_ids`` turns ids back into text, ``vocab_size`` bounds the ids and
+    ``pad_id`` fills the positions after a caption's end."""
 
     name: str
     dim: int
     hidden_layer: int = -1
     multiplier: float = 1.0
+    vocab_size: int
+    pad_id: int
 
     def encode(self, captions: list[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def token_ids(self, captions: list[str], max_tokens: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def decode_ids(self, ids: np.ndarray) -> list[str]:
         raise NotImplementedError
 
     def spec(self, max_tokens: int) -> TextSpec:
@@ -107,19 +118,39 @@ class TransformersTextEncoder(TextEncoder):
         self.name = str(path.resolve())
         self.dim = int(getattr(model.config, "hidden_size", None) or getattr(model.config, "d_model"))
         self.max_positions = getattr(model.config, "max_position_embeddings", None)  # None: relative positions (T5)
+        self.vocab_size = len(self.tokenizer)  # the base vocabulary and any added tokens
+        self.pad_id = int(self.tokenizer.pad_token_id)
 
     def _check_length(self, max_tokens: int) -> None:
         if self.max_positions is not None and max_tokens > self.max_positions:
             raise ValueError(f"max_tokens={max_tokens} (data.max_tokens / --max-tokens) exceeds the "
                              f"{self.max_positions} positions of the text encoder at {self.name}")
 
+    def _tokenize(self, captions: list[str], max_tokens: int):
+        """The one tokenization of ``encode`` and ``token_ids``: padded and truncated to ``max_tokens``."""
+        return self.tokenizer(captions, padding="max_length", truncation=True, max_length=max_tokens,
+                              return_tensors="pt")
+
+    def token_ids(self, captions: list[str], max_tokens: int) -> np.ndarray:
+        """(B, max_tokens) int64 token ids, special tokens included, ``pad_id`` after the end: the
+        tokens ``encode`` embeds, position for position (its mask marks the same real tokens)."""
+        self._check_length(max_tokens)
+        return self._tokenize(list(captions), max_tokens)["input_ids"].numpy().astype(np.int64)  # (B, n)
+
+    def decode_ids(self, ids: np.ndarray) -> list[str]:
+        """(B, n) token ids -> B strings, special tokens and padding skipped, spaces normalized."""
+        ids = np.asarray(ids)
+        if ids.ndim != 2:
+            raise ValueError(f"decode_ids takes a (B, n) array of token ids, got shape {ids.shape}")
+        texts = self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
+        return [" ".join(t.split()) for t in texts]
+
     @torch.no_grad()
     def encode(self, captions: list[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
         self._check_length(max_tokens)
         embs, masks = [], []
         for i in range(0, len(captions), self.batch_size):
-            tok = self.tokenizer(captions[i:i + self.batch_size], padding="max_length", truncation=True,
-                                 max_length=max_tokens, return_tensors="pt").to(self.device)
+            tok = self._tokenize(captions[i:i + self.batch_size], max_tokens).to(self.device)
             out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
                              output_hidden_states=self.hidden_layer != -1)
             states = out.last_hidden_state if self.hidden_layer == -1 else out.hidden_states[self.hidden_layer]  # (b, n, d)

@@ -9,11 +9,19 @@ scene, caption and pixels, so shards, resumption and evaluation can rely on it.
 
 Some (color, shape) pairs are held out of the ``train`` split; the ``heldout`` split always
 contains at least one of them, to test composition of attributes never seen together.
+
+Each scene also has a metric depth map (the depth task's target): the black background is a
+ground plane seen from a camera above it (far at the top row, near at the bottom row) and each
+shape is a flat cut-out standing on the ground at the row of its bottom edge, so a shape's depth
+can be read from where it stands. It comes from the same layout as the pixels, with no random
+draw of its own: images, captions and layouts are exactly what they were before depth existed.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Iterator
+
+import re
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -39,6 +47,9 @@ _TEMPLATES = ("{groups}", "{groups}", "there is {groups}", "an image of {groups}
 # Side of a shape's bounding box as a fraction of the image side.
 _SIZE_FRACTION = {"small": 0.2, "large": 0.28}
 BACKGROUND = (0, 0, 0)
+# Depth of the ground plane at the bottom and the top row of the image, in meters.
+DEPTH_NEAR = 1.0
+DEPTH_FAR = 10.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,42 @@ def caption(scene: Scene, template: int = 0) -> str:
     """The scene's caption; ``template`` picks one of a few phrasings of the same content."""
     groups = " and ".join(g.phrase() for g in scene.groups)
     return _TEMPLATES[template % len(_TEMPLATES)].format(groups=groups)
+
+
+def phrasings(scene: Scene) -> list[str]:
+    """Every distinct caption of the scene, one per distinct template (BLEU's references)."""
+    return list(dict.fromkeys(caption(scene, t) for t in range(len(_TEMPLATES))))
+
+
+_WORD_COUNTS = {w: n for n, w in _COUNT_WORDS.items()}
+_PHRASE_POSITIONS = {p: pos for pos, p in _POSITION_PHRASES.items()}
+_GROUP_RE = re.compile(
+    rf"({'|'.join(_WORD_COUNTS)}) ({'|'.join(SIZES)}) ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})(s?) "
+    rf"({'|'.join(_PHRASE_POSITIONS)})")
+_PREFIXES = tuple(sorted({t.replace("{groups}", "") for t in _TEMPLATES}, key=len, reverse=True))
+
+
+def _parse_group(text: str) -> ShapeGroup | None:
+    m = _GROUP_RE.fullmatch(text)
+    if m is None:
+        return None
+    count_word, size, color, shape, plural, position_phrase = m.groups()
+    count = _WORD_COUNTS[count_word]
+    if (count > 1) != bool(plural):  # "two red circle" / "a red circles" are not captions
+        return None
+    return ShapeGroup(shape=shape, color=color, size=size, count=count, position=_PHRASE_POSITIONS[position_phrase])
+
+
+def parse_caption(text: str) -> Scene | None:
+    """The scene a caption describes, the inverse of :func:`caption` for every template and one or
+    two groups (case and runs of whitespace ignored); None when ``text`` is not such a caption."""
+    text = " ".join(text.lower().split())
+    prefix = next(p for p in _PREFIXES if text.startswith(p))  # "" always matches
+    parts = text[len(prefix):].split(" and ")
+    if not 1 <= len(parts) <= 2:
+        return None
+    groups = tuple(_parse_group(part) for part in parts)
+    return None if None in groups else Scene(groups)
 
 
 def _region(position: str, res: int) -> tuple[int, int, int, int]:
@@ -124,14 +171,43 @@ def layout(scene: Scene, res: int, rng: np.random.Generator | None = None) -> li
     return boxes
 
 
+def _paint(boxes: list[tuple[ShapeGroup, tuple[int, int, int, int]]], res: int) -> np.ndarray:
+    img = Image.new("RGB", (res, res), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for g, box in boxes:
+        _draw_shape(draw, g.shape, box, COLORS[g.color])
+    return np.asarray(img, dtype=np.uint8).copy()  # (res, res, 3)
+
+
+def ground_depth(res: int) -> np.ndarray:
+    """(res,) depth in meters of the ground plane at each row's center, DEPTH_FAR at the top edge to
+    DEPTH_NEAR at the bottom edge. A pinhole camera looking at a plane sees inverse depth change
+    linearly with the image row, so that is what interpolates linearly."""
+    rows = (np.arange(res, dtype=np.float64) + 0.5) / res  # 0 at the top edge, 1 at the bottom edge
+    inverse = 1.0 / DEPTH_FAR + rows * (1.0 / DEPTH_NEAR - 1.0 / DEPTH_FAR)
+    return (1.0 / inverse).astype(np.float32)
+
+
+def _depth(boxes: list[tuple[ShapeGroup, tuple[int, int, int, int]]], res: int) -> np.ndarray:
+    ground = ground_depth(res)  # (res,)
+    img = Image.fromarray(np.repeat(ground[:, None], res, axis=1))  # (res, res) float32: mode "F"
+    draw = ImageDraw.Draw(img)
+    for g, box in boxes:  # shapes never overlap: no occlusion order needed
+        _draw_shape(draw, g.shape, box, float(ground[box[3]]))  # standing on the ground at its bottom row
+    return np.asarray(img, dtype=np.float32).copy()  # (res, res)
+
+
 def render(scene: Scene, res: int, rng: np.random.Generator | None = None) -> np.ndarray:
     """Draw the scene on a black background: (res, res, 3) uint8, crisp edges (no anti-aliasing,
     so every shape pixel has exactly its palette color)."""
-    img = Image.new("RGB", (res, res), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    for g, box in layout(scene, res, rng):
-        _draw_shape(draw, g.shape, box, COLORS[g.color])
-    return np.asarray(img, dtype=np.uint8).copy()
+    return _paint(layout(scene, res, rng), res)
+
+
+def render_depth(scene: Scene, res: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The scene's metric depth map (res, res) float32 in meters, over the same pixels :func:`render`
+    draws from the same ``rng`` state: the ground plane (:func:`ground_depth`) and each shape at the
+    ground's depth at its bottom row."""
+    return _depth(layout(scene, res, rng), res)
 
 
 class ShapesGenerator:
@@ -179,12 +255,14 @@ class ShapesGenerator:
         return np.random.default_rng([self.seed, self._split_id, index, 1])
 
     def sample(self, index: int) -> dict:
-        """{"image": (H, W, 3) uint8, "caption": str, "scene": Scene} for scene ``index``."""
+        """{"image": (H, W, 3) uint8, "depth": (H, W) float32 meters, "caption": str, "scene": Scene}
+        for scene ``index``."""
         scene = self.scene(index)
         rng = self._layout_rng(index)
         template = int(rng.integers(len(_TEMPLATES)))
-        return {"image": render(scene, self.resolution, rng), "caption": caption(scene, template),
-                "scene": scene}
+        boxes = layout(scene, self.resolution, rng)  # the last draws: depth shares them with the pixels
+        return {"image": _paint(boxes, self.resolution), "depth": _depth(boxes, self.resolution),
+                "caption": caption(scene, template), "scene": scene}
 
     def fingerprint(self, index: int) -> tuple:
         """What sample ``index`` is, without drawing it: its caption and each shape's (shape, color,
@@ -218,3 +296,26 @@ def image_to_tensor_array(image: np.ndarray) -> np.ndarray:
 def tensor_array_to_image(x: np.ndarray) -> np.ndarray:
     """(3, H, W) float in [-1, 1] -> (H, W, 3) uint8."""
     return np.clip((x.transpose(1, 2, 0) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
+def depth_to_tensor_array(depth: np.ndarray) -> np.ndarray:
+    """(H, W) meters -> (1, H, W) float32 in [-1, 1]: the depth task's model target, linear in log depth
+    (DEPTH_NEAR -> -1, DEPTH_FAR -> 1), so an error of the model costs the same relative error at
+    every distance (what AbsRel measures). Depths outside the range are clamped into it."""
+    log_depth = np.log(np.clip(np.asarray(depth, dtype=np.float32), DEPTH_NEAR, DEPTH_FAR))  # (H, W)
+    x = 2.0 * (log_depth - np.log(DEPTH_NEAR)) / (np.log(DEPTH_FAR) - np.log(DEPTH_NEAR)) - 1.0
+    return x[None].astype(np.float32)  # (1, H, W)
+
+
+def tensor_array_to_depth(x: np.ndarray) -> np.ndarray:
+    """(1, H, W) or (H, W) float in [-1, 1] -> (H, W) float32 meters in [DEPTH_NEAR, DEPTH_FAR]
+    (values outside [-1, 1] are clamped first): the inverse of :func:`depth_to_tensor_array`."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 3:
+        if x.shape[0] != 1:
+            raise ValueError(f"a depth map is (1, H, W) or (H, W), got shape {x.shape}")
+        x = x[0]
+    if x.ndim != 2:
+        raise ValueError(f"a depth map is (1, H, W) or (H, W), got shape {x.shape}")
+    log_depth = np.log(DEPTH_NEAR) + (np.clip(x, -1.0, 1.0) + 1.0) / 2.0 * (np.log(DEPTH_FAR) - np.log(DEPTH_NEAR))
+    return np.exp(log_depth).astype(np.float32)  # (H, W)
