@@ -129,6 +129,49 @@ class DataConfig:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
 
 
+# The registered (source, target) pairs and their task names: trainer.tasks.TASKS is built from this table.
+TASK_PAIRS = {("text_ve", "image"): "text_to_image", ("upsample", "image"): "super_resolution",
+              ("image_ve", "depth"): "depth", ("image_ve", "caption"): "captioning"}
+
+
+@dataclass
+class TaskConfig:
+    source: str = _f("text_ve", "the part that makes z0: text_ve (the Text VE over the caption), image_ve (a "
+                                "variational image encoder) or upsample (the low-res image upsampled, no learned part)")
+    target: str = _f("image", "the part z1 comes from and the output is decoded by: image (pixels or the VAE latent), "
+                              "depth (the scene's depth map) or caption (a text latent with its decoder)")
+    source_resolution: int = _f(0, "upsample: side of the low-res input (16 for 16->32, 64 for 64->256); must divide "
+                                   "data.resolution")
+    caption_latent: list[int] = _f([4, 8, 8], "caption target: shape (C, H, W) of the text latent the flow ends at")
+    caption_kl_weight: float = _f(1e-4, "caption target: KL weight of the caption VE")
+    target_pretrain_steps: int = _f(0, "caption target: the first K steps train only the caption autoencoder (caption "
+                                       "VE + decoder), then it is frozen and the flow + image VE train (the paper's "
+                                       "stages); 0 = joint (the flow's target is the caption VE's mean, detached)")
+
+    def validate(self) -> None:
+        _choice("task.source", self.source, ("text_ve", "image_ve", "upsample"))
+        _choice("task.target", self.target, ("image", "depth", "caption"))
+        if (self.source, self.target) not in TASK_PAIRS:
+            pairs = ", ".join(f"{s}->{t} ({n})" for (s, t), n in TASK_PAIRS.items())
+            raise ConfigError(f"task.source={self.source} with task.target={self.target} is not a registered task; "
+                              f"registered: {pairs}")
+        if self.source == "upsample" and self.source_resolution <= 0:
+            raise ConfigError(f"task.source=upsample needs task.source_resolution > 0 (the low-res side), got "
+                              f"{self.source_resolution}")
+        if self.source != "upsample" and self.source_resolution:
+            raise ConfigError(f"task.source_resolution={self.source_resolution} is set but task.source={self.source}: "
+                              f"only upsample reads it")
+        if len(self.caption_latent) != 3 or any(v <= 0 for v in self.caption_latent):
+            raise ConfigError(f"task.caption_latent must be three positive ints (C, H, W), got {self.caption_latent}")
+        if self.caption_kl_weight < 0:
+            raise ConfigError(f"task.caption_kl_weight must be >= 0, got {self.caption_kl_weight}")
+        if self.target_pretrain_steps < 0:
+            raise ConfigError(f"task.target_pretrain_steps must be >= 0 (0 = joint), got {self.target_pretrain_steps}")
+        if self.target_pretrain_steps and self.target != "caption":
+            raise ConfigError(f"task.target_pretrain_steps={self.target_pretrain_steps} needs task.target=caption "
+                              f"(got {self.target}): only the caption autoencoder is pre-trained")
+
+
 @dataclass
 class ObjectiveConfig:
     sigma_min: float = _f(1e-5, "flow-matching sigma_min: x_t = (1 - (1 - sigma_min) t) z0 + t z1")
@@ -347,6 +390,47 @@ def check_two_stage_length(objective: ObjectiveConfig, steps: int) -> None:
                           f"train.steps={steps} (the pre-training stage counts in train.steps)")
 
 
+def check_task(cfg: "Config") -> None:
+    """The task (task.source, task.target) fits the data, the model and the other sections."""
+    t, d = cfg.task, cfg.data
+    if (t.source, t.target) == ("text_ve", "image"):
+        return
+    name = TASK_PAIRS[(t.source, t.target)]
+    if d.source != "shapes":
+        raise ConfigError(f"task {name} (task.source={t.source}, task.target={t.target}) trains on the shapes "
+                          f"generator (its depth maps, captions' token ids and images); got data.source={d.source}")
+    if d.space == "latent":
+        raise ConfigError(f"task {name} works in pixel space; got data.space=latent")
+    if cfg.model.family != "crossflow":
+        raise ConfigError(f"task {name} needs model.family=crossflow, got {cfg.model.family}")
+    if cfg.objective.ve_pretrain_steps:
+        raise ConfigError(f"objective.ve_pretrain_steps={cfg.objective.ve_pretrain_steps} pre-trains the Text VE, "
+                          f"but task.source={t.source}: it applies to task.source=text_ve only")
+    if t.source == "image_ve" and cfg.objective.contrastive_weight > 0 and cfg.objective.contrastive != "image_text":
+        raise ConfigError(f"objective.contrastive={cfg.objective.contrastive} aligns z0 with text features, but "
+                          f"task.source=image_ve has none: use image_text (or objective.contrastive_weight=0)")
+    if t.source == "upsample" and d.resolution % t.source_resolution:
+        raise ConfigError(f"task.source_resolution={t.source_resolution} must divide data.resolution="
+                          f"{d.resolution}")
+    if t.target == "caption":
+        patch = cfg.model.patch_size or _preset_patch_size(cfg.model.preset)
+        _, h, w = t.caption_latent
+        if h % patch or w % patch:
+            raise ConfigError(f"task.caption_latent={t.caption_latent}: H and W must be divisible by the patch size "
+                              f"{patch} (model.patch_size or preset {cfg.model.preset})")
+    if t.target_pretrain_steps and not cfg.train.target_flops and t.target_pretrain_steps >= cfg.train.steps:
+        raise ConfigError(f"task.target_pretrain_steps={t.target_pretrain_steps} must be less than train.steps="
+                          f"{cfg.train.steps} (the pre-training stage counts in train.steps)")
+    if cfg.eval.val_every:
+        raise ConfigError(f"eval.val_every={cfg.eval.val_every}: the validation loss is text_to_image's only; "
+                          f"task {name} has none yet (set eval.val_every=0)")
+
+
+def _preset_patch_size(preset: str) -> int:
+    from trainer.models.crossflow.presets import PRESETS
+    return PRESETS[preset].patch_size
+
+
 @dataclass
 class ClusterConfig:
     use_ray: bool = _f(True, "crossflow train runs through Ray Train (TorchTrainer); false = this process, or torchrun "
@@ -410,6 +494,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -422,6 +507,7 @@ class Config:
             getattr(self, f.name).validate()
         check_validation_data(self.data, self.eval)
         check_variants(self.model, self.objective, self.train)
+        check_task(self)
         if self.eval.cfg_scales and not (self.eval.shapes and self.data.source == "shapes"):
             raise ConfigError(f"eval.cfg_scales={self.eval.cfg_scales} needs the ShapesEval that scores them: "
                               f"eval.shapes=true and data.source=shapes (got eval.shapes={self.eval.shapes}, "

@@ -7,8 +7,9 @@ per-block activation checkpointing and ``torch.compile`` of the blocks the model
 (``trainer.models.families.wrapped_blocks``: the engine knows no model internals), AdamW without weight
 decay on norms/biases/embeddings/indicator vectors, warm-up then constant or cosine LR.
 
-Two-stage training (``objective.ve_pretrain_steps`` K > 0) splits the groups into the text side
-(``trainer.models.families.text_side_modules``) and the flow, each with its own LR multiplier: the
+Two-stage training (``objective.ve_pretrain_steps`` K > 0; ``task.target_pretrain_steps`` for the
+caption target, whose first part is the caption autoencoder: ``first_stage_modules``) splits the
+groups into the text side (``trainer.models.families.text_side_modules``) and the flow, each with its own LR multiplier: the
 flow's is 0 before step K, then its warm-up and schedule run from K; the text side's follows the
 schedule from step 0 and is 0 from K unless ``objective.ve_finetune``. AdamW with learning rate 0
 leaves a parameter exactly as it is (its weight decay and its moments' update both scale with the
@@ -35,7 +36,7 @@ import torch.nn as nn
 
 from trainer.console import quiet_deepspeed_on_cpu, without_build_notice
 from trainer.models.families import text_side_modules, wrapped_blocks
-from trainer.objectives import FLOW_ONLY, VE_PRETRAIN, training_stage
+from trainer.objectives import FROZEN_STAGES, PRETRAIN_STAGES, TwoStage, as_two_stage, training_stage
 
 NO_DECAY_NAMES = ("indicator", "pos_embed", "logit_scale")
 
@@ -117,10 +118,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def two_stage_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """``param_groups`` of the flow, then of the text side, each group tagged ``part``: flow or text
-    (empty groups left out)."""
-    text_ids = {id(p) for m in text_side_modules(model) for p in m.parameters()}
+def first_stage_modules(model: nn.Module, plan: TwoStage) -> list[nn.Module]:
+    """What a two-stage run's first stage trains (the ``text`` part): the text side
+    (objective.ve_pretrain_steps) or the caption autoencoder (task.target_pretrain_steps)."""
+    if plan.part == "caption":
+        from trainer.tasks import caption_autoencoder
+        return [caption_autoencoder(model)]
+    return text_side_modules(model)
+
+
+def two_stage_param_groups(model: nn.Module, weight_decay: float, plan: TwoStage = TwoStage()) -> list[dict]:
+    """``param_groups`` of the flow, then of the text side (``first_stage_modules``), each group
+    tagged ``part``: flow or text (empty groups left out)."""
+    text_ids = {id(p) for m in first_stage_modules(model, plan) for p in m.parameters()}
     groups = []
     for part, keep in (("flow", lambda p: id(p) not in text_ids), ("text", lambda p: id(p) in text_ids)):
         for group in param_groups(model, weight_decay):
@@ -130,20 +140,22 @@ def two_stage_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def part_frozen(objective_cfg, part: str, step: int) -> bool:
-    """Whether the ``part`` (flow or text) of a two-stage run stays still at optimizer step ``step``."""
-    stage = training_stage(objective_cfg, step)
-    return (part == "flow" and stage == VE_PRETRAIN) or (part == "text" and stage == FLOW_ONLY)
+def part_frozen(plan, part: str, step: int) -> bool:
+    """Whether the ``part`` (flow or text) of a two-stage run (``plan``: a TwoStage or an
+    ObjectiveConfig) stays still at optimizer step ``step``."""
+    stage = training_stage(plan, step)
+    return (part == "flow" and stage in PRETRAIN_STAGES) or (part == "text" and stage in FROZEN_STAGES)
 
 
-def two_stage_lr_lambdas(optim_cfg, objective_cfg, total_steps: int, groups: list[dict]) -> list:
+def two_stage_lr_lambdas(optim_cfg, plan, total_steps: int, groups: list[dict]) -> list:
     """One LR multiplier per group: 0 where the group's part is frozen; the flow's schedule starts at
-    objective.ve_pretrain_steps, the text side's at 0."""
-    K = objective_cfg.ve_pretrain_steps
+    the pre-training steps K, the text side's at 0."""
+    plan = as_two_stage(plan)
+    K = plan.steps
     schedules = {"flow": lr_lambda(optim_cfg, total_steps, start=K), "text": lr_lambda(optim_cfg, total_steps)}
 
     def gated(part: str):
-        return lambda step: 0.0 if part_frozen(objective_cfg, part, step) else schedules[part](step)
+        return lambda step: 0.0 if part_frozen(plan, part, step) else schedules[part](step)
     return [gated(g["part"]) for g in groups]
 
 
@@ -318,7 +330,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, train_cfg, optim_cfg, micro_batch: int, dist_info: DistInfo,
                  objective_cfg=None):
-        """``objective_cfg``: the run's ObjectiveConfig, for two-stage training (its ve_pretrain_steps > 0)."""
+        """``objective_cfg``: the run's two stages (``trainer.objectives.TwoStage``, or an
+        ObjectiveConfig: its ve_pretrain_steps), for two-stage training (K > 0)."""
         import deepspeed
         self.dist = dist_info
         blocks = wrapped_blocks(model)
@@ -329,13 +342,14 @@ class Engine:
         model.to(dist_info.device)
         ds_config = deepspeed_config(train_cfg, optim_cfg, micro_batch, dist_info.world_size,
                                      dist_info.device.type)
-        self.two_stage = objective_cfg if objective_cfg is not None and objective_cfg.ve_pretrain_steps else None
+        plan = as_two_stage(objective_cfg) if objective_cfg is not None else TwoStage()
+        self.two_stage = plan if plan.steps else None
         if self.two_stage is None:
             groups = param_groups(model, optim_cfg.weight_decay)
             lambdas = lr_lambda(optim_cfg, train_cfg.steps)
         else:
-            groups = two_stage_param_groups(model, optim_cfg.weight_decay)
-            lambdas = two_stage_lr_lambdas(optim_cfg, objective_cfg, train_cfg.steps, groups)
+            groups = two_stage_param_groups(model, optim_cfg.weight_decay, plan)
+            lambdas = two_stage_lr_lambdas(optim_cfg, plan, train_cfg.steps, groups)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=groups, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambdas),

@@ -8,9 +8,9 @@ built for (pixels or autoencoder latents, text width) in ``trainer.model_input.r
 from the data's description; checkpoint state (engine, EMA, data position, RNG) in
 ``trainer.checkpoint``; sample grids and ShapesEval in ``trainer.observers``. This module steps.
 
-Each optimizer step: for each of ``grad_accum`` micro-batches: batch -> z1 (codec) -> noise keyed
-by the sample's place in the global batch -> objective (encode_text -> z0 -> x_t -> velocity ->
-losses) -> DeepSpeed backward/step (clip, AdamW, schedule at the boundary) -> EMA. Loss sums stay
+Each optimizer step: for each of ``grad_accum`` micro-batches: batch -> the task's source inputs and
+z1 (``trainer.tasks``: text features and the image's z1 for text to image) -> noise keyed by the
+sample's place in the global batch -> objective (encode_source -> z0 -> x_t -> velocity -> losses) -> DeepSpeed backward/step (clip, AdamW, schedule at the boundary) -> EMA. Loss sums stay
 on the device and are reduced across ranks once per ``log_every`` steps. Then: the metrics (at
 logging steps), the validation loss (every ``eval.val_every``: ``trainer.validation``), a checkpoint
 (every ``ckpt_every``, reported through ``on_checkpoint`` with the latest metrics, validation's
@@ -41,11 +41,13 @@ from trainer.engine import Engine, init_distributed
 from trainer.metrics import MetricsLogger, peak_memory_bytes
 from trainer.model_input import (ModelInput, check_init_latents, resolve_model_input, resolved_config,
                                  saved_model_input)
-from trainer.models.codecs import batch_target, build_codec, codec_spec
+from trainer.models.codecs import build_codec, codec_spec
 from trainer.models.families import model_from_args, resolve_model_args
-from trainer.objectives import crossflow_losses, draw_noise, training_stage
+from trainer.objectives import draw_noise, flow_losses, training_stage, two_stage_of
 from trainer.observers import build_observers
 from trainer.plan import with_target_flops
+from trainer.tasks import (TEXT_TO_IMAGE, Task, caption_inputs, source_inputs, source_shape, target_latent,
+                           task_of, with_flow_shape)
 from trainer.validation import Validator, build_validation_set, check_validation_shards, validation_summary
 from trainer.warm_start import init_from_checkpoint
 
@@ -78,7 +80,8 @@ def build_dataloader(cfg: Config, encoder: TextEncoder, micro_batch: int, rank: 
     (on CUDA, so the copies to the device overlap)."""
     if cfg.data.source == "shapes":
         gen = ShapesGenerator(cfg.data.resolution, cfg.data.max_groups, "train", cfg.data.seed)
-        dataset = ShapesTextDataset(gen, cfg.data.num_samples, encoder, cfg.data.max_tokens)
+        dataset = ShapesTextDataset(gen, cfg.data.num_samples, encoder, cfg.data.max_tokens,
+                                    extras=task_of(cfg).extras)  # the task's depth maps or token ids
         return ShapesStream(dataset, micro_batch, cfg.train.seed, rank, world_size, cfg.data.num_workers,
                             pin_memory)
     from data_pipeline.readers import shard_loader_from_config
@@ -115,13 +118,25 @@ def build_ops(name: str, device: torch.device):
     return get_ops(name, device)
 
 
-def build_model(cfg: Config, latent_shape, text_dim: int, device: torch.device) -> torch.nn.Module:
-    """CrossFlow or the cross-attention baseline, per ``model.family``."""
+def build_model(cfg: Config, latent_shape, text_dim: int, device: torch.device,
+                caption_vocab: int = 0) -> torch.nn.Module:
+    """CrossFlow or the cross-attention baseline, per ``model.family``, with the task's source and
+    target parts (``latent_shape``: the flow's; ``caption_vocab``: the caption target's vocabulary)."""
     args = resolve_model_args(cfg.model, latent_shape, text_dim, cfg.data.max_tokens,
-                              cfg.objective.contrastive_init_temperature, cfg.objective.contrastive)
+                              cfg.objective.contrastive_init_temperature, cfg.objective.contrastive,
+                              source=cfg.task.source, target=cfg.task.target, source_shape=source_shape(cfg),
+                              caption_vocab=caption_vocab)
     model = model_from_args(args)
     model.set_ops(build_ops(cfg.model.kernels, device))
     return model.to(device)
+
+
+def task_observers(task: Task, cfg: Config, engine: Engine, codec, captions, metrics, rank: int) -> list:
+    """Sample grids and ShapesEval of text to image (``build_observers``); the other tasks' grids and
+    metrics are not built yet: none."""
+    if task.name != TEXT_TO_IMAGE:
+        return []
+    return build_observers(cfg, engine, codec, captions, metrics, rank)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -170,8 +185,9 @@ class StepStats:
 
 def optimizer_step(engine: Engine, stream, observers, codec, ops, cfg: Config, model_input: ModelInput,
                    step: int, micro: int, rank: int, world: int) -> tuple[dict[str, torch.Tensor], bool]:
-    """Optimizer step ``step + 1``: for each of ``grad_accum`` micro-batches, batch -> z1 (codec) ->
-    noise keyed by the samples' place in the global batch -> losses -> backward -> DeepSpeed step
+    """Optimizer step ``step + 1``: for each of ``grad_accum`` micro-batches, batch -> the task's
+    source inputs and z1 (``trainer.tasks``) -> noise keyed by the samples' place in the global
+    batch -> losses -> backward -> DeepSpeed step
     (at the boundary: clip, AdamW, schedule, EMA). Returns the losses averaged over the micro-batches
     (detached, on the device) and whether the optimizer step was applied (False: non-finite, skipped).
 
@@ -179,19 +195,21 @@ def optimizer_step(engine: Engine, stream, observers, codec, ops, cfg: Config, m
     device, targets move by all-to-all with split sizes computed on the host). DeepSpeed's ZeRO
     optimizer syncs at the accumulation boundary to decide whether to skip a non-finite step
     (``applied``): see ``train.log_every``'s help and the README."""
-    device, sums = engine.device, None
+    device, sums, task = engine.device, None, task_of(cfg)
+    stage = training_stage(two_stage_of(cfg.objective, cfg.task), step)
     for k in range(cfg.train.grad_accum):
         batch = next(stream)
         for observer in observers:
             observer.on_batch(batch)
-        z1 = batch_target(batch, codec).to(device, non_blocking=True)  # (B, C, H, W)
-        emb = batch["text_emb"].to(device, non_blocking=True)  # (B, L, D_text)
-        mask = batch["text_mask"].to(device, non_blocking=True)  # (B, L)
+        z1 = target_latent(task, batch, codec, device)  # (B, C, H, W); None for the caption target
+        source = source_inputs(task, batch, codec, cfg, device)
+        caption = caption_inputs(task, batch, device)  # the caption target's features and ids, else None
         noise = draw_noise(cfg.objective, cfg.train.seed, step, k * micro * world, micro, rank, world,
-                           model_input.latent_shape, device)
+                           model_input.latent_shape, device,
+                           target_shape=model_input.latent_shape if caption is not None else None)
         with engine.autocast():
-            losses = crossflow_losses(engine.module, z1, emb, mask, cfg.objective, ops, noise,
-                                      training_stage(cfg.objective, step))
+            losses = flow_losses(engine.module, source, z1, cfg.objective, ops, noise, stage, caption,
+                                 cfg.task.caption_kl_weight)
         engine.backward(losses.total)
         applied = engine.step()
         d = losses.detached()
@@ -223,19 +241,21 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
     data = describe_data(cfg)
     stream = build_dataloader(cfg, encoder, micro, rank, world, pin_memory=device.type == "cuda")
     captions = caption_cache(cfg, encoder, stream)
-    model_input = resolve_model_input(cfg, data.shards, data.metadata, encoder.dim)
+    task = task_of(cfg)
+    model_input = with_flow_shape(cfg, resolve_model_input(cfg, data.shards, data.metadata, encoder.dim))
     cfg = resolved_config(cfg, model_input)  # what config.json and checkpoints record
     features = FeatureMetadata(model_input.latent, data.metadata.text)
     codec = build_codec(model_input, device=device)  # fails now, not at the first grid, without an autoencoder
     valset = build_validation_set(cfg, encoder, model_input, rank, world)  # None without eval.val_every
-    model = build_model(cfg, model_input.latent_shape, model_input.text_dim, device)
+    model = build_model(cfg, model_input.latent_shape, model_input.text_dim, device,
+                        encoder.vocab_size if task.target == "caption" else 0)
     cfg = with_target_flops(cfg, model.flops_per_sample(), announce=rank == 0)  # train.target_flops -> steps
     if cfg.train.init_from:  # every rank refuses a checkpoint trained on other latents (metadata only)
         check_init_latents(saved_model_input(cfg.train.init_from), model_input, cfg.train.init_from)
     if cfg.train.init_from and rank == 0:  # another run's weights (a resume below overrides them); only
         resized = init_from_checkpoint(model, cfg.train.init_from)  # rank 0 reads: DeepSpeed broadcasts them
         print(f"initialized from {cfg.train.init_from} (resized: {', '.join(resized) or 'none'})", flush=True)
-    engine = Engine(model, cfg.train, cfg.optim, micro, info, cfg.objective)
+    engine = Engine(model, cfg.train, cfg.optim, micro, info, two_stage_of(cfg.objective, cfg.task))
     module = engine.module
 
     step = 0
@@ -253,7 +273,7 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     metrics = MetricsLogger(out_dir, cfg.log, cfg.to_dict(), cfg.train.steps, step, rank)
-    observers = build_observers(cfg, engine, codec, captions, metrics, rank)
+    observers = task_observers(task, cfg, engine, codec, captions, metrics, rank)
     ops = build_ops(cfg.model.kernels, device)
     validator = Validator(cfg, valset, engine, codec, ops, micro, metrics) if valset is not None else None
     flops_per_sample = module.flops_per_sample()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from data_pipeline.features import text_encoder_dim
 from data_pipeline.metadata import FeatureMetadata, LatentSpec, TextSpec, check_text_settings
+from trainer.config import TASK_PAIRS
 
 @dataclass(frozen=True)
 class ModelInput:
@@ -25,6 +26,7 @@ class ModelInput:
     max_tokens: int  # n: tokens per caption, fixed (the Text VE flattens them)
     resolution: int  # image side in pixels (what samples decode to)
     latent: LatentSpec | None = None  # how the latents were made (latent space, when known)
+    task: str = "text_to_image"  # the task (trainer.tasks); latent_shape is then the flow's shape (its target's)
 
     def image_tokens(self, patch_size: int) -> int:
         """Image tokens of the flow transformer for a patch size p: (h/p)*(w/p) (plus one indicator token)."""
@@ -159,8 +161,9 @@ def checkpoint_model_input(config, model_args: dict, features: FeatureMetadata |
     shape = tuple(int(v) for v in model_args["latent_shape"])
     latent = features.latent if features is not None else None
     space = d.space if d.space != "auto" else ("pixels" if shape == (3, d.resolution, d.resolution) else "latent")
+    task = TASK_PAIRS[(config.task.source, config.task.target)]
     return ModelInput(space, shape, int(model_args.get("text_dim") or d.text_dim or 0), d.max_tokens,
-                      d.resolution, latent)
+                      d.resolution, latent, task)
 
 
 def saved_model_input(checkpoint) -> ModelInput:
@@ -183,6 +186,9 @@ def check_same_latents(saved: ModelInput, current: ModelInput, checkpoint: str) 
         extra = (f", {spec.resolution} px, scaling_factor={spec.scaling_factor}, shift_factor={spec.shift_factor}"
                  if spec is not None else "")
         return f"latents {m.latent_shape}{extra}"
+    if saved.task != current.task:
+        raise ValueError(f"checkpoint {checkpoint} was trained for task {saved.task} but this run's task is "
+                         f"{current.task} (task.source, task.target)")
     same = saved.space == current.space and tuple(saved.latent_shape) == tuple(current.latent_shape)
     if same and saved.latent is not None and current.latent is not None:
         a, b = saved.latent, current.latent

@@ -48,17 +48,45 @@ KEY_STARTS = (0x243F6A88, 0x85A308D3)
 TIME_COUNTER, UNCOND_COUNTER, PARTNER_COUNTER, EPS_FIRST_COUNTER = 0, 1, 2, 3
 
 # What an optimizer step trains (``training_stage``): everything (joint; the default, and two-stage
-# training's fine-tuning), the Text VE alone (two-stage's first stage), the flow alone (then, VE frozen).
+# training's fine-tuning), the Text VE alone (two-stage's first stage), the flow alone (then, VE frozen);
+# for the caption target (task.target_pretrain_steps): the caption autoencoder alone, then the flow and
+# the source with the caption autoencoder frozen.
 JOINT, VE_PRETRAIN, FLOW_ONLY = "joint", "ve_pretrain", "flow_only"
+CAPTION_PRETRAIN, CAPTION_FROZEN = "caption_pretrain", "caption_frozen"
+PRETRAIN_STAGES, FROZEN_STAGES = (VE_PRETRAIN, CAPTION_PRETRAIN), (FLOW_ONLY, CAPTION_FROZEN)
 
 
-def training_stage(cfg, step: int) -> str:
+@dataclass(frozen=True)
+class TwoStage:
+    """Two-stage training: the first ``steps`` optimizer steps train only ``part`` (text: the Text
+    VE side, objective.ve_pretrain_steps; caption: the caption autoencoder, task.target_pretrain_steps),
+    then the rest trains with ``part`` frozen (or, with ``finetune``, everything). steps 0: joint."""
+    steps: int = 0
+    finetune: bool = False
+    part: str = "text"
+
+
+def two_stage_of(objective, task=None) -> TwoStage:
+    """The run's two stages from its ObjectiveConfig and TaskConfig (validation allows one of the two)."""
+    if task is not None and task.target_pretrain_steps:
+        return TwoStage(task.target_pretrain_steps, False, "caption")
+    return TwoStage(objective.ve_pretrain_steps, objective.ve_finetune, "text")
+
+
+def as_two_stage(plan) -> TwoStage:
+    """A TwoStage as it is, or an ObjectiveConfig's (objective.ve_pretrain_steps)."""
+    return plan if isinstance(plan, TwoStage) else two_stage_of(plan)
+
+
+def training_stage(plan, step: int) -> str:
     """The stage of the optimizer step after ``step`` completed ones (0-based): a function of the
-    step alone, so a resumed run continues in the right stage."""
-    if step < cfg.ve_pretrain_steps:
-        return VE_PRETRAIN
-    if cfg.ve_pretrain_steps and not cfg.ve_finetune:
-        return FLOW_ONLY
+    step alone, so a resumed run continues in the right stage. ``plan``: a TwoStage or an ObjectiveConfig."""
+    plan = as_two_stage(plan)
+    caption = plan.part == "caption"
+    if step < plan.steps:
+        return CAPTION_PRETRAIN if caption else VE_PRETRAIN
+    if plan.steps and not plan.finetune:
+        return CAPTION_FROZEN if caption else FLOW_ONLY
     return JOINT
 
 
@@ -68,9 +96,11 @@ class Losses:
     flow_matching: torch.Tensor
     kl: torch.Tensor
     contrastive: torch.Tensor
+    caption_ce: torch.Tensor | None = None  # caption target: the decoder's cross-entropy
+    caption_kl: torch.Tensor | None = None  # caption target: the caption VE's KL
 
     def detached(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in vars(self).items()}
+        return {k: v.detach() for k, v in vars(self).items() if v is not None}
 
 
 def unconditional_partners(uncond: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -183,6 +213,7 @@ class Noise:
     indicator: torch.Tensor  # (b,) long
     eps: torch.Tensor  # (b, C, H, W)
     swap: TargetSwap
+    target_eps: torch.Tensor | None = None  # (b, C, H, W): the caption VE's eps (caption target), else None
 
 
 def target_swap(source: torch.Tensor, rank: int, micro_batch: int, world_size: int) -> TargetSwap:
@@ -214,7 +245,7 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def draw_noise(cfg, seed: int, step: int, first_index: int, micro_batch: int, rank: int, world_size: int,
-               latent_shape, device) -> Noise:
+               latent_shape, device, target_shape=None) -> Noise:
     """Noise keyed by (seed, optimizer step, the sample's position in the step's global batch), not
     by rank or micro-batch size, so N ranks draw exactly what one process with the same global
     batch draws. Samplers deal the global batch round-robin: rank r's i-th sample of the micro-step
@@ -224,7 +255,10 @@ def draw_noise(cfg, seed: int, step: int, first_index: int, micro_batch: int, ra
     A counter-based RNG (``random_bits``: a hash of the sample's key and a counter, no generator
     state), vectorized: on the host, what every rank must agree on (which samples are unconditional
     and their partners: a few int64 ops per sample of the micro-step, O(global micro-batch) scalars),
-    and this rank's t; on the device, eps (O(local micro-batch)), from the local keys."""
+    and this rank's t; on the device, eps (O(local micro-batch)), from the local keys.
+
+    ``target_shape`` (the caption target): also the caption VE's eps of that shape, from the counters
+    after z0's eps (the same keys: a pure function of the sample's position, as z0's eps)."""
     device = torch.device(device)
     b, M = micro_batch, micro_batch * world_size
     q = torch.arange(M)  # rows of the micro-step, rank-major
@@ -238,8 +272,14 @@ def draw_noise(cfg, seed: int, step: int, first_index: int, micro_batch: int, ra
     local_keys = _to_device(keys[local], device)  # (b, 2)
     counters = EPS_FIRST_COUNTER + torch.arange(math.prod(latent_shape), device=device)  # (E,)
     eps = bits_to_normal(random_bits(local_keys, counters)).view(b, *latent_shape)  # (b, C, H, W)
+    target_eps = None
+    if target_shape is not None:
+        first = EPS_FIRST_COUNTER + math.prod(latent_shape)
+        counters = first + torch.arange(math.prod(target_shape), device=device)  # (E_target,)
+        target_eps = bits_to_normal(random_bits(local_keys, counters)).view(b, *target_shape)  # (b, C, H, W)
     swap.index, swap.send_rows = _to_device(swap.index, device), _to_device(swap.send_rows, device)
-    return Noise(t=_to_device(t, device), indicator=_to_device(indicator, device), eps=eps, swap=swap)
+    return Noise(t=_to_device(t, device), indicator=_to_device(indicator, device), eps=eps, swap=swap,
+                 target_eps=target_eps)
 
 
 def kl_per_sample(mu: torch.Tensor, logvar: torch.Tensor | None) -> torch.Tensor:
@@ -286,18 +326,19 @@ def reconstruction_loss(reconstructed: torch.Tensor, features: torch.Tensor) -> 
     return F.mse_loss(reconstructed.float(), features.float())
 
 
-def z0_alignment_loss(model, z0: torch.Tensor, z1: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor,
-                      variant: str) -> torch.Tensor:
+def z0_alignment_loss(model, z0: torch.Tensor, z1: torch.Tensor, source: dict, variant: str) -> torch.Tensor:
     """z0's alignment term per ``objective.contrastive`` (paper, 70M, FID-10K): image_text, InfoNCE
     with the learned image encoder's embedding of z1 (33.41); text_text, InfoNCE with a learned
     projection of the pooled language-model features (34.67); reconstruction, MSE of a learned
-    decoder from z0 back to those features (40.78)."""
+    decoder from z0 back to those features (40.78). ``source``: what made z0 (text_text and
+    reconstruction read its text_emb and text_mask)."""
     if variant == "image_text":
         return contrastive_loss(z0, *model.embed_image(z1))
     if variant == "text_text":
-        return contrastive_loss(z0, *model.embed_text_features(text_emb, text_mask))
+        return contrastive_loss(z0, *model.embed_text_features(source["text_emb"], source["text_mask"]))
     if variant == "reconstruction":
-        return reconstruction_loss(model.reconstruct_text_features(z0), pooled_text_features(text_emb, text_mask))
+        return reconstruction_loss(model.reconstruct_text_features(z0),
+                                   pooled_text_features(source["text_emb"], source["text_mask"]))
     raise ValueError(f"objective.contrastive must be image_text, text_text or reconstruction, got {variant!r}")
 
 
@@ -312,33 +353,87 @@ def swapped_targets(z1: torch.Tensor, swap: TargetSwap) -> torch.Tensor:
     return torch.cat([z1, received])[swap.index]
 
 
+def encode_source(model, source: dict, eps: torch.Tensor):
+    """(z0, mu, logvar | None) of the flow's source: the Text VE's (``encode_text``, which every model
+    family has) or the task's source part (``encode_source``)."""
+    if "text_emb" in source:
+        return model.encode_text(source["text_emb"], source["text_mask"], eps=eps)
+    return model.encode_source(source, eps=eps)
+
+
+def source_is_learned(model, source: dict) -> bool:
+    """Whether z0 comes from a learned encoder, so KL and the alignment term apply: the Text VE's
+    (not the baseline's noise) or an image VE's (not an upsampled image)."""
+    return model.source_from_text if "text_emb" in source else model.source_is_learned
+
+
+@dataclass
+class CaptionTerms:
+    mean: torch.Tensor  # (B, C, H, W): the caption VE's mean, the flow's target (detached by the caller)
+    ce: torch.Tensor  # the decoder's cross-entropy on a sample of the caption VE
+    kl: torch.Tensor  # the caption VE's KL
+
+
+def caption_terms(model, caption, eps: torch.Tensor) -> CaptionTerms:
+    """The caption autoencoder's losses: caption VE (mu, logvar) of the caption's token features,
+    decoder cross-entropy on z = mu + sigma * eps against the token ids, KL to N(0, I)."""
+    from trainer.models.crossflow.caption import caption_loss
+    mu, logvar = model.encode_caption(caption.emb, caption.mask)  # (B, C, H, W) each
+    z = mu + torch.exp(0.5 * logvar) * eps.to(mu.dtype)  # (B, C, H, W)
+    logits = model.decode_caption(z)  # (B, n, vocab)
+    return CaptionTerms(mean=mu, ce=caption_loss(logits, caption.ids), kl=kl_divergence(mu, logvar))
+
+
 def crossflow_losses(model, z1: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor, cfg, ops,
                      noise: Noise, stage: str = JOINT) -> Losses:
-    """One forward of the whole objective for a batch (z1: target latents (B, C, H, W)); ``noise``
-    (from ``draw_noise``) fixes every random draw; ``stage`` (``training_stage``) what it trains:
+    """Text to image: ``flow_losses`` with the caption's text features as the source."""
+    return flow_losses(model, {"text_emb": text_emb, "text_mask": text_mask}, z1, cfg, ops, noise, stage)
+
+
+def flow_losses(model, source: dict, z1: torch.Tensor | None, cfg, ops, noise: Noise, stage: str = JOINT,
+                caption=None, caption_kl_weight: float = 0.0) -> Losses:
+    """One forward of the whole objective for a batch: z0 from ``source`` (``trainer.tasks.source_inputs``),
+    towards z1 (B, C, H, W) (``trainer.tasks.target_latent``) or, for the caption target (``caption``:
+    ``trainer.tasks.CaptionInputs``), towards the caption VE's mean, detached; ``noise`` (from
+    ``draw_noise``) fixes every random draw; ``stage`` (``training_stage``) what it trains:
     VE_PRETRAIN runs no flow (flow_matching logged as 0, total = alignment + KL); FLOW_ONLY feeds the
     flow a detached z0 and adds the text terms with weight 0: total = flow matching, and the frozen
-    text side gets gradients of exactly 0 (alignment and KL still logged). Exact zeros, not none:
-    DeepSpeed ZeRO-3 keeps a parameter's last gradient partition when a backward gives it none, so
-    the pre-training stage's last gradients would count in every later clipped norm."""
-    z0, mu, logvar = model.encode_text(text_emb, text_mask, eps=noise.eps)  # (B, C, H, W) each
+    text side gets gradients of exactly 0 (alignment and KL still logged). CAPTION_PRETRAIN trains the
+    caption autoencoder alone (no source, no flow; flow_matching logged as 0); CAPTION_FROZEN adds its
+    terms with weight 0. Exact zeros, not none: DeepSpeed ZeRO-3 keeps a parameter's last gradient
+    partition when a backward gives it none, so the pre-training stage's last gradients would count
+    in every later clipped norm. The caption terms (cross-entropy + caption_kl_weight * KL) add to
+    the total with weight 1 otherwise."""
+    cap = caption_terms(model, caption, noise.target_eps) if caption is not None else None
+    if stage == CAPTION_PRETRAIN:
+        zero = cap.ce.new_zeros((), dtype=torch.float32)
+        return Losses(total=cap.ce + caption_kl_weight * cap.kl, flow_matching=zero, kl=zero, contrastive=zero,
+                      caption_ce=cap.ce, caption_kl=cap.kl)
+    if cap is not None:
+        z1 = cap.mean.detach()  # (B, C, H, W): the flow's target is data to it
+    z0, mu, logvar = encode_source(model, source, noise.eps)  # (B, C, H, W) each
     z0_flow = z0.detach() if stage == FLOW_ONLY else z0  # what the flow starts from; frozen: no gradient back
     if stage == VE_PRETRAIN:
         fm = z0.new_zeros((), dtype=torch.float32)
     else:
         indicator, t = noise.indicator, noise.t
         target = swapped_targets(z1, noise.swap)  # (B, C, H, W); uncond targets may come from other ranks
-        cond = model.text_condition(text_emb, text_mask)  # None for CrossFlow: its text is all in z0
+        cond = model.text_condition(source["text_emb"], source["text_mask"]) if "text_emb" in source else None
         x_t = ops.interpolate(z0_flow, target, t, cfg.sigma_min)  # (B, C, H, W)
         v = model.velocity(x_t, t, indicator, cond)
         fm = ops.flow_matching_loss(v, z0_flow, target, cfg.sigma_min).mean()
     kl = kl_divergence(mu, logvar)
-    con = z0_alignment_loss(model, z0, z1, text_emb, text_mask, cfg.contrastive) \
-        if cfg.contrastive_weight > 0 and model.source_from_text else fm.new_zeros(())
+    con = z0_alignment_loss(model, z0, z1, source, cfg.contrastive) \
+        if cfg.contrastive_weight > 0 and source_is_learned(model, source) else fm.new_zeros(())
     if stage == VE_PRETRAIN:
         total = cfg.kl_weight * kl + cfg.contrastive_weight * con
     elif stage == FLOW_ONLY:
         total = fm + 0.0 * (cfg.kl_weight * kl + cfg.contrastive_weight * con)  # zero gradients to the text side
     else:
         total = fm + cfg.kl_weight * kl + cfg.contrastive_weight * con
-    return Losses(total=total, flow_matching=fm, kl=kl, contrastive=con)
+    if cap is None:
+        return Losses(total=total, flow_matching=fm, kl=kl, contrastive=con)
+    caption_total = cap.ce + caption_kl_weight * cap.kl
+    weight = 0.0 if stage == CAPTION_FROZEN else 1.0  # frozen: zero gradients to the caption autoencoder
+    return Losses(total=total + weight * caption_total, flow_matching=fm, kl=kl, contrastive=con,
+                  caption_ce=cap.ce, caption_kl=cap.kl)

@@ -1,0 +1,117 @@
+"""The tasks beside text to image (trainer/tasks.py): super-resolution, depth and captioning train
+end to end through ``train()`` (one process, the real DeepSpeed engine, tiny model); captioning
+resumes exactly and its two-stage variant freezes the caption autoencoder; the task section's
+validation names the keys."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import tiny_overrides
+from trainer.checkpoint import WEIGHTS_FILE
+from trainer.config import ConfigError, load_config
+from trainer.loop import train
+from trainer.metrics import read_metrics
+from trainer.model_input import saved_model_input
+
+TASK_OVERRIDES = {
+    "super_resolution": {"task.source": "upsample", "task.source_resolution": 16},
+    "depth": {"task.source": "image_ve", "task.target": "depth"},
+    "captioning": {"task.source": "image_ve", "task.target": "caption"},
+}
+FLOW_SHAPES = {"super_resolution": [3, 32, 32], "depth": [1, 32, 32], "captioning": [4, 8, 8]}
+CAPTION_AUTOENCODER = "caption."  # parameter names of the model's caption autoencoder (CrossFlow.caption)
+
+
+def task_config(tmp_path: Path, task: str, **extra):
+    values = {"train.steps": 6, "train.global_batch_size": 8, "data.num_samples": 64, "model.depth": 1,
+              "eval.shapes": False, **TASK_OVERRIDES[task], **extra}
+    return load_config(None, tiny_overrides(tmp_path, **values))
+
+
+def step_records(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+
+
+def checkpoint_weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step_{step:08d}" / WEIGHTS_FILE)
+
+
+@pytest.mark.parametrize("task", ["super_resolution", "depth"])
+def test_task_trains_and_checkpoints(tmp_path, task):
+    run = tmp_path / task
+    summary = train(task_config(run, task))
+    records = step_records(run)
+    assert sorted(records) == list(range(1, 7))
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["flow_matching"]) for r in records.values())
+    if task == "depth":
+        assert all(r["kl"] > 0 for r in records.values())  # the image VE is variational
+    ckpt = Path(summary["checkpoint"])
+    assert ckpt.name == "step_00000006" and (ckpt / WEIGHTS_FILE).is_file()
+    assert json.loads((ckpt / "model.json").read_text())["latent_shape"] == FLOW_SHAPES[task]
+    saved = saved_model_input(ckpt)
+    assert saved.task == task and list(saved.latent_shape) == FLOW_SHAPES[task]
+
+
+def test_captioning_trains_and_resumes_exactly(tmp_path):
+    """6 steps straight (a checkpoint at 3) and a restart from step 3: the same per-step losses,
+    caption terms included (the caption VE's eps is keyed by seed, step and sample like z0's)."""
+    common = {"train.ckpt_every": 3, "optim.schedule": "constant"}
+    straight = tmp_path / "straight"
+    train(task_config(straight, "captioning", **common))
+    resumed = tmp_path / "resumed"
+    train(task_config(resumed, "captioning", **common,
+                      **{"train.resume": straight / "checkpoints" / "step_00000003"}))
+    a, b = step_records(straight), step_records(resumed)
+    assert sorted(a) == list(range(1, 7)) and sorted(b) == [4, 5, 6]
+    for r in a.values():
+        assert all(math.isfinite(r[k]) for k in ("loss", "flow_matching", "caption_ce", "caption_kl"))
+        assert r["caption_ce"] > 0
+    for step in (4, 5, 6):
+        for key in ("loss", "flow_matching", "caption_ce", "caption_kl"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-7), (step, key)
+    assert saved_model_input(straight).latent_shape == (4, 8, 8)
+
+
+def test_two_stage_captioning_freezes_the_caption_autoencoder(tmp_path):
+    """task.target_pretrain_steps=2: steps 1-2 train the caption autoencoder alone (flow matching 0),
+    steps 3-4 the flow and the image VE with the caption autoencoder exactly still."""
+    run = tmp_path / "two_stage"
+    train(task_config(run, "captioning", **{"task.target_pretrain_steps": 2, "train.steps": 4,
+                                            "train.ckpt_every": 2, "train.ema_decay": 0.0}))
+    records = step_records(run)
+    assert [records[s]["flow_matching"] for s in (1, 2)] == [0.0, 0.0]
+    assert all(records[s]["flow_matching"] > 0 for s in (3, 4))
+    stage1, stage2 = checkpoint_weights(run, 2), checkpoint_weights(run, 4)  # live weights (no EMA)
+    caption = [k for k in stage1 if k.startswith(CAPTION_AUTOENCODER)]
+    assert caption, sorted(stage1)[:10]
+    assert all(torch.equal(stage1[k], stage2[k]) for k in caption), "stage 2 moved the caption autoencoder"
+    moved = [k for k in stage1 if k not in caption and not torch.equal(stage1[k], stage2[k])]
+    assert any(k.startswith("flow.") for k in moved), "stage 2 did not train the flow"
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"task.source": "upsample", "task.target": "depth"}, "not a registered task"),
+    ({"task.source": "upsample"}, "needs task.source_resolution > 0"),
+    ({"task.source": "upsample", "task.source_resolution": 12}, "must divide data.resolution=32"),
+    ({"task.source_resolution": 16}, "only upsample reads it"),
+    ({"task.source": "image_ve", "task.target": "caption", "task.caption_latent": [4, 6, 6], "model.patch_size": 4},
+     "divisible by the patch size 4"),
+    ({"task.target_pretrain_steps": 3}, "needs task.target=caption"),
+    ({"task.source": "image_ve", "task.target": "caption", "task.target_pretrain_steps": 4},
+     "must be less than train.steps=4"),
+    ({"task.source": "image_ve", "task.target": "depth", "objective.ve_pretrain_steps": 2},
+     "applies to task.source=text_ve only"),
+    ({"task.source": "image_ve", "task.target": "depth", "objective.contrastive": "text_text"}, "has none"),
+    ({"task.source": "image_ve", "task.target": "depth", "eval.val_every": 2}, "eval.val_every=2"),
+    ({"task.source": "image_ve", "task.target": "depth", "data.source": "mds", "data.path": "/x"},
+     "data.source=mds"),
+])
+def test_task_config_errors_name_the_keys(tmp_path, values, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        load_config(None, tiny_overrides(tmp_path, **values))
