@@ -100,6 +100,16 @@ def test_eval_commands_print_and_write_model_and_baseline(runs, tmp_path, capsys
         assert written["task"] == name and written["num"] == 4
         assert set(METRICS[name]) <= set(written["model"]) and set(METRICS[name]) <= set(written["baseline"])
         assert ("shapes_eval" in written) == (name == "super_resolution")
+    photos = tmp_path / "photos"  # super-resolution of your own images (resized to 32 px): PSNR and SSIM only
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    out = tmp_path / "photos.json"
+    assert main(["eval", "superres", "--checkpoint", str(runs["super_resolution"][0]), "--images", str(photos),
+                 "--steps", "2", "--out", str(out)]) == 0
+    assert f"super_resolution on 3 images from {photos}" in capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert written["num"] == 3 and "shapes_eval" not in written and set(written["baseline"]) == {"psnr", "ssim"}
 
 
 def test_caption_command_and_wrong_checkpoints(runs, tmp_path, capsys):

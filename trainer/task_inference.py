@@ -205,6 +205,7 @@ class TaskEvaluation:
     model: dict[str, float]  # the task's metric of the model's outputs
     baseline: dict[str, float]  # the same metric of the trivial baseline's
     shapes_eval: dict[str, float] = field(default_factory=dict)  # super-resolution: ShapesEval of the outputs
+    data: str = "held-out shapes scenes"  # what was scored
 
     def metrics(self) -> dict[str, float]:
         """``task/<metric>``, ``task/baseline_<metric>`` and ``shapes_eval/<name>``: what training logs."""
@@ -214,7 +215,7 @@ class TaskEvaluation:
         return out
 
     def to_dict(self) -> dict:
-        return {"task": self.task, "num": self.num, "baseline_name": BASELINE_NAMES[self.task],
+        return {"task": self.task, "num": self.num, "data": self.data, "baseline_name": BASELINE_NAMES[self.task],
                 "model": self.model, "baseline": self.baseline, **({"shapes_eval": self.shapes_eval}
                                                                      if self.shapes_eval else {})}
 
@@ -222,7 +223,7 @@ class TaskEvaluation:
         """Model vs baseline, one metric per line (and ShapesEval's overall and tasks for super-resolution)."""
         base = BASELINE_NAMES[self.task]
         width = max(len(k) for k in self.model)
-        lines = [f"{self.task} on {self.num} held-out shapes scenes",
+        lines = [f"{self.task} on {self.num} {self.data}",
                  f"{'metric':<{width}} {'model':>10} {base:>22}"]
         lines += [f"{k:<{width}} {v:>10.4f} {self.baseline.get(k, float('nan')):>22.4f}" for k, v in self.model.items()]
         if self.shapes_eval:
@@ -239,17 +240,22 @@ def default_eval_size(cfg: Config) -> int:
     return cfg.eval.images_per_prompt * len(prompt_suite(cfg.data.max_groups))
 
 
-def evaluate_task(predictor: TaskPredictor, num: int | None = None, seed: int = 0, **predict_kw) -> TaskEvaluation:
+def evaluate_task(predictor: TaskPredictor, num: int | None = None, seed: int = 0, images: list | None = None,
+                  images_from: str = "", **predict_kw) -> TaskEvaluation:
     """Score the predictor on the first ``num`` held-out shapes scenes (default ``default_eval_size``)
     against the task's trivial baseline; super-resolution's outputs also go through ShapesEval
-    against their true scenes."""
+    against their true scenes. Super-resolution may score ``images`` instead ((R, R, 3) uint8 ground
+    truths, e.g. real photos, named ``images_from``): PSNR and SSIM only."""
     from trainer.eval.shapes_eval import evaluate
     cfg, name = predictor.config, predictor.task.name
-    samples = heldout_samples(cfg, num or default_eval_size(cfg))
+    if images is not None and name != "super_resolution":
+        raise ValueError(f"only super-resolution scores given images; {name} needs the shapes scenes' truth")
+    samples = heldout_samples(cfg, num or default_eval_size(cfg)) if images is None else [{"image": im} for im in images]
     outputs = predictor.predict(task_inputs(predictor, samples), seed=seed, **predict_kw)
     result = TaskEvaluation(name, len(samples), task_scores(name, outputs, samples),
-                            task_scores(name, baseline_outputs(cfg, name, samples), samples))
-    if name == "super_resolution":
+                            task_scores(name, baseline_outputs(cfg, name, samples), samples),
+                            data=f"images from {images_from}" if images is not None else "held-out shapes scenes")
+    if name == "super_resolution" and images is None:
         result.shapes_eval = evaluate([[im] for im in outputs], [s["scene"] for s in samples]).summary()
     return result
 

@@ -149,8 +149,11 @@ def _eval_task(args: argparse.Namespace) -> int:
     if args.num is not None and args.num <= 0:
         raise SystemExit(f"crossflow eval {args.eval_command}: --num must be positive, got {args.num}")
     predictor = task_predictor_from_args(args, TASK_COMMANDS[args.eval_command], f"crossflow eval {args.eval_command}")
-    result = evaluate_task(predictor, args.num, args.seed, steps=args.steps, solver=args.solver,
-                           cfg_scale=args.cfg_scale)
+    images = None
+    if getattr(args, "images", None):
+        images = load_image_dir(args.images, predictor.config.data.resolution)[:args.num]
+    result = evaluate_task(predictor, args.num, args.seed, images=images, images_from=getattr(args, "images", ""),
+                           steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale)
     print(result.table())
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +167,8 @@ _TASK_HELP = {
     "superres": ("super-resolution: PSNR, SSIM vs bicubic upsampling, and ShapesEval of the outputs",
                  "Area-downsample held-out shapes scenes to the checkpoint's task.source_resolution, upsample them "
                  "with the model, and compare PSNR and SSIM with bicubic upsampling's; ShapesEval scores the "
-                 "outputs against the true scenes."),
+                 "outputs against the true scenes (--images DIR: your own images instead, PSNR and SSIM only). "
+                 "The upsampled input is z0: --seed and --z0 change nothing."),
     "depth": ("depth: AbsRel and delta < 1.25 vs the mean depth map",
               "Predict metric depth for held-out shapes scenes and compare AbsRel and delta1 (the fraction of "
               "pixels within a factor 1.25) with the training scenes' mean depth map."),
@@ -238,6 +242,9 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
         p = sub.add_parser(command, help=short, description=long + " A checkpoint of another task is refused.")
         _task_eval_args(p)
         if command == "superres":
+            p.add_argument("--images", default=None, metavar="DIR",
+                           help="score the images in DIR (resized to the checkpoint's data.resolution; the first --num) "
+                                "instead of held-out shapes scenes: e.g. real photos for a latent-space model")
             p.add_argument("--vae", default=None,
                            help="local diffusers AutoencoderKL folder of a latent-space model (default: the one the "
                                 "checkpoint's metadata names)")
