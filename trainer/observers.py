@@ -215,8 +215,13 @@ class TaskObserver(Observer):
 class TaskGrids(TaskObserver):
     """A non-text task's sample grid every ``train.sample_every`` steps and at the end (not after a
     stop request), like ``SampleGrids``: ``samples/step_N.png`` / ``final.png``, one row per held-out
-    shapes scene (``sample.num_prompts``), columns input | output (2 seeds when z0 is sampled) | ground
-    truth (``trainer.task_inference.task_grid``); logged as images."""
+    shapes scene (``sample.num_prompts``; shard data: the first training images), columns input |
+    output (2 seeds when z0 is sampled) | ground truth (``trainer.task_inference.task_grid``); logged
+    as images."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.seen: list[dict] = []  # shard data: the first training images and captions, the grid's rows
 
     def on_step_end(self, step: int) -> None:
         every = self.cfg.train.sample_every
@@ -226,10 +231,6 @@ class TaskGrids(TaskObserver):
     def on_train_end(self, step: int, stopped: bool) -> None:
         if not stopped:
             self.write(Path(self.cfg.train.out_dir) / "samples" / "final.png", step)
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.seen: list[dict] = []  # shard data: the first training images and captions, the grid's rows
 
     def on_batch(self, batch: dict) -> None:
         from data_pipeline.shapes import tensor_array_to_image
