@@ -13,12 +13,13 @@ from trainer.models.crossflow.sources import INIT_LOGVAR, ImageVE
 from trainer.models.families import family_of, model_from_args, resolve_model_args, text_side_modules, wrapped_blocks
 
 TEXT_DIM, TOKENS, VOCAB, B = 32, 16, 30522, 2
+SMALL = {"hidden_size": 64, "depth": 2, "text_ve_width": 64, "text_ve_depth": 1}  # the tiny preset, smaller still
 
 
 def build(source, target, latent, **kw):
-    """A tiny CrossFlow for a pair, its args through JSON as a checkpoint stores them."""
-    args = resolve_model_args(ModelConfig(preset="tiny", **kw), latent, TEXT_DIM, TOKENS, source=source, target=target,
-                              source_shape=(3, 32, 32), caption_vocab=VOCAB)
+    """A small CrossFlow for a pair, its args through JSON as a checkpoint stores them."""
+    args = resolve_model_args(ModelConfig(preset="tiny", **SMALL, **kw), latent, TEXT_DIM, TOKENS, source=source,
+                              target=target, source_shape=(3, 32, 32), caption_vocab=VOCAB)
     model = model_from_args(args)
     assert model_from_args(json.loads(json.dumps(dataclasses.asdict(args)))).args == args  # reloads from a checkpoint
     return model
@@ -108,7 +109,7 @@ def test_text_to_image_args_and_weights_unchanged_and_old_checkpoints_load():
     """text-to-image: the same args whatever task values the caller passes, the same parameter
     names in the same order, the same initial weights as a model built without the task args, and
     an args dict from before the task fields builds (with the defaults)."""
-    cfg = ModelConfig(preset="tiny")
+    cfg = ModelConfig(preset="tiny", **SMALL)
     plain = resolve_model_args(cfg, (3, 32, 32), TEXT_DIM, TOKENS)
     passed = resolve_model_args(cfg, (3, 32, 32), TEXT_DIM, TOKENS, source="text_ve", target="image",
                                 source_shape=(3, 32, 32), caption_vocab=VOCAB)
@@ -124,6 +125,14 @@ def test_text_to_image_args_and_weights_unchanged_and_old_checkpoints_load():
     assert list(family_of(now).param_counts(now)) == ["flow transformer", "Text VE", "text down-projection",
                                                       "image encoder"]
     assert now.source_is_learned and now.source_from_text and text_side_modules(now)
+    emb, mask = torch.randn(B, TOKENS, TEXT_DIM), torch.ones(B, TOKENS, dtype=torch.bool)
+    eps = torch.randn(B, 3, 32, 32)
+    baseline = model_from_args(resolve_model_args(ModelConfig(preset="tiny", family="cross_attention_fm", **SMALL),
+                                                  (3, 32, 32), TEXT_DIM, TOKENS))
+    assert not baseline.source_is_learned and not baseline.source_from_text
+    for model in (now, baseline):  # encode_source is encode_text for the text_ve source, in both families
+        by_source = model.encode_source({"text_emb": emb, "text_mask": mask}, eps=eps)
+        assert all(torch.equal(a, b) for a, b in zip(by_source, model.encode_text(emb, mask, eps=eps)))
 
 
 def test_refused_shapes_and_pairs_name_the_values():

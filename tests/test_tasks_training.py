@@ -30,7 +30,8 @@ CAPTION_AUTOENCODER = "caption."  # parameter names of the model's caption autoe
 
 def task_config(tmp_path: Path, task: str, **extra):
     values = {"train.steps": 6, "train.global_batch_size": 8, "data.num_samples": 64, "model.depth": 1,
-              "eval.shapes": False, **TASK_OVERRIDES[task], **extra}
+              "eval.shapes": False, "eval.val_every": 3, "eval.val_samples": 8, "eval.val_t_points": 2,
+              **TASK_OVERRIDES[task], **extra}
     return load_config(None, tiny_overrides(tmp_path, **values))
 
 
@@ -51,6 +52,10 @@ def test_task_trains_and_checkpoints(tmp_path, task):
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["flow_matching"]) for r in records.values())
     if task == "depth":
         assert all(r["kl"] > 0 for r in records.values())  # the image VE is variational
+    validation = {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "val/loss" in r}
+    assert sorted(validation) == [3, 6] and all(math.isfinite(r["val/loss"]) for r in validation.values())
+    assert ("val/kl" in validation[6]) == (task == "depth")  # an upsampled image has no posterior
+    assert summary["val/loss"] == validation[6]["val/loss"]
     ckpt = Path(summary["checkpoint"])
     assert ckpt.name == "step_00000006" and (ckpt / WEIGHTS_FILE).is_file()
     assert json.loads((ckpt / "model.json").read_text())["latent_shape"] == FLOW_SHAPES[task]
@@ -75,24 +80,33 @@ def test_captioning_trains_and_resumes_exactly(tmp_path):
     for step in (4, 5, 6):
         for key in ("loss", "flow_matching", "caption_ce", "caption_kl"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-7), (step, key)
+    val_a, val_b = ({r["step"]: r["val/loss"] for r in read_metrics(run / "metrics.jsonl") if "val/loss" in r}
+                    for run in (straight, resumed))
+    assert sorted(val_a) == [3, 6] and val_b[6] == pytest.approx(val_a[6], rel=1e-6)
     assert saved_model_input(straight).latent_shape == (4, 8, 8)
 
 
 def test_two_stage_captioning_freezes_the_caption_autoencoder(tmp_path):
-    """task.target_pretrain_steps=2: steps 1-2 train the caption autoencoder alone (flow matching 0),
-    steps 3-4 the flow and the image VE with the caption autoencoder exactly still."""
+    """task.target_pretrain_steps=2: steps 1-2 train the caption autoencoder alone (flow matching 0,
+    the flow exactly still), steps 3-4 the flow and the image VE with the caption autoencoder exactly
+    still (live weights: no EMA; a checkpoint per step)."""
     run = tmp_path / "two_stage"
-    train(task_config(run, "captioning", **{"task.target_pretrain_steps": 2, "train.steps": 4,
-                                            "train.ckpt_every": 2, "train.ema_decay": 0.0}))
+    train(task_config(run, "captioning", **{"task.target_pretrain_steps": 2, "train.steps": 4, "train.keep_last": 4,
+                                            "train.ckpt_every": 1, "train.ema_decay": 0.0}))
     records = step_records(run)
     assert [records[s]["flow_matching"] for s in (1, 2)] == [0.0, 0.0]
     assert all(records[s]["flow_matching"] > 0 for s in (3, 4))
-    stage1, stage2 = checkpoint_weights(run, 2), checkpoint_weights(run, 4)  # live weights (no EMA)
-    caption = [k for k in stage1 if k.startswith(CAPTION_AUTOENCODER)]
-    assert caption, sorted(stage1)[:10]
-    assert all(torch.equal(stage1[k], stage2[k]) for k in caption), "stage 2 moved the caption autoencoder"
-    moved = [k for k in stage1 if k not in caption and not torch.equal(stage1[k], stage2[k])]
-    assert any(k.startswith("flow.") for k in moved), "stage 2 did not train the flow"
+    w = {step: checkpoint_weights(run, step) for step in (1, 2, 4)}
+    caption = [k for k in w[1] if k.startswith(CAPTION_AUTOENCODER)]
+    rest = [k for k in w[1] if k not in caption]
+    assert caption, sorted(w[1])[:10]
+
+    def moved(names, a, b):
+        return [k for k in names if not torch.equal(w[a][k], w[b][k])]
+    assert moved(caption, 1, 2) and not moved(rest, 1, 2), "stage 1 trains the caption autoencoder alone"
+    assert not moved(caption, 2, 4), "stage 2 moved the caption autoencoder"
+    assert any(k.startswith("flow.") for k in moved(rest, 2, 4)), "stage 2 did not train the flow"
+    assert any(k.startswith("image_ve.") for k in moved(rest, 2, 4)), "stage 2 did not train the image VE"
 
 
 @pytest.mark.parametrize("values,message", [
@@ -108,7 +122,6 @@ def test_two_stage_captioning_freezes_the_caption_autoencoder(tmp_path):
     ({"task.source": "image_ve", "task.target": "depth", "objective.ve_pretrain_steps": 2},
      "applies to task.source=text_ve only"),
     ({"task.source": "image_ve", "task.target": "depth", "objective.contrastive": "text_text"}, "has none"),
-    ({"task.source": "image_ve", "task.target": "depth", "eval.val_every": 2}, "eval.val_every=2"),
     ({"task.source": "image_ve", "task.target": "depth", "data.source": "mds", "data.path": "/x"},
      "data.source=mds"),
 ])

@@ -421,9 +421,6 @@ def check_task(cfg: "Config") -> None:
     if t.target_pretrain_steps and not cfg.train.target_flops and t.target_pretrain_steps >= cfg.train.steps:
         raise ConfigError(f"task.target_pretrain_steps={t.target_pretrain_steps} must be less than train.steps="
                           f"{cfg.train.steps} (the pre-training stage counts in train.steps)")
-    if cfg.eval.val_every:
-        raise ConfigError(f"eval.val_every={cfg.eval.val_every}: the validation loss is text_to_image's only; "
-                          f"task {name} has none yet (set eval.val_every=0)")
 
 
 def _preset_patch_size(preset: str) -> int:

@@ -9,13 +9,13 @@ decay on norms/biases/embeddings/indicator vectors, warm-up then constant or cos
 
 Two-stage training (``objective.ve_pretrain_steps`` K > 0; ``task.target_pretrain_steps`` for the
 caption target, whose first part is the caption autoencoder: ``first_stage_modules``) splits the
-groups into the text side (``trainer.models.families.text_side_modules``) and the flow, each with its own LR multiplier: the
-flow's is 0 before step K, then its warm-up and schedule run from K; the text side's follows the
-schedule from step 0 and is 0 from K unless ``objective.ve_finetune``. AdamW with learning rate 0
+groups into the text side (``trainer.models.families.text_side_modules``) and the flow, each with
+its own LR multiplier: the flow's is 0 before step K, then its warm-up and schedule run from K; the
+text side's follows the schedule from step 0 and is 0 from K unless ``objective.ve_finetune``. AdamW with learning rate 0
 leaves a parameter exactly as it is (its weight decay and its moments' update both scale with the
 learning rate), so the frozen part does not move at all, under any ZeRO stage (DeepSpeed's ZeRO
 optimizers step the wrapped optimizer's own groups, LRs included). The objective gives the frozen
-part gradients of exactly 0 (``trainer.objectives.crossflow_losses``), so it adds nothing to the
+part gradients of exactly 0 (``trainer.objectives.flow_losses``), so it adds nothing to the
 clipped global norm.
 
 Non-finite steps: DeepSpeed's ZeRO optimizers compute the global gradient norm at each

@@ -10,7 +10,8 @@ from the data's description; checkpoint state (engine, EMA, data position, RNG) 
 
 Each optimizer step: for each of ``grad_accum`` micro-batches: batch -> the task's source inputs and
 z1 (``trainer.tasks``: text features and the image's z1 for text to image) -> noise keyed by the
-sample's place in the global batch -> objective (encode_source -> z0 -> x_t -> velocity -> losses) -> DeepSpeed backward/step (clip, AdamW, schedule at the boundary) -> EMA. Loss sums stay
+sample's place in the global batch -> objective (encode_source -> z0 -> x_t -> velocity -> losses)
+-> DeepSpeed backward/step (clip, AdamW, schedule at the boundary) -> EMA. Loss sums stay
 on the device and are reduced across ranks once per ``log_every`` steps. Then: the metrics (at
 logging steps), the validation loss (every ``eval.val_every``: ``trainer.validation``), a checkpoint
 (every ``ckpt_every``, reported through ``on_checkpoint`` with the latest metrics, validation's

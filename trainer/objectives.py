@@ -19,6 +19,13 @@ do; ranks exchange indices, not latents: each computes the global partner map fr
 scalars and fetches only the rows its unconditional samples need (``swapped_targets``).
 All randomness comes from ``draw_noise``: a counter-based RNG keyed by (seed, step, the sample's
 global position), so N ranks draw exactly what one process draws.
+The tasks beside text to image (``trainer.tasks``) run through the same function (``flow_losses``):
+z0 from the task's source (an image VE, or an upsampled image with no KL and no alignment term), z1
+from its target (an image, a depth map) or, for captioning, the caption VE's mean (detached), whose
+caption autoencoder adds its own terms: the decoder's cross-entropy on a sample of the caption VE
+plus ``task.caption_kl_weight`` x its KL (logged as caption_ce and caption_kl); its two stages
+(``task.target_pretrain_steps``) reuse the Text VE's mechanism, with the caption autoencoder as the
+part trained first and then frozen.
 Every coefficient comes from ``ObjectiveConfig``. The same objective trains the cross-attention
 baseline (z0 is noise, KL is 0, ``text_condition`` carries the text to ``velocity``, and there is
 no contrastive term since its z0 does not come from the text).
@@ -353,20 +360,6 @@ def swapped_targets(z1: torch.Tensor, swap: TargetSwap) -> torch.Tensor:
     return torch.cat([z1, received])[swap.index]
 
 
-def encode_source(model, source: dict, eps: torch.Tensor):
-    """(z0, mu, logvar | None) of the flow's source: the Text VE's (``encode_text``, which every model
-    family has) or the task's source part (``encode_source``)."""
-    if "text_emb" in source:
-        return model.encode_text(source["text_emb"], source["text_mask"], eps=eps)
-    return model.encode_source(source, eps=eps)
-
-
-def source_is_learned(model, source: dict) -> bool:
-    """Whether z0 comes from a learned encoder, so KL and the alignment term apply: the Text VE's
-    (not the baseline's noise) or an image VE's (not an upsampled image)."""
-    return model.source_from_text if "text_emb" in source else model.source_is_learned
-
-
 @dataclass
 class CaptionTerms:
     mean: torch.Tensor  # (B, C, H, W): the caption VE's mean, the flow's target (detached by the caller)
@@ -411,7 +404,7 @@ def flow_losses(model, source: dict, z1: torch.Tensor | None, cfg, ops, noise: N
                       caption_ce=cap.ce, caption_kl=cap.kl)
     if cap is not None:
         z1 = cap.mean.detach()  # (B, C, H, W): the flow's target is data to it
-    z0, mu, logvar = encode_source(model, source, noise.eps)  # (B, C, H, W) each
+    z0, mu, logvar = model.encode_source(source, eps=noise.eps)  # (B, C, H, W) each
     z0_flow = z0.detach() if stage == FLOW_ONLY else z0  # what the flow starts from; frozen: no gradient back
     if stage == VE_PRETRAIN:
         fm = z0.new_zeros((), dtype=torch.float32)
@@ -424,7 +417,7 @@ def flow_losses(model, source: dict, z1: torch.Tensor | None, cfg, ops, noise: N
         fm = ops.flow_matching_loss(v, z0_flow, target, cfg.sigma_min).mean()
     kl = kl_divergence(mu, logvar)
     con = z0_alignment_loss(model, z0, z1, source, cfg.contrastive) \
-        if cfg.contrastive_weight > 0 and source_is_learned(model, source) else fm.new_zeros(())
+        if cfg.contrastive_weight > 0 and model.source_is_learned else fm.new_zeros(())
     if stage == VE_PRETRAIN:
         total = cfg.kl_weight * kl + cfg.contrastive_weight * con
     elif stage == FLOW_ONLY:

@@ -50,11 +50,11 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.features import CaptionCache, TextEncoder
-from data_pipeline.shapes import ShapesGenerator, image_to_tensor_array
+from data_pipeline.shapes import ShapesGenerator, depth_to_tensor_array, image_to_tensor_array
 from trainer.model_input import ModelInput
-from trainer.models.codecs import batch_target
 from trainer.models.crossflow.flow_transformer import CONDITIONAL
 from trainer.objectives import EPS_FIRST_COUNTER, bits_to_normal, kl_per_sample, random_bits, sample_keys
+from trainer.tasks import TASKS, Task, source_inputs, target_latent, task_of
 
 # The validation noise is keyed like a training sample's, with this in place of the optimizer step:
 # a step no run reaches, so the two streams never share a key even when eval.val_seed = train.seed.
@@ -72,7 +72,7 @@ class ValidationSet:
     whole set of ``size`` samples), their targets, text features and eps."""
     size: int
     index: torch.Tensor  # (n,) long
-    target: dict[str, torch.Tensor]  # {"image": (n, 3, H, W)} or {"latent": (n, C, h, w)}
+    target: dict[str, torch.Tensor]  # {"image": (n, 3, H, W)} or {"latent": (n, C, h, w)}, + the task's extras
     text_emb: torch.Tensor  # (n, L, D)
     text_mask: torch.Tensor  # (n, L) bool
     eps: torch.Tensor  # (n, C, h, w): z0 = mu + sigma * eps
@@ -131,13 +131,18 @@ def shapes_validation_indices(cfg) -> list[int]:
 
 
 def shapes_validation_samples(cfg, rank: int, world_size: int) -> list[tuple[int, dict]]:
-    """(position in the set, sample) of this rank's shapes validation samples."""
+    """(position in the set, sample) of this rank's shapes validation samples (with the depth map
+    when the task's target is depth)."""
     gen = shapes_validation_generator(cfg)
+    depth = "depth" in task_of(cfg).extras
     out = []
     for k, j in enumerate(shapes_validation_indices(cfg)):
         if k % world_size == rank:
             s = gen.sample(j)
-            out.append((k, {"image": torch.from_numpy(image_to_tensor_array(s["image"])), "caption": s["caption"]}))
+            sample = {"image": torch.from_numpy(image_to_tensor_array(s["image"])), "caption": s["caption"]}
+            if depth:
+                sample["depth"] = torch.from_numpy(depth_to_tensor_array(s["depth"]))  # (1, H, W)
+            out.append((k, sample))
     return out
 
 
@@ -210,9 +215,9 @@ def shard_validation_samples(cfg, rank: int, world_size: int) -> list[tuple[int,
 
 
 def stack_samples(size: int, samples: list[tuple[int, dict]], encoder: TextEncoder, max_tokens: int,
-                  seed: int, latent_shape) -> ValidationSet:
+                  seed: int, latent_shape, caption_ids: bool = False) -> ValidationSet:
     """A ValidationSet of (position, sample) pairs; captions without stored text features are
-    embedded with ``encoder``."""
+    embedded with ``encoder``; ``caption_ids``: their token ids too (the caption target)."""
     index = torch.tensor([i for i, _ in samples], dtype=torch.long)  # (n,)
     rows = [s for _, s in samples]
     key = "latent" if "latent" in rows[0] else "image"
@@ -222,7 +227,10 @@ def stack_samples(size: int, samples: list[tuple[int, dict]], encoder: TextEncod
         emb, mask = torch.stack([s["text_emb"] for s in rows]), torch.stack([s["text_mask"] for s in rows])
     else:
         emb, mask = CaptionCache(encoder, max_tokens).encode([s["caption"] for s in rows])  # (n, L, D), (n, L)
-    return ValidationSet(size=size, index=index, target={key: torch.stack([s[key] for s in rows])},
+    target = {name: torch.stack([s[name] for s in rows]) for name in (key, "depth") if name in rows[0]}
+    if caption_ids:
+        target["caption_ids"] = torch.from_numpy(encoder.token_ids([s["caption"] for s in rows], max_tokens))  # (n, L)
+    return ValidationSet(size=size, index=index, target=target,
                          text_emb=emb.float(), text_mask=mask.bool(), eps=validation_eps(seed, index, latent_shape))
 
 
@@ -241,21 +249,23 @@ def build_validation_set(cfg, encoder: TextEncoder, model_input: ModelInput, ran
         check_validation_shards(cfg, model_input, encoder.dim)
         samples = shard_validation_samples(cfg, rank, world_size)
     return stack_samples(cfg.eval.val_samples, samples, encoder, cfg.data.max_tokens, cfg.eval.val_seed,
-                         model_input.latent_shape)
+                         model_input.latent_shape, caption_ids="caption_ids" in task_of(cfg).extras)
 
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def validation_sums(model, ops, codec, batches, times: list[float], sigma_min: float, autocast,
-                    device: torch.device) -> torch.Tensor:
+                    device: torch.device, task: Task = TASKS[("text_ve", "image")], cfg=None) -> torch.Tensor:
     """(K + 2,) float64 on ``device``: this rank's weighted sums of the per-sample flow-matching
     loss at each of the K ``times``, of the per-sample KL, and of the weights (the sample count).
     Collective under ZeRO-3 (the forward passes gather parameters): every rank calls it with
-    as many batches."""
+    as many batches. ``task`` (and ``cfg``, read by its source inputs): z0 from the task's source,
+    z1 from its target (the caption target: the caption VE's mean)."""
     K = len(times)
     sums = torch.zeros(K + 2, dtype=torch.float64, device=device)
     for batch in batches:
-        z1 = batch_target(batch, codec).to(device)  # (b, C, H, W)
+        z1 = target_latent(task, batch, codec, device)  # (b, C, H, W); None for the caption target
+        source = source_inputs(task, batch, codec, cfg, device)
         emb = batch["text_emb"].to(device)  # (b, L, D)
         mask = batch["text_mask"].to(device)  # (b, L)
         eps = batch["eps"].to(device)  # (b, C, H, W)
@@ -267,9 +277,12 @@ def validation_sums(model, ops, codec, batches, times: list[float], sigma_min: f
         t = torch.tensor(times, device=device).repeat_interleave(b)  # (K*b,)
         indicator = torch.full((K * b,), CONDITIONAL, dtype=torch.long, device=device)  # (K*b,)
         with autocast():
-            z0, mu, logvar = model.encode_text(emb, mask, eps=eps)  # (b, C, H, W) each
+            if z1 is None:
+                z1 = model.encode_caption(emb, mask)[0]  # (b, C, H, W): the caption VE's mean
+            z0, mu, logvar = model.encode_source(source, eps=eps)  # (b, C, H, W) each
             z0_k, z1_k = z0.repeat(K, 1, 1, 1), z1.repeat(K, 1, 1, 1)  # (K*b, C, H, W)
-            cond = model.text_condition(emb.repeat(K, 1, 1), mask.repeat(K, 1))  # None for CrossFlow
+            cond = model.text_condition(emb.repeat(K, 1, 1), mask.repeat(K, 1)) \
+                if task.source == "text_ve" else None  # None for CrossFlow (the baseline's text tokens)
             v = model.velocity(ops.interpolate(z0_k, z1_k, t, sigma_min), t, indicator, cond)  # (K*b, C, H, W)
             fm = ops.flow_matching_loss(v, z0_k, z1_k, sigma_min).view(K, b)  # (K, b)
             sums[:K] += (fm.double() * weight).sum(dim=1)
@@ -321,13 +334,14 @@ class Validator:
         try:
             sums = validation_sums(model, self.ops, self.codec,
                                    self.valset.batches(self.micro_batch, engine.dist.world_size), self.times,
-                                   self.cfg.objective.sigma_min, engine.autocast, engine.device)
+                                   self.cfg.objective.sigma_min, engine.autocast, engine.device,
+                                   task_of(self.cfg), self.cfg)
         finally:
             model.train(training)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)
         seconds = time.perf_counter() - start
-        self.latest = {**validation_metrics(sums, self.times, model.source_from_text), "val/seconds": seconds}
+        self.latest = {**validation_metrics(sums, self.times, model.source_is_learned), "val/seconds": seconds}
         self.last_step = step
         self.metrics.log({"step": step, **self.latest})
         return seconds

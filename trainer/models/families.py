@@ -12,8 +12,9 @@ family from outside (as torchtitan's per-model ``parallelize`` does):
 
 Both families' flow networks are the DiT trunk (``crossflow/trunk.py``), and their args classes
 extend its ``TrunkArgs``: ``args_cls.from_config`` resolves any family's config against the size
-preset. Every family has CrossFlow's interface: ``encode_text``, ``text_condition``, ``velocity``,
-``flow_params``, ``flops_per_sample``. The engine knows no model internals.
+preset. Every family has CrossFlow's interface: ``encode_text``, ``encode_source``, ``text_condition``,
+``velocity``, ``source_is_learned``, ``source_from_text``, ``flow_params``, ``flops_per_sample`` (the
+baseline takes only the text_ve -> image pair). The engine knows no model internals.
 """
 from __future__ import annotations
 

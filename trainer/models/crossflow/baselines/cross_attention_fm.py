@@ -108,6 +108,7 @@ class CrossAttentionFM(DiTTrunk):
     the DiT trunk with cross-attention blocks, a text path and a learned null text."""
 
     source_from_text = False  # z0 is noise: no contrastive loss, no z0 interpolation or arithmetic
+    source_is_learned = False  # no posterior: KL exactly 0, no contrastive term
 
     def __init__(self, args: CrossAttentionFMArgs):
         if args.family != FAMILY:
@@ -144,6 +145,13 @@ class CrossAttentionFM(DiTTrunk):
         if eps is None:
             eps = torch.randn(shape, generator=generator, device=emb.device, dtype=emb.dtype)
         return eps.to(mu.dtype), mu, mu
+
+    def encode_source(self, source: dict, *, use_mean: bool = False, generator: torch.Generator | None = None,
+                      eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CrossFlow's task interface for the one pair this family takes (text_ve -> image):
+        ``encode_text`` of ``source["text_emb"]``, ``source["text_mask"]``."""
+        return self.encode_text(source["text_emb"], source["text_mask"], use_mean=use_mean, generator=generator,
+                                eps=eps)
 
     def text_condition(self, emb: torch.Tensor, mask: torch.Tensor) -> TextCondition:
         """emb (B, n, d), mask (B, n) -> the condition every ``velocity`` call of this batch takes."""
