@@ -72,8 +72,10 @@ def test_depth_captioning_and_superres_shapes_and_gradients():
     ids = torch.randint(0, VOCAB, (B, TOKENS))
     ce = caption_loss(logits, ids)
     assert abs(ce.item() - torch.log(torch.tensor(float(VOCAB))).item()) < 1.0  # near uniform at init
-    (ce + flow_step(cap, z0, c_mu.detach()) + 1e-3 * c_logvar.exp().mean()).backward()
-    assert grads_reach(cap.caption.ve) and grads_reach(cap.caption.decoder)
+    con, _ = cap.embed_image(c_mu.detach())  # the contrastive head embeds z1, here the caption latent
+    assert con.shape == (B, 4 * 8 * 8)
+    (ce + flow_step(cap, z0, c_mu.detach()) + 1e-3 * c_logvar.exp().mean() + (con * z0.flatten(1)).mean()).backward()
+    assert grads_reach(cap.caption.ve) and grads_reach(cap.caption.decoder) and grads_reach(cap.image_encoder.stem)
     assert cap.image_ve.head.weight.grad.abs().sum() > 0
     assert cap.flops_per_sample() > 0 and family_of(cap).block_stacks(cap.args)[0].tokens == 1 + 64
     with pytest.raises(ValueError, match=r"logits \(2, 16, 30522\) do not match token ids \(2, 15\)"):
