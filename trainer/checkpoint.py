@@ -216,13 +216,18 @@ def _crossflow_metadata(path: str | Path) -> dict:
     return meta
 
 
-def load_weights(path: str | Path) -> tuple[dict, dict, dict]:
-    """(state_dict, model_args, config) of a weights file; an export's ``ema.`` weights win when present."""
+def load_weights(path: str | Path, ema: bool = True) -> tuple[dict, dict, dict]:
+    """(state_dict, model_args, config) of a weights file; an export's ``ema.`` weights win when present,
+    its live ``model.`` weights with ``ema=False`` (a checkpoint's weights file holds the EMA only: refused)."""
     from safetensors import safe_open
     meta = _crossflow_metadata(path)
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
-        prefix = "ema." if any(k.startswith("ema.") for k in keys) else ("model." if keys[0].startswith("model.") else "")
+        if not ema and not keys[0].startswith(("model.", "ema.")):
+            raise CheckpointError(f"{path} holds only the EMA weights; the live weights are in an export "
+                                  f"(`crossflow export --checkpoint ... --out FILE.safetensors`)")
+        has_ema = ema and any(k.startswith("ema.") for k in keys)
+        prefix = "ema." if has_ema else ("model." if any(k.startswith("model.") for k in keys) else "")
         state = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
     return state, json.loads(meta["model_args"]), json.loads(meta["config"])
 

@@ -1,4 +1,4 @@
-"""The trainer's commands of ``crossflow`` (sample, interpolate, arithmetic, export, config, plan, eval,
+"""The trainer's commands of ``crossflow`` (sample, interpolate, arithmetic, caption, export, config, plan, eval,
 sweep analyze): parse, dispatch, nothing else. The entry point that registers every command group,
 ``train`` included, is cluster/cli.py (the top layer: it may launch on Ray)."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trainer.cli_args import add_sampling_args, generator_from_args
+from trainer.cli_args import add_flow_args, add_sampling_args, generator_from_args, task_predictor_from_args
 
 OVERRIDES_HELP = "config overrides as section.key=value (e.g. optim.lr=3e-4 train.steps=200)"
 
@@ -31,6 +31,11 @@ def print_summary(summary: dict) -> None:
                             if k.startswith("shapes_eval/overall@"))
         if by_scale:
             print(f"ShapesEval overall by guidance scale: {by_scale}")
+    task = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith("task/")}
+    if task:
+        print("task metric (model vs baseline): " + " ".join(
+            f"{k}={v:.4f} ({task.get('baseline_' + k, float('nan')):.4f})" for k, v in task.items()
+            if not k.startswith("baseline_")))
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -90,6 +95,37 @@ def _arithmetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_images(paths: list[str], side: int, command: str) -> list:
+    """Image files as (side, side, 3) uint8 RGB (resized bicubically when another size); a missing or
+    unreadable file is an error naming it, before any sampling."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise SystemExit(f"{command}: image not found: {path}")
+        try:
+            im = Image.open(path).convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise SystemExit(f"{command}: cannot read image {path}: {e}") from e
+        if im.size != (side, side):
+            im = im.resize((side, side), Image.BICUBIC)
+        images.append(np.asarray(im, dtype=np.uint8))
+    return images
+
+
+def _caption(args: argparse.Namespace) -> int:
+    for path in args.image:  # before loading the checkpoint
+        if not Path(path).is_file():
+            raise SystemExit(f"crossflow caption: image not found: {path}")
+    predictor = task_predictor_from_args(args, "captioning", "crossflow caption")
+    images = read_images(args.image, predictor.config.data.resolution, "crossflow caption")
+    captions = predictor.predict(images, seed=args.seed, steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale)
+    for path, text in zip(args.image, captions):
+        print(f"{path}: {text or '(empty: the decoder gave only special or padding tokens)'}")
+    return 0
+
+
 def _ode_args(p: argparse.ArgumentParser) -> None:
     add_sampling_args(p)
     p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the output")
@@ -127,7 +163,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def add_trainer_commands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Register the commands on a trained model and the training tools: sample, interpolate,
-    arithmetic, export, config, plan, eval, sweep analyze. Returns ``sweep``'s subcommands (the
+    arithmetic, caption, export, config, plan, eval, sweep analyze. Returns ``sweep``'s subcommands (the
     cluster layer adds ``sweep run``). ``train`` itself, which may launch on Ray, is cluster.cli's."""
     p = sub.add_parser("sample", help="generate an image grid from prompts",
                        description="Sample a trained checkpoint with the EMA weights and classifier-free guidance; "
@@ -159,6 +195,16 @@ def add_trainer_commands(sub: argparse._SubParsersAction) -> argparse._SubParser
     p.add_argument("--out", default="arithmetic.png", help="output PNG")
     _ode_args(p)
     p.set_defaults(func=_arithmetic)
+
+    p = sub.add_parser("caption", help="caption images with a captioning checkpoint",
+                       description="Caption each image with a captioning checkpoint (task.target=caption): the image "
+                                   "VE's z0 flows to the text latent, the caption decoder reads it out (argmax tokens). "
+                                   "Images of another size are resized to the checkpoint's data.resolution. Prints "
+                                   "'PATH: caption', one line per image.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest)")
+    p.add_argument("--image", action="append", required=True, help="an image file (PNG, JPEG, ...); repeat for several")
+    add_flow_args(p)
+    p.set_defaults(func=_caption)
 
     p = sub.add_parser("export", help="one consolidated safetensors file (model + EMA) from a checkpoint",
                        description="Consolidate a DeepSpeed checkpoint (any ZeRO stage) into one safetensors file "

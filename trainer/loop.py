@@ -47,7 +47,7 @@ from trainer.models.families import model_from_args, resolve_model_args
 from trainer.objectives import draw_noise, flow_losses, training_stage, two_stage_of
 from trainer.observers import build_observers
 from trainer.plan import with_target_flops
-from trainer.tasks import (TEXT_TO_IMAGE, Task, caption_inputs, source_inputs, source_shape, target_latent,
+from trainer.tasks import (caption_inputs, source_inputs, source_shape, target_latent,
                            task_of, with_flow_shape)
 from trainer.validation import Validator, build_validation_set, check_validation_shards, validation_summary
 from trainer.warm_start import init_from_checkpoint
@@ -130,14 +130,6 @@ def build_model(cfg: Config, latent_shape, text_dim: int, device: torch.device,
     model = model_from_args(args)
     model.set_ops(build_ops(cfg.model.kernels, device))
     return model.to(device)
-
-
-def task_observers(task: Task, cfg: Config, engine: Engine, codec, captions, metrics, rank: int) -> list:
-    """Sample grids and ShapesEval of text to image (``build_observers``); the other tasks' grids and
-    metrics are not built yet: none."""
-    if task.name != TEXT_TO_IMAGE:
-        return []
-    return build_observers(cfg, engine, codec, captions, metrics, rank)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -274,7 +266,7 @@ def train(cfg: Config, on_checkpoint=None, resume_from: Path | list[Path] | None
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     metrics = MetricsLogger(out_dir, cfg.log, cfg.to_dict(), cfg.train.steps, step, rank)
-    observers = task_observers(task, cfg, engine, codec, captions, metrics, rank)
+    observers = build_observers(cfg, engine, codec, captions, metrics, rank)  # the task's grids and metrics
     ops = build_ops(cfg.model.kernels, device)
     validator = Validator(cfg, valset, engine, codec, ops, micro, metrics) if valset is not None else None
     flops_per_sample = module.flops_per_sample()

@@ -1,4 +1,5 @@
-"""Observers of training: sample grids and ShapesEval. They watch, never change training.
+"""Observers of training: sample grids and ShapesEval (text-to-image), task grids and task metrics
+(super-resolution, depth, captioning). They watch, never change training.
 
 ``trainer.loop.train`` calls, on every rank and in this order, each observer's
 ``on_batch(batch)`` for every micro-batch it draws, ``on_step_end(step)`` after each optimizer step
@@ -192,9 +193,115 @@ class ShapesEvalObserver(Observer):
         return scores
 
 
+class TaskObserver(Observer):
+    """Base of the observers of a non-text task (super-resolution, depth, captioning): runs a
+    ``trainer.task_inference.TaskPredictor`` over the EMA weights."""
+
+    def __init__(self, cfg, engine, codec, captions: CaptionCache, metrics, rank: int):
+        self.cfg, self.engine, self.codec, self.encoder = cfg, engine, codec, captions.encoder
+        self.metrics, self.rank = metrics, rank
+
+    def run(self, fn):
+        """``fn(predictor)`` on the EMA weights (collective under ZeRO-3: every rank calls it)."""
+        from trainer.task_inference import TaskPredictor
+        with self.engine.ema_weights() as model:
+            model.eval()
+            try:
+                return fn(TaskPredictor(model, self.codec, self.cfg, self.engine.device, self.encoder))
+            finally:
+                model.train()
+
+
+class TaskGrids(TaskObserver):
+    """A non-text task's sample grid every ``train.sample_every`` steps and at the end (not after a
+    stop request), like ``SampleGrids``: ``samples/step_N.png`` / ``final.png``, one row per held-out
+    shapes scene (``sample.num_prompts``; shard data: the first training images), columns input |
+    output (2 seeds when z0 is sampled) | ground truth (``trainer.task_inference.task_grid``); logged
+    as images."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.seen: list[dict] = []  # shard data: the first training images and captions, the grid's rows
+
+    def on_step_end(self, step: int) -> None:
+        every = self.cfg.train.sample_every
+        if every and step % every == 0 and step < self.cfg.train.steps:
+            self.write(Path(self.cfg.train.out_dir) / "samples" / f"step_{step:08d}.png", step)
+
+    def on_train_end(self, step: int, stopped: bool) -> None:
+        if not stopped:
+            self.write(Path(self.cfg.train.out_dir) / "samples" / "final.png", step)
+
+    def on_batch(self, batch: dict) -> None:
+        from data_pipeline.shapes import tensor_array_to_image
+        take = self.cfg.sample.num_prompts - len(self.seen)
+        if take > 0 and self.cfg.data.source != "shapes" and "image" in batch:
+            images = batch["image"][:take].detach().float().cpu().numpy()  # (k, 3, H, W) in [-1, 1]
+            self.seen += [{"image": tensor_array_to_image(im), "caption": c}
+                          for im, c in zip(images, list(batch["caption"])[:take])]
+
+    def samples(self) -> list[dict]:
+        """Held-out shapes scenes; for shard data the first images seen in training (super-resolution)."""
+        from trainer.task_inference import heldout_samples
+        if self.cfg.data.source == "shapes":
+            return heldout_samples(self.cfg, self.cfg.sample.num_prompts)
+        return self.seen
+
+    def write(self, path: Path, step: int) -> None:
+        from trainer.task_inference import task_grid
+        samples = self.samples()
+        if not samples:
+            return
+        grid = self.run(lambda predictor: task_grid(predictor, samples, step))
+        if self.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(path)
+            path.with_suffix(".txt").write_text("\n".join(f"row {i}: {s['caption']}" for i, s in enumerate(samples)) + "\n")
+        self.metrics.log_image(path, step)
+
+
+class TaskEvalObserver(TaskObserver):
+    """A non-text task's metric on held-out shapes scenes against its trivial baseline
+    (``trainer.task_inference.evaluate_task``: ``eval.images_per_prompt`` x the ShapesEval suite's
+    prompt count scenes), every ``eval.every`` steps and at the end (not after a stop request):
+    ``task/<metric>``, ``task/baseline_<metric>`` (and ``shapes_eval/<name>`` of super-resolution's
+    outputs) logged as metrics, the final ones in the run's summary; rank 0 writes ``eval/task_step_N.txt``."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.final_scores: dict[str, float] = {}
+
+    def on_step_end(self, step: int) -> None:
+        every = self.cfg.eval.every
+        if every and step % every == 0 and step < self.cfg.train.steps:
+            self.metrics.log({"step": step, **self.evaluate(step)})
+
+    def on_train_end(self, step: int, stopped: bool) -> None:
+        if not stopped:
+            self.final_scores = self.evaluate(step)
+            self.metrics.log({"step": step, **self.final_scores})
+
+    def summary(self) -> dict[str, float]:
+        return self.final_scores
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        from trainer.task_inference import evaluate_task
+        result = self.run(evaluate_task)
+        if self.rank == 0:
+            out = Path(self.cfg.train.out_dir) / "eval"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"task_step_{step:08d}.txt").write_text(result.table() + "\n")
+        return result.metrics()
+
+
 def build_observers(cfg, engine, codec, captions: CaptionCache, metrics, rank: int) -> list[Observer]:
-    """Sample grids always; ShapesEval when ``eval.shapes`` and the data is the shapes generator."""
-    observers: list[Observer] = [SampleGrids(cfg, engine, codec, captions, metrics, rank)]
+    """Text-to-image: sample grids always, ShapesEval when ``eval.shapes`` and the data is the shapes
+    generator. Another task (super-resolution, depth, captioning): its grids always, its metric against
+    the baseline under the same condition."""
+    from trainer.tasks import task_of
+    text = task_of(cfg).name == "text_to_image"
+    grids, scores = (SampleGrids, ShapesEvalObserver) if text else (TaskGrids, TaskEvalObserver)
+    observers: list[Observer] = [grids(cfg, engine, codec, captions, metrics, rank)]
     if cfg.eval.shapes and cfg.data.source == "shapes":
-        observers.append(ShapesEvalObserver(cfg, engine, codec, captions, metrics, rank))
+        observers.append(scores(cfg, engine, codec, captions, metrics, rank))
     return observers

@@ -1,4 +1,4 @@
-"""``crossflow eval shapes|fid|clip``: registered on the main parser by ``add_eval_commands``.
+"""``crossflow eval shapes|fid|clip|superres|depth|caption``: registered on the main parser by ``add_eval_commands``.
 
 Also the trainer-facing ``sample_shapes_eval``: sample the ShapesEval suite with anything that has
 ``generate(prompts, seed=..., **kw) -> list[(H, W, 3) uint8]`` (``trainer.inference.Generator``)
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.cli_args import add_sampling_args, generator_from_args
+from trainer.cli_args import add_flow_args, add_sampling_args, generator_from_args, task_predictor_from_args
 from trainer.eval.shapes_eval import ShapesEvalReport, evaluate, prompt_suite, render_suite
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -143,15 +143,63 @@ def _eval_clip(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_task(args: argparse.Namespace) -> int:
+    """``crossflow eval superres|depth|caption``: the task's metric vs its baseline on held-out scenes."""
+    from trainer.task_inference import TASK_COMMANDS, evaluate_task
+    if args.num is not None and args.num <= 0:
+        raise SystemExit(f"crossflow eval {args.eval_command}: --num must be positive, got {args.num}")
+    predictor = task_predictor_from_args(args, TASK_COMMANDS[args.eval_command], f"crossflow eval {args.eval_command}")
+    images = None
+    if getattr(args, "images", None):
+        images = load_image_dir(args.images, predictor.config.data.resolution)[:args.num]
+    result = evaluate_task(predictor, args.num, args.seed, images=images, images_from=getattr(args, "images", ""),
+                           steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale)
+    print(result.table())
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"checkpoint": str(args.checkpoint), "seed": args.seed,
+                                              **result.to_dict()}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+_TASK_HELP = {
+    "superres": ("super-resolution: PSNR, SSIM vs bicubic upsampling, and ShapesEval of the outputs",
+                 "Area-downsample held-out shapes scenes to the checkpoint's task.source_resolution, upsample them "
+                 "with the model, and compare PSNR and SSIM with bicubic upsampling's; ShapesEval scores the "
+                 "outputs against the true scenes (--images DIR: your own images instead, PSNR and SSIM only). "
+                 "The upsampled input is z0: --seed and --z0 change nothing."),
+    "depth": ("depth: AbsRel and delta < 1.25 vs the mean depth map",
+              "Predict metric depth for held-out shapes scenes and compare AbsRel and delta1 (the fraction of "
+              "pixels within a factor 1.25) with the training scenes' mean depth map."),
+    "caption": ("captioning: attributes read back from the caption, BLEU-4, vs the most frequent caption",
+                "Caption held-out shapes scenes, parse each caption back into a scene and compare it with the "
+                "true one (object, count, color, position, size, overall; parsed = the fraction that parse), "
+                "BLEU-4 against every template phrasing; baseline: the most frequent training caption."),
+}
+
+
+def _task_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest)")
+    add_flow_args(p, seed_help="seed of z0 = mu + sigma * eps (the first batch; later batches continue its stream)")
+    p.add_argument("--num", type=int, default=None,
+                   help="held-out shapes scenes to score (default: as many as training's end-of-run evaluation: "
+                        "eval.images_per_prompt x the ShapesEval prompt count)")
+    p.add_argument("--out", help="also write model and baseline scores to this JSON file")
+    p.set_defaults(func=_eval_task)
+
+
 def _sampling_args(p: argparse.ArgumentParser, checkpoint_required: bool) -> None:
     add_sampling_args(p, checkpoint_required, seed_help="seed of the first image of each prompt")
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (seeds seed, seed+1, ...)")
 
 
 def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``eval shapes|fid|clip`` on the main parser's subparsers; returns the ``eval`` parser.
+    """Register ``eval shapes|fid|clip|superres|depth|caption`` on the main parser's subparsers; returns
+    the ``eval`` parser.
     Each leaf sets ``func`` to a function(args) -> exit code, like the other commands."""
-    ev = subparsers.add_parser("eval", help="score a checkpoint: ShapesEval, FID, CLIP score",
+    ev = subparsers.add_parser("eval", help="score a checkpoint: ShapesEval, FID, CLIP score; a task's metric vs "
+                                            "its baseline",
                                description="Evaluate a trained checkpoint. Weights for FID and CLIP come "
                                            "from local paths only; nothing is downloaded.")
     sub = ev.add_subparsers(dest="eval_command", required=True, metavar="METRIC")
@@ -189,4 +237,15 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--clip", required=True, help="local Hugging Face CLIP directory (model + processor)")
     p.add_argument("--prompts", help="text file, one prompt per line (default: the ShapesEval captions)")
     p.set_defaults(func=_eval_clip)
+
+    for command, (short, long) in _TASK_HELP.items():
+        p = sub.add_parser(command, help=short, description=long + " A checkpoint of another task is refused.")
+        _task_eval_args(p)
+        if command == "superres":
+            p.add_argument("--images", default=None, metavar="DIR",
+                           help="score the images in DIR (resized to the checkpoint's data.resolution; the first --num) "
+                                "instead of held-out shapes scenes: e.g. real photos for a latent-space model")
+            p.add_argument("--vae", default=None,
+                           help="local diffusers AutoencoderKL folder of a latent-space model (default: the one the "
+                                "checkpoint's metadata names)")
     return ev
