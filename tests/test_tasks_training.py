@@ -1,5 +1,6 @@
 """The tasks beside text to image (trainer/tasks.py): super-resolution, depth and captioning train
-end to end through ``train()`` (one process, the real DeepSpeed engine, tiny model); captioning
+end to end through ``train()`` (one process, the real DeepSpeed engine, tiny model; the session's
+``task_runs``, tests/support/task_runs.py, shared with tests/test_task_inference.py); captioning
 resumes exactly and its two-stage variant freezes the caption autoencoder; the task section's
 validation names the keys."""
 from __future__ import annotations
