@@ -396,11 +396,12 @@ def check_task(cfg: "Config") -> None:
     if (t.source, t.target) == ("text_ve", "image"):
         return
     name = TASK_PAIRS[(t.source, t.target)]
-    if d.source != "shapes":
+    if d.source != "shapes" and t.source != "upsample":
         raise ConfigError(f"task {name} (task.source={t.source}, task.target={t.target}) trains on the shapes "
                           f"generator (its depth maps, captions' token ids and images); got data.source={d.source}")
-    if d.space == "latent":
-        raise ConfigError(f"task {name} works in pixel space; got data.space=latent")
+    if d.space == "latent" and t.source != "upsample":
+        raise ConfigError(f"task {name} works in pixel space; got data.space=latent (only super_resolution "
+                          f"runs through the VAE)")
     if cfg.model.family != "crossflow":
         raise ConfigError(f"task {name} needs model.family=crossflow, got {cfg.model.family}")
     if cfg.objective.ve_pretrain_steps:
