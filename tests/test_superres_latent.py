@@ -1,7 +1,8 @@
 """Super-resolution through the VAE on image shards (the paper's 64 -> 256 px setting in miniature):
 64 px shapes images written as shards without latents, a tiny random-weight AutoencoderKL (4x8x8
-latents), 16 px source; ``train()`` in this process, its checkpoint scored by ``crossflow eval
-superres --images DIR --vae``; shards of precomputed latents are refused before workers start."""
+latents), 16 px source; ``train()`` in this process with its validation loss and PSNR/SSIM vs bicubic
+on held-out shards, its checkpoint scored by ``crossflow eval superres --images DIR --vae``; shards of
+precomputed latents are refused before workers start."""
 from __future__ import annotations
 
 import json
@@ -19,16 +20,22 @@ def test_superres_in_latent_space_on_image_shards_trains_evaluates_and_refuses_l
     from trainer.model_input import saved_model_input
     vae = save_tiny_vae(tmp_path / "vae")
     raw, feat = str(tmp_path / "raw"), str(tmp_path / "feat")
-    assert main(["data", "convert", "--source", "shapes", "--num-samples", "16", "--resolution", "64",
-                 "--format", "wds", "--out", raw, "--no-progress"]) == 0
+    val = str(tmp_path / "val")
+    for out, split, n in ((raw, "train", "16"), (val, "heldout", "4")):
+        assert main(["data", "convert", "--source", "shapes", "--num-samples", n, "--resolution", "64",
+                     "--split", split, "--format", "wds", "--out", out, "--no-progress"]) == 0
     sr = {"data.source": "wds", "data.path": raw, "data.resolution": 64, "data.space": "latent", "data.vae": vae,
           "task.source": "upsample", "task.source_resolution": 16, "train.steps": 2, "train.ckpt_every": 2,
           "model.depth": 1, "eval.shapes": False}
-    summary = train(tiny_config(**sr))
+    summary = train(tiny_config(**sr, **{"data.val_path": val, "eval.val_every": 2, "eval.val_samples": 4,
+                                         "eval.val_t_points": 2}))
     saved = saved_model_input(summary["checkpoint"])
     assert (saved.task, saved.space, tuple(saved.latent_shape)) == ("super_resolution", "latent", (4, 8, 8))
     with Image.open(summary["samples"]) as grid:
         assert grid.mode == "RGB"
+    assert np.isfinite(summary["val/loss"]) and "val/kl" not in summary  # an upsampled image has no posterior
+    assert summary["task/baseline_psnr"] > 0 and {"task/psnr", "task/ssim", "task/baseline_ssim"} <= set(summary)
+    assert "4 images from data.val_path=" in (tmp_path / "run" / "eval" / "task_step_00000002.txt").read_text()
 
     images = tmp_path / "photos"
     images.mkdir()
