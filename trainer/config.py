@@ -92,9 +92,10 @@ class DataConfig:
     text_dim: int = _f(0, "width of the text features (384 MiniLM, 768 CLIP ViT-L/14, 4096 T5-XXL); 0 = from the "
                           "shards or the text encoder; when set, shards and encoder must agree with it")
     space: str = _f("auto", "what the flow carries z0 to: pixels (the image), latent (an AutoencoderKL latent stored "
-                            "in the shards) or auto (latent when the shards hold latents, else pixels)")
-    vae: str = _f("", "local diffusers AutoencoderKL folder that decodes latents to images; empty = the one named "
-                      "in the shards' metadata (or the checkpoint's)")
+                            "in the shards; super-resolution: encoded from the images by data.vae) or auto "
+                            "(latent when the shards hold latents, else pixels)")
+    vae: str = _f("", "local diffusers AutoencoderKL folder that decodes latents to images (super-resolution: "
+                      "also encodes them); empty = the one named in the shards' metadata (or the checkpoint's)")
     latent_channels: int = _f(4, "latent space: channels of the autoencoder's latent (4 for the SD VAE)")
     latent_downsample: int = _f(8, "latent space: image pixels per latent pixel (8 for the SD VAE)")
     num_workers: int = _f(0, "DataLoader worker processes per rank")
