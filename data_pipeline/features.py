@@ -202,6 +202,17 @@ def text_encoder_dim(spec: str) -> int | None:
     return int(config.get("hidden_size") or config.get("d_model"))
 
 
+def text_encoder_vocab(spec: str) -> int | None:
+    """Vocabulary size of a text encoder's tokenizer (what ``TextEncoder.vocab_size`` says) from its
+    name or folder, no weights loaded; None when the folder is not there."""
+    path = minilm_path() if spec == "minilm" else Path(spec).expanduser()
+    if not path.is_dir():
+        return None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+    return len(AutoTokenizer.from_pretrained(path, local_files_only=True))
+
+
 class CaptionCache:
     """Embeds each distinct caption once; ``lookup(caption)`` returns (emb (n, d), mask (n,))."""
 

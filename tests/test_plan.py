@@ -17,7 +17,8 @@ from trainer.plan import (Hardware, activation_bytes_per_sample, build_meta_mode
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = sorted((REPO / "configs" / "paper").glob("*.yaml"))
-SHIPPED = [REPO / "configs" / "demo.yaml", *PAPER]
+TASK_CONFIGS = sorted((REPO / "configs" / "tasks").glob("*.yaml"))
+SHIPPED = [REPO / "configs" / "demo.yaml", *PAPER, *TASK_CONFIGS]
 
 
 def test_state_bytes_follow_the_zero_stage():
@@ -82,7 +83,7 @@ def _expected_flow_params(name: str) -> tuple[float, float]:
     """(low, high) of the flow network's parameters a shipped config's name promises."""
     if name.startswith("crossflow_0.95B"):
         return 0.95e9 * 0.97, 0.95e9 * 1.03
-    if name.startswith("crossflow_70M"):
+    if name.startswith("crossflow_70M") or name == "super_resolution_64to256_vae":
         return 70e6 * 0.97, 70e6 * 1.03
     if name == "baseline_0.95B_256px_t5":  # cross-attention k/v read the 1024-d projected T5 tokens, not 768
         return 1.04e9, 1.13e9
@@ -105,6 +106,31 @@ def test_shipped_config_builds_on_meta_and_plans(path):
     if path.parent.name == "paper":
         assert plan.fits and plan.best_micro_batch >= plan.micro_batch, path.stem
         assert plan.micro_batch * plan.world_size * cfg.train.grad_accum == cfg.train.global_batch_size
+
+
+@pytest.mark.parametrize("task", [{"task.source": "image_ve", "task.target": "caption"},
+                                  {"task.source": "image_ve", "task.target": "depth"}], ids=["caption", "depth"])
+def test_plan_builds_the_tasks_model(tmp_path, task):
+    """The plan's model is the one training builds for the task (same parameters), and its state
+    memory follows from that count (ZeRO-2, fp32, 2 workers: a 4P/N fp32 gradient partition + the
+    reduce bucket)."""
+    from data_pipeline.features import load_text_encoder
+    from trainer.loop import build_model
+    from trainer.model_input import declared_model_input
+    from trainer.plan import GIB, REDUCE_BUCKET_ELEMENTS
+    from trainer.tasks import with_flow_shape
+    cfg = load_config(None, tiny_overrides(tmp_path, **task, **{"train.zero_stage": 2, "cluster.num_workers": 2}))
+    plan = make_plan(cfg, Hardware(gpu_memory_gb=80))
+    mi = with_flow_shape(cfg, declared_model_input(cfg))
+    vocab = load_text_encoder(cfg.data.text_encoder).vocab_size if task["task.target"] == "caption" else 0
+    model = build_model(cfg, mi.latent_shape, mi.text_dim, "cpu", vocab)
+    P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert plan.trainable_params == P and plan.task == mi.task and plan.latent_shape == tuple(mi.latent_shape)
+    assert ("caption decoder" in plan.params) == (task["task.target"] == "caption") and "Text VE" not in plan.params
+    assert plan.memory_gib["weights"] == pytest.approx(4 * P / GIB)
+    assert plan.memory_gib["gradients"] == pytest.approx((4 * P / 2 + 4 * REDUCE_BUCKET_ELEMENTS) / GIB)
+    assert plan.memory_gib["optimizer"] == pytest.approx(12 * P / 2 / GIB)
+    assert any("reduce bucket" in n for n in plan.notes)
 
 
 def test_paper_recipe_values_and_its_plan_on_8_gpus():

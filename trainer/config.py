@@ -92,9 +92,10 @@ class DataConfig:
     text_dim: int = _f(0, "width of the text features (384 MiniLM, 768 CLIP ViT-L/14, 4096 T5-XXL); 0 = from the "
                           "shards or the text encoder; when set, shards and encoder must agree with it")
     space: str = _f("auto", "what the flow carries z0 to: pixels (the image), latent (an AutoencoderKL latent stored "
-                            "in the shards) or auto (latent when the shards hold latents, else pixels)")
-    vae: str = _f("", "local diffusers AutoencoderKL folder that decodes latents to images; empty = the one named "
-                      "in the shards' metadata (or the checkpoint's)")
+                            "in the shards; super-resolution: encoded from the images by data.vae) or auto "
+                            "(latent when the shards hold latents, else pixels)")
+    vae: str = _f("", "local diffusers AutoencoderKL folder that decodes latents to images (super-resolution: "
+                      "also encodes them); empty = the one named in the shards' metadata (or the checkpoint's)")
     latent_channels: int = _f(4, "latent space: channels of the autoencoder's latent (4 for the SD VAE)")
     latent_downsample: int = _f(8, "latent space: image pixels per latent pixel (8 for the SD VAE)")
     num_workers: int = _f(0, "DataLoader worker processes per rank")
@@ -396,11 +397,12 @@ def check_task(cfg: "Config") -> None:
     if (t.source, t.target) == ("text_ve", "image"):
         return
     name = TASK_PAIRS[(t.source, t.target)]
-    if d.source != "shapes":
+    if d.source != "shapes" and t.source != "upsample":
         raise ConfigError(f"task {name} (task.source={t.source}, task.target={t.target}) trains on the shapes "
                           f"generator (its depth maps, captions' token ids and images); got data.source={d.source}")
-    if d.space == "latent":
-        raise ConfigError(f"task {name} works in pixel space; got data.space=latent")
+    if d.space == "latent" and t.source != "upsample":
+        raise ConfigError(f"task {name} works in pixel space; got data.space=latent (only super_resolution "
+                          f"runs through the VAE)")
     if cfg.model.family != "crossflow":
         raise ConfigError(f"task {name} needs model.family=crossflow, got {cfg.model.family}")
     if cfg.objective.ve_pretrain_steps:

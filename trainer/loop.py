@@ -43,11 +43,11 @@ from trainer.metrics import MetricsLogger, peak_memory_bytes
 from trainer.model_input import (ModelInput, check_init_latents, resolve_model_input, resolved_config,
                                  saved_model_input)
 from trainer.models.codecs import build_codec, codec_spec
-from trainer.models.families import model_from_args, resolve_model_args
+from trainer.models.families import model_from_args
 from trainer.objectives import draw_noise, flow_losses, training_stage, two_stage_of
 from trainer.observers import build_observers
 from trainer.plan import with_target_flops
-from trainer.tasks import (caption_inputs, source_inputs, source_shape, target_latent,
+from trainer.tasks import (caption_inputs, source_inputs, target_latent, task_model_args,
                            task_of, with_flow_shape)
 from trainer.validation import Validator, build_validation_set, check_validation_shards, validation_summary
 from trainer.warm_start import init_from_checkpoint
@@ -123,11 +123,7 @@ def build_model(cfg: Config, latent_shape, text_dim: int, device: torch.device,
                 caption_vocab: int = 0) -> torch.nn.Module:
     """CrossFlow or the cross-attention baseline, per ``model.family``, with the task's source and
     target parts (``latent_shape``: the flow's; ``caption_vocab``: the caption target's vocabulary)."""
-    args = resolve_model_args(cfg.model, latent_shape, text_dim, cfg.data.max_tokens,
-                              cfg.objective.contrastive_init_temperature, cfg.objective.contrastive,
-                              source=cfg.task.source, target=cfg.task.target, source_shape=source_shape(cfg),
-                              caption_vocab=caption_vocab)
-    model = model_from_args(args)
+    model = model_from_args(task_model_args(cfg, latent_shape, text_dim, caption_vocab))
     model.set_ops(build_ops(cfg.model.kernels, device))
     return model.to(device)
 

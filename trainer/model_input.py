@@ -75,7 +75,12 @@ def resolve_model_input(cfg, shards: dict | None = None, metadata: FeatureMetada
     d = cfg.data
     space = _space(cfg, shards)
     where = f"shards at {d.path}" if shards is not None else "the data"
-    if space == "latent" and shards is not None and not shards.get("latent"):
+    if getattr(cfg, "task", None) is not None and cfg.task.source == "upsample" and shards is not None:
+        _check_upsample_shards(shards, where)
+        if space == "latent" and not d.vae:
+            raise ValueError(f"super-resolution in latent space on {where} encodes their images (z1) and their "
+                             f"upsampled low-res versions (z0) on the fly: set data.vae=<AutoencoderKL folder>")
+    elif space == "latent" and shards is not None and not shards.get("latent"):
         raise ValueError(f"data.space=latent but {where} hold no latents: add them with "
                          f"`crossflow data features --in {d.path} --out ... --vae <AutoencoderKL folder>`")
     if space == "pixels" and shards is not None and shards.get("latent"):
@@ -90,6 +95,20 @@ def resolve_model_input(cfg, shards: dict | None = None, metadata: FeatureMetada
     if metadata is not None and metadata.text is not None:
         _check_text_spec(cfg, metadata.text, where)
     return ModelInput(space, shape, _text_dim(cfg, shards, encoder_dim, where), d.max_tokens, d.resolution, latent)
+
+
+def _check_upsample_shards(shards: dict, where: str) -> None:
+    """Super-resolution (task.source=upsample) makes its low-res source from each image's pixels: shards
+    with stored latents (the reader yields those instead of the images) cannot feed it."""
+    if shards.get("latent"):
+        has_images = "and images (which the reader skips when latents are stored)" if shards.get("image") else \
+            "and no images"
+        raise ValueError(f"task.source=upsample needs the images' pixels (its low-res source is downsampled from "
+                         f"them), but {where} hold {tuple(shards['latent'])} precomputed latents {has_images}: "
+                         f"train on shards written without latents (`crossflow data` without --vae) with "
+                         f"data.space=latent and data.vae=<AutoencoderKL folder>")
+    if not shards.get("image"):
+        raise ValueError(f"task.source=upsample needs the images' pixels, but {where} hold no images")
 
 
 def _is_folder(spec: str) -> bool:

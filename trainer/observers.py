@@ -265,11 +265,13 @@ class TaskEvalObserver(TaskObserver):
     (``trainer.task_inference.evaluate_task``: ``eval.images_per_prompt`` x the ShapesEval suite's
     prompt count scenes), every ``eval.every`` steps and at the end (not after a stop request):
     ``task/<metric>``, ``task/baseline_<metric>`` (and ``shapes_eval/<name>`` of super-resolution's
-    outputs) logged as metrics, the final ones in the run's summary; rank 0 writes ``eval/task_step_N.txt``."""
+    outputs) logged as metrics, the final ones in the run's summary; rank 0 writes ``eval/task_step_N.txt``.
+    Super-resolution on shards scores the validation shards' images instead (PSNR and SSIM only)."""
 
     def __init__(self, *args):
         super().__init__(*args)
         self.final_scores: dict[str, float] = {}
+        self.images: list | None = None  # shard data: the validation shards' images, read once
 
     def on_step_end(self, step: int) -> None:
         every = self.cfg.eval.every
@@ -285,8 +287,14 @@ class TaskEvalObserver(TaskObserver):
         return self.final_scores
 
     def evaluate(self, step: int) -> dict[str, float]:
-        from trainer.task_inference import evaluate_task
-        result = self.run(evaluate_task)
+        from trainer.task_inference import evaluate_task, heldout_shard_images
+        if self.cfg.data.source == "shapes":
+            result = self.run(evaluate_task)
+        else:  # super-resolution on shards: PSNR/SSIM on the validation shards' images
+            if self.images is None:
+                self.images = heldout_shard_images(self.cfg)
+            result = self.run(lambda predictor: evaluate_task(
+                predictor, images=self.images, images_from=f"data.val_path={self.cfg.data.val_path}"))
         if self.rank == 0:
             out = Path(self.cfg.train.out_dir) / "eval"
             out.mkdir(parents=True, exist_ok=True)
@@ -297,11 +305,18 @@ class TaskEvalObserver(TaskObserver):
 def build_observers(cfg, engine, codec, captions: CaptionCache, metrics, rank: int) -> list[Observer]:
     """Text-to-image: sample grids always, ShapesEval when ``eval.shapes`` and the data is the shapes
     generator. Another task (super-resolution, depth, captioning): its grids always, its metric against
-    the baseline under the same condition."""
+    the baseline under the same condition; super-resolution on shards: PSNR/SSIM vs bicubic on the
+    first ``eval.val_samples`` images of ``data.val_path`` when it is set."""
     from trainer.tasks import task_of
     text = task_of(cfg).name == "text_to_image"
     grids, scores = (SampleGrids, ShapesEvalObserver) if text else (TaskGrids, TaskEvalObserver)
     observers: list[Observer] = [grids(cfg, engine, codec, captions, metrics, rank)]
     if cfg.eval.shapes and cfg.data.source == "shapes":
         observers.append(scores(cfg, engine, codec, captions, metrics, rank))
+    elif not text and cfg.data.source != "shapes":  # super-resolution on shards (the one task they train)
+        if cfg.data.val_path:
+            observers.append(TaskEvalObserver(cfg, engine, codec, captions, metrics, rank))
+        elif rank == 0:
+            print("task metric (PSNR/SSIM vs bicubic) skipped: set data.val_path (held-out shards of images)",
+                  flush=True)
     return observers

@@ -1,7 +1,8 @@
 """``crossflow plan``: what a config costs per GPU before anything runs.
 
 The model is built on the meta device through the same two calls training makes
-(``resolve_model_args`` + ``model_from_args``, for the input ``declared_model_input(cfg)`` says),
+(``trainer.tasks.task_model_args`` + ``model_from_args``, for the input ``declared_model_input(cfg)``
+says, with the task's flow shape, source and target parts),
 so parameter counts are exact and nothing is allocated. From them, per GPU (bytes; P = trainable
 parameters, N = world size = ``cluster.num_workers`` after the cluster preset, w = 2 for bf16
 weights and 4 for fp32):
@@ -49,7 +50,8 @@ import torch
 
 from trainer.config import Config, ConfigError, check_two_stage_length, per_rank_batch_size
 from trainer.model_input import declared_model_input
-from trainer.models.families import BlockStack, family_of, model_from_args, resolve_model_args
+from trainer.models.families import BlockStack, family_of, model_from_args
+from trainer.tasks import task_model_args, with_flow_shape
 
 GIB = 2**30
 REDUCE_BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size (our config leaves it)
@@ -111,16 +113,29 @@ class Plan:
     target_flops: float = 0.0  # train.target_flops (0 = the steps are train.steps)
     steps: int = 0  # optimizer steps: train.steps, or derived from target_flops
     training_flops: float = 0.0  # steps x global batch x flops_per_sample
+    task: str = "text_to_image"  # trainer.tasks: the flow's ends (latent_shape is the flow's shape)
 
 
 # ----------------------------------------------------------------------------- model
 def build_meta_model(cfg: Config) -> torch.nn.Module:
-    """The model ``crossflow train`` would build for ``cfg``, on the meta device (no memory)."""
-    mi = declared_model_input(cfg)
-    args = resolve_model_args(cfg.model, mi.latent_shape, mi.text_dim, cfg.data.max_tokens,
-                              cfg.objective.contrastive_init_temperature, cfg.objective.contrastive)
+    """The model ``crossflow train`` would build for ``cfg`` and its task (``trainer.tasks``: the
+    flow's shape, the source's and target's parts, the same args), on the meta device (no memory)."""
+    mi = with_flow_shape(cfg, declared_model_input(cfg))
+    args = task_model_args(cfg, mi.latent_shape, mi.text_dim, caption_vocab(cfg))
     with torch.device("meta"):
         return model_from_args(args)
+
+
+def caption_vocab(cfg: Config) -> int:
+    """The caption target's vocabulary (data.text_encoder's tokenizer; no weights loaded); 0 for other targets."""
+    if cfg.task.target != "caption":
+        return 0
+    from data_pipeline.features import text_encoder_vocab
+    vocab = text_encoder_vocab(cfg.data.text_encoder)
+    if vocab is None:
+        raise ValueError(f"the caption decoder's vocabulary is data.text_encoder's, but {cfg.data.text_encoder} "
+                         f"is not a folder here: point data.text_encoder at the local model folder")
+    return vocab
 
 
 # ----------------------------------------------------------------------------- FLOP budgets
@@ -251,6 +266,9 @@ def make_plan(cfg: Config, hw: Hardware = Hardware(), micro_batch: int | None = 
         allocated = static + max(m * act, state["step_temporaries"])
         return allocated, allocated * (1 + ALLOCATOR_SLACK) + FIXED_OVERHEAD_GIB * GIB
 
+    if t.zero_stage >= 2 and REDUCE_BUCKET_ELEMENTS > P:
+        notes.append(f"gradients include DeepSpeed's ZeRO-{t.zero_stage} reduce bucket of {REDUCE_BUCKET_ELEMENTS:.0e} "
+                     f"elements ({wb * REDUCE_BUCKET_ELEMENTS / GIB:.2f} GiB), allocated whole however small the model")
     mb = micro_batch or _micro_batch(cfg, world, notes)
     accum = max(1, cfg.train.global_batch_size // (world * mb))
     allocated, total = totals(mb)
@@ -268,7 +286,7 @@ def make_plan(cfg: Config, hw: Hardware = Hardware(), micro_batch: int | None = 
     comm = comm_bytes_per_step(P, world, t.zero_stage, wb, comm_accum)
     comm_s = comm / (hw.bandwidth_gbps * 1e9 / 8)
     steps = steps_for_target_flops(cfg, flops)
-    mi = declared_model_input(cfg)
+    mi = with_flow_shape(cfg, declared_model_input(cfg))
     tokens = mi.image_tokens(model.args.patch_size)
     memory = {k: v / GIB for k, v in state.items() if k not in ("host", "step_temporaries")}
     memory["activations"] = mb * act / GIB
@@ -288,13 +306,14 @@ def make_plan(cfg: Config, hw: Hardware = Hardware(), micro_batch: int | None = 
         best_micro_batch=best, best_grad_accum=t.global_batch_size // (world * best) if best else 0,
         comm_gb_per_step=comm / 1e9, comm_s_per_step=comm_s, compute_s_per_step=compute_s,
         bound="network" if comm_s > compute_s else "compute", notes=notes, target_flops=t.target_flops,
-        steps=steps, training_flops=steps * t.global_batch_size * flops)
+        steps=steps, training_flops=steps * t.global_batch_size * flops, task=mi.task)
 
 
 def format_plan(p: Plan) -> str:
     hw = p.hardware
     C, H, W = p.latent_shape
-    lines = [f"crossflow plan: {p.config or 'config'}  ({p.family}, preset {p.preset})",
+    task = "" if p.task == "text_to_image" else f", task {p.task}"
+    lines = [f"crossflow plan: {p.config or 'config'}  ({p.family}, preset {p.preset}{task})",
              f"  input: latent {C}x{H}x{W}, text {p.max_tokens} x {p.text_dim}-d; {p.tokens_per_sample} image tokens",
              "  parameters:"]
     lines += [f"    {name:<22}{n / 1e6:>10.1f} M" for name, n in p.params.items() if n]

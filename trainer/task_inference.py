@@ -154,6 +154,26 @@ def heldout_samples(cfg: Config, n: int) -> list[dict]:
     return [gen.sample(i) for i in range(n)]
 
 
+def heldout_shard_images(cfg: Config) -> list[np.ndarray]:
+    """The first ``eval.val_samples`` images of ``data.val_path`` (the validation shards), in stored
+    order, (R, R, 3) uint8 at data.resolution: super-resolution's held-out truth on shard data. Every
+    rank reads them all (MDS readers are collective)."""
+    import contextlib
+    from data_pipeline.readers import read_records
+    from data_pipeline.sources import decode_rgb
+    from trainer.validation import validation_cache_dir
+    path, n, images = cfg.data.val_path, cfg.eval.val_samples, []
+    with contextlib.closing(read_records(path, cfg.data.source, validation_cache_dir(cfg))) as records:
+        for i, rec in enumerate(records):
+            if i == n:
+                break
+            if not rec.get("image"):
+                raise ValueError(f"data.val_path={path}: sample {i} (key {rec.get('key')!r}) holds no image: "
+                                 f"super-resolution's evaluation needs the pixels")
+            images.append(decode_rgb(rec["image"], cfg.data.resolution))  # (R, R, 3) uint8
+    return images
+
+
 def downsample(images: list[np.ndarray], side: int) -> list[np.ndarray]:
     """(R, R, 3) uint8 -> (side, side, 3) uint8 by area averaging (super-resolution's input)."""
     from data_pipeline.image_ops import area_downsample

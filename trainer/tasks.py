@@ -63,6 +63,18 @@ def source_shape(cfg) -> tuple:
     return (3, cfg.data.resolution, cfg.data.resolution) if cfg.task.source == "image_ve" else ()
 
 
+def task_model_args(cfg, latent_shape, text_dim: int, caption_vocab: int = 0):
+    """The model args of ``cfg`` for its task: ``model.family`` at its preset with the config's
+    overrides, the task's source and target parts (``latent_shape``: the flow's, ``flow_shape``;
+    ``caption_vocab``: the caption target's vocabulary, the text encoder's). Training builds its model
+    from these and ``crossflow plan`` its meta-device copy."""
+    from trainer.models.families import resolve_model_args
+    return resolve_model_args(cfg.model, latent_shape, text_dim, cfg.data.max_tokens,
+                              cfg.objective.contrastive_init_temperature, cfg.objective.contrastive,
+                              source=cfg.task.source, target=cfg.task.target, source_shape=source_shape(cfg),
+                              caption_vocab=caption_vocab)
+
+
 def upsampled_source(image: torch.Tensor, source_resolution: int) -> torch.Tensor:
     """Super-resolution's input at the target's size: (B, 3, H, W) in [-1, 1] -> area-downsampled to
     ``source_resolution`` -> bicubic back to H (B, 3, H, W), clamped to [-1, 1]."""
