@@ -51,6 +51,14 @@ def tiny_config(tmp_path):
     return make
 
 
+@pytest.fixture(scope="session")
+def task_runs(tmp_path_factory):
+    """Super-resolution, depth and captioning trained once each for the session (tests/support/task_runs.py):
+    task -> (run directory, train()'s summary)."""
+    from tests.support.task_runs import train_task_runs
+    return train_task_runs(tmp_path_factory)
+
+
 # ----------------------------------------------------------------------------- a real S3 server
 _rgw_state: dict = {}
 # The RGW is started once per session on 127.0.0.1 (about 20 s) and stopped, with its temporary

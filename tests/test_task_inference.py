@@ -1,6 +1,8 @@
-"""Super-resolution, depth and captioning after training: a tiny run of each (``train()`` in this
-process, a few steps), then its grid and task metrics, ``TaskPredictor``, ``crossflow eval
-superres|depth|caption`` and ``crossflow caption`` on its checkpoint, and the errors for a wrong one."""
+"""Super-resolution, depth and captioning after training: the session's tiny run of each (``task_runs``,
+tests/support/task_runs.py: ``train()`` in this process, shared with tests/test_tasks_training.py; 2 grid
+rows, the task eval on 60 held-out scenes, 2 ODE steps, no guidance), then its grid and task metrics,
+``TaskPredictor``, ``crossflow eval superres|depth|caption`` and ``crossflow caption`` on its checkpoint,
+and the errors for a wrong one."""
 import json
 
 import numpy as np
@@ -11,38 +13,23 @@ from PIL import Image
 from cluster.cli import main
 from data_pipeline.image_ops import area_downsample
 from tests.conftest import tiny_overrides
+from tests.support.task_runs import STEPS, TASK_OVERRIDES
 from trainer.config import load_config
 from trainer.inference import labeled_grid_size
-from trainer.loop import train
 from trainer.metrics import read_metrics
 from trainer.task_inference import (CAPTION_LABEL_WIDTH, GRID_SIDE, heldout_samples, load_task_predictor,
                                     replicate_pixels)
 
-TASKS = {
-    "super_resolution": {"task.source": "upsample", "task.target": "image", "task.source_resolution": 16},
-    "depth": {"task.source": "image_ve", "task.target": "depth"},
-    "captioning": {"task.source": "image_ve", "task.target": "caption"},
-}
+TASKS = list(TASK_OVERRIDES)
 METRICS = {"super_resolution": ("psnr", "ssim"), "depth": ("abs_rel", "delta1"),
            "captioning": ("bleu4", "overall", "parsed")}
 GRID_COLUMNS = {"super_resolution": 4, "depth": 4, "captioning": 3}  # input | (bicubic) | 2 seeds or 1 output | truth
 SIDE = 32
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """One tiny run per task (3 steps, 2 grid rows, ShapesEval-sized task eval of 60 scenes, 2 ODE steps)."""
-    out = {}
-    for name, task in TASKS.items():
-        run = tmp_path_factory.mktemp(name) / "run"
-        cfg = load_config(None, tiny_overrides(run, **task, **{"train.steps": 3, "sample.cfg_scale": 1.0}))
-        out[name] = (run, train(cfg))
-    return out
-
-
-@pytest.mark.parametrize("name", list(TASKS))
-def test_training_writes_the_task_grid_and_metric_against_its_baseline(runs, name):
-    run, summary = runs[name]
+@pytest.mark.parametrize("name", TASKS)
+def test_training_writes_the_task_grid_and_metric_against_its_baseline(task_runs, name):
+    run, summary = task_runs[name]
     for metric in METRICS[name]:
         assert np.isfinite(summary[f"task/{metric}"]) and np.isfinite(summary[f"task/baseline_{metric}"])
     assert json.loads((run / "summary.json").read_text())[f"task/{METRICS[name][0]}"] == summary[f"task/{METRICS[name][0]}"]
@@ -54,13 +41,13 @@ def test_training_writes_the_task_grid_and_metric_against_its_baseline(runs, nam
         expected = labeled_grid_size(2, GRID_COLUMNS[name], SIDE, GRID_SIDE // SIDE,
                                      **({"label_width": width} if width else {}))
         assert grid.size == expected
-    assert (run / "eval" / "task_step_00000003.txt").read_text().startswith(f"{name} on 60 held-out")
+    assert (run / "eval" / f"task_step_{STEPS:08d}.txt").read_text().startswith(f"{name} on 60 held-out")
 
 
-def test_predictor_outputs_per_task(runs):
+def test_predictor_outputs_per_task(task_runs):
     samples = heldout_samples(load_config(None, tiny_overrides("unused")), 3)
     images = [s["image"] for s in samples]
-    sr = load_task_predictor(runs["super_resolution"][0])
+    sr = load_task_predictor(task_runs["super_resolution"][0])
     low = [np.asarray(Image.fromarray(im).resize((16, 16), Image.BOX)) for im in images]
     out = sr.predict(low, steps=2)
     assert [(o.shape, o.dtype) for o in out] == [((SIDE, SIDE, 3), np.uint8)] * 3
@@ -68,7 +55,7 @@ def test_predictor_outputs_per_task(runs):
     with pytest.raises(ValueError, match=r"expected uint8 \(16, 16, 3\)"):
         sr.predict(images)
 
-    depth = load_task_predictor(runs["depth"][0])
+    depth = load_task_predictor(task_runs["depth"][0])
     maps = depth.predict(images, steps=2)
     assert [(m.shape, m.dtype) for m in maps] == [((SIDE, SIDE), np.float32)] * 3
     assert all(np.isfinite(m).all() and (m > 0).all() for m in maps)
@@ -77,7 +64,7 @@ def test_predictor_outputs_per_task(runs):
     mean = depth.predict(images, seed=0, steps=2, use_mean=True)
     assert all((a == b).all() for a, b in zip(mean, depth.predict(images, seed=1, steps=2, use_mean=True)))
 
-    captioner = load_task_predictor(runs["captioning"][0])
+    captioner = load_task_predictor(task_runs["captioning"][0])
     captions = captioner.predict(images, steps=2)
     assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
 
@@ -89,10 +76,10 @@ def test_replicated_pixels_area_downsample_to_the_input():
     assert torch.equal(area_downsample(replicate_pixels(x, 32), 16), x)
 
 
-def test_eval_commands_print_and_write_model_and_baseline(runs, tmp_path, capsys):
+def test_eval_commands_print_and_write_model_and_baseline(task_runs, tmp_path, capsys):
     for command, name in (("superres", "super_resolution"), ("depth", "depth"), ("caption", "captioning")):
         out = tmp_path / f"{command}.json"
-        assert main(["eval", command, "--checkpoint", str(runs[name][0]), "--num", "4", "--steps", "2",
+        assert main(["eval", command, "--checkpoint", str(task_runs[name][0]), "--num", "4", "--steps", "2",
                      "--out", str(out)]) == 0
         printed = capsys.readouterr().out
         assert f"{name} on 4 held-out shapes scenes" in printed and METRICS[name][0] in printed
@@ -105,28 +92,28 @@ def test_eval_commands_print_and_write_model_and_baseline(runs, tmp_path, capsys
     for i in range(3):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(photos / f"{i}.png")
     out = tmp_path / "photos.json"
-    assert main(["eval", "superres", "--checkpoint", str(runs["super_resolution"][0]), "--images", str(photos),
+    assert main(["eval", "superres", "--checkpoint", str(task_runs["super_resolution"][0]), "--images", str(photos),
                  "--steps", "2", "--out", str(out)]) == 0
     assert f"super_resolution on 3 images from {photos}" in capsys.readouterr().out
     written = json.loads(out.read_text())
     assert written["num"] == 3 and "shapes_eval" not in written and set(written["baseline"]) == {"psnr", "ssim"}
 
 
-def test_caption_command_and_wrong_checkpoints(runs, tmp_path, capsys):
+def test_caption_command_and_wrong_checkpoints(task_runs, tmp_path, capsys):
     png = tmp_path / "scene.png"
     Image.fromarray(heldout_samples(load_config(None, tiny_overrides("unused")), 1)[0]["image"]).save(png)
     big = tmp_path / "big.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(big)  # resized to the checkpoint's 32 px
-    assert main(["caption", "--checkpoint", str(runs["captioning"][0]), "--image", str(png), "--image", str(big),
+    assert main(["caption", "--checkpoint", str(task_runs["captioning"][0]), "--image", str(png), "--image", str(big),
                  "--steps", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(": ")[0] for line in lines] == [str(png), str(big)]
     with pytest.raises(SystemExit, match="image not found: .*missing.png"):
-        main(["caption", "--checkpoint", str(runs["captioning"][0]), "--image", str(tmp_path / "missing.png")])
+        main(["caption", "--checkpoint", str(task_runs["captioning"][0]), "--image", str(tmp_path / "missing.png")])
     with pytest.raises(SystemExit, match=r"is a checkpoint of depth \(task.source=image_ve, task.target=depth\), "
                                          r"not of captioning"):
-        main(["caption", "--checkpoint", str(runs["depth"][0]), "--image", str(png)])
+        main(["caption", "--checkpoint", str(task_runs["depth"][0]), "--image", str(png)])
     with pytest.raises(SystemExit, match=r"super_resolution \(task.source=upsample.*not of depth"):
-        main(["eval", "depth", "--checkpoint", str(runs["super_resolution"][0])])
+        main(["eval", "depth", "--checkpoint", str(task_runs["super_resolution"][0])])
     with pytest.raises(SystemExit, match="captioning .*not of text_to_image"):
-        main(["sample", "--checkpoint", str(runs["captioning"][0]), "--prompt", "a red circle on the left"])
+        main(["sample", "--checkpoint", str(task_runs["captioning"][0]), "--prompt", "a red circle on the left"])

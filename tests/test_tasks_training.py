@@ -1,5 +1,6 @@
 """The tasks beside text to image (trainer/tasks.py): super-resolution, depth and captioning train
-end to end through ``train()`` (one process, the real DeepSpeed engine, tiny model); captioning
+end to end through ``train()`` (one process, the real DeepSpeed engine, tiny model; the session's
+``task_runs``, tests/support/task_runs.py, shared with tests/test_task_inference.py); captioning
 resumes exactly and its two-stage variant freezes the caption autoencoder; the task section's
 validation names the keys."""
 from __future__ import annotations
@@ -13,26 +14,15 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_overrides
+from tests.support.task_runs import CHECKPOINT_EVERY, STEPS, task_config
 from trainer.checkpoint import WEIGHTS_FILE
 from trainer.config import ConfigError, load_config
 from trainer.loop import train
 from trainer.metrics import read_metrics
 from trainer.model_input import saved_model_input
 
-TASK_OVERRIDES = {
-    "super_resolution": {"task.source": "upsample", "task.source_resolution": 16},
-    "depth": {"task.source": "image_ve", "task.target": "depth"},
-    "captioning": {"task.source": "image_ve", "task.target": "caption"},
-}
 FLOW_SHAPES = {"super_resolution": [3, 32, 32], "depth": [1, 32, 32], "captioning": [4, 8, 8]}
 CAPTION_AUTOENCODER = "caption."  # parameter names of the model's caption autoencoder (CrossFlow.caption)
-
-
-def task_config(tmp_path: Path, task: str, **extra):
-    values = {"train.steps": 6, "train.global_batch_size": 8, "data.num_samples": 64, "model.depth": 1,
-              "eval.shapes": False, "eval.val_every": 3, "eval.val_samples": 8, "eval.val_t_points": 2,
-              **TASK_OVERRIDES[task], **extra}
-    return load_config(None, tiny_overrides(tmp_path, **values))
 
 
 def step_records(run: Path) -> dict[int, dict]:
@@ -44,45 +34,46 @@ def checkpoint_weights(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("task", ["super_resolution", "depth"])
-def test_task_trains_and_checkpoints(tmp_path, task):
-    run = tmp_path / task
-    summary = train(task_config(run, task))
+def test_task_trains_and_checkpoints(task_runs, task):
+    run, summary = task_runs[task]
     records = step_records(run)
-    assert sorted(records) == list(range(1, 7))
+    assert sorted(records) == list(range(1, STEPS + 1))
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["flow_matching"]) for r in records.values())
     if task == "depth":
         assert all(r["kl"] > 0 for r in records.values())  # the image VE is variational
     validation = {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "val/loss" in r}
-    assert sorted(validation) == [3, 6] and all(math.isfinite(r["val/loss"]) for r in validation.values())
-    assert ("val/kl" in validation[6]) == (task == "depth")  # an upsampled image has no posterior
-    assert summary["val/loss"] == validation[6]["val/loss"]
+    assert sorted(validation) == [CHECKPOINT_EVERY, STEPS]
+    assert all(math.isfinite(r["val/loss"]) for r in validation.values())
+    assert ("val/kl" in validation[STEPS]) == (task == "depth")  # an upsampled image has no posterior
+    assert summary["val/loss"] == validation[STEPS]["val/loss"]
     ckpt = Path(summary["checkpoint"])
-    assert ckpt.name == "step_00000006" and (ckpt / WEIGHTS_FILE).is_file()
+    assert ckpt.name == f"step_{STEPS:08d}" and (ckpt / WEIGHTS_FILE).is_file()
     assert json.loads((ckpt / "model.json").read_text())["latent_shape"] == FLOW_SHAPES[task]
     saved = saved_model_input(ckpt)
     assert saved.task == task and list(saved.latent_shape) == FLOW_SHAPES[task]
 
 
-def test_captioning_trains_and_resumes_exactly(tmp_path):
-    """6 steps straight (a checkpoint at 3) and a restart from step 3: the same per-step losses,
-    caption terms included (the caption VE's eps is keyed by seed, step and sample like z0's)."""
-    common = {"train.ckpt_every": 3, "optim.schedule": "constant"}
-    straight = tmp_path / "straight"
-    train(task_config(straight, "captioning", **common))
+def test_captioning_trains_and_resumes_exactly(task_runs, tmp_path):
+    """The shared captioning run (a checkpoint every 2 steps, a constant rate after warmup) and a restart
+    from its step 2 (without the end-of-training task eval, which follows the last step): the same
+    per-step losses, caption terms included (the caption VE's eps is keyed by seed, step and sample like
+    z0's), and the same validation loss."""
+    straight = task_runs["captioning"][0]
     resumed = tmp_path / "resumed"
-    train(task_config(resumed, "captioning", **common,
-                      **{"train.resume": straight / "checkpoints" / "step_00000003"}))
+    restart = straight / "checkpoints" / f"step_{CHECKPOINT_EVERY:08d}"
+    train(task_config(resumed, "captioning", **{"eval.shapes": False, "train.resume": restart}))
     a, b = step_records(straight), step_records(resumed)
-    assert sorted(a) == list(range(1, 7)) and sorted(b) == [4, 5, 6]
+    replayed = list(range(CHECKPOINT_EVERY + 1, STEPS + 1))
+    assert sorted(a) == list(range(1, STEPS + 1)) and sorted(b) == replayed
     for r in a.values():
         assert all(math.isfinite(r[k]) for k in ("loss", "flow_matching", "caption_ce", "caption_kl"))
         assert r["caption_ce"] > 0
-    for step in (4, 5, 6):
+    for step in replayed:
         for key in ("loss", "flow_matching", "caption_ce", "caption_kl"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-7), (step, key)
     val_a, val_b = ({r["step"]: r["val/loss"] for r in read_metrics(run / "metrics.jsonl") if "val/loss" in r}
                     for run in (straight, resumed))
-    assert sorted(val_a) == [3, 6] and val_b[6] == pytest.approx(val_a[6], rel=1e-6)
+    assert sorted(val_a) == [CHECKPOINT_EVERY, STEPS] and val_b[STEPS] == pytest.approx(val_a[STEPS], rel=1e-6)
     assert saved_model_input(straight).latent_shape == (4, 8, 8)
 
 
@@ -92,7 +83,7 @@ def test_two_stage_captioning_freezes_the_caption_autoencoder(tmp_path):
     still (live weights: no EMA; a checkpoint per step)."""
     run = tmp_path / "two_stage"
     train(task_config(run, "captioning", **{"task.target_pretrain_steps": 2, "train.steps": 4, "train.keep_last": 4,
-                                            "train.ckpt_every": 1, "train.ema_decay": 0.0}))
+                                            "train.ckpt_every": 1, "train.ema_decay": 0.0, "eval.shapes": False}))
     records = step_records(run)
     assert [records[s]["flow_matching"] for s in (1, 2)] == [0.0, 0.0]
     assert all(records[s]["flow_matching"] > 0 for s in (3, 4))
