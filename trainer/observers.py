@@ -86,7 +86,22 @@ def grid_title(sample, step: int) -> str:
     return f"step {step}: {start}, cfg scale {sample.cfg_scale:g}, {sample.steps} {sample.solver} steps"
 
 
-class SampleGrids(Observer):
+class GridSchedule:
+    """When a grid observer writes (``self.write(path, step)``): every ``train.sample_every`` steps
+    (``samples/step_N.png``) and at the end (``samples/final.png``), not after a stop request (it
+    wants the checkpoint, not the minutes of sampling)."""
+
+    def on_step_end(self, step: int) -> None:
+        every = self.cfg.train.sample_every
+        if every and step % every == 0 and step < self.cfg.train.steps:
+            self.write(Path(self.cfg.train.out_dir) / "samples" / f"step_{step:08d}.png", step)
+
+    def on_train_end(self, step: int, stopped: bool) -> None:
+        if not stopped:
+            self.write(Path(self.cfg.train.out_dir) / "samples" / "final.png", step)
+
+
+class SampleGrids(GridSchedule, Observer):
     """Every ``train.sample_every`` steps and at the end (not after a stop request: it wants the
     checkpoint, not the minutes of sampling): ``samples/step_N.png`` / ``final.png``, one row per
     prompt (``sample.prompts_file``, else held-out shapes scenes with the generator's own rendering
@@ -98,19 +113,10 @@ class SampleGrids(Observer):
         self.cfg, self.engine, self.codec, self.captions = cfg, engine, codec, captions
         self.metrics, self.rank = metrics, rank
         self.seen = SeenSamples(cfg.sample.num_prompts)
-        self.final_path = Path(cfg.train.out_dir) / "samples" / "final.png"
 
     def on_batch(self, batch: dict) -> None:
         self.seen.add(batch)
 
-    def on_step_end(self, step: int) -> None:
-        every = self.cfg.train.sample_every
-        if every and step % every == 0 and step < self.cfg.train.steps:
-            self.write(Path(self.cfg.train.out_dir) / "samples" / f"step_{step:08d}.png", step)
-
-    def on_train_end(self, step: int, stopped: bool) -> None:
-        if not stopped:
-            self.write(self.final_path, step)
 
     def prompts(self) -> tuple[list[str], list | None]:
         """The grid's prompts and, when known without sampling, their reference images."""
@@ -212,7 +218,7 @@ class TaskObserver(Observer):
                 model.train()
 
 
-class TaskGrids(TaskObserver):
+class TaskGrids(GridSchedule, TaskObserver):
     """A non-text task's sample grid every ``train.sample_every`` steps and at the end (not after a
     stop request), like ``SampleGrids``: ``samples/step_N.png`` / ``final.png``, one row per held-out
     shapes scene (``sample.num_prompts``; shard data: the first training images), columns input |
@@ -223,14 +229,6 @@ class TaskGrids(TaskObserver):
         super().__init__(*args)
         self.seen: list[dict] = []  # shard data: the first training images and captions, the grid's rows
 
-    def on_step_end(self, step: int) -> None:
-        every = self.cfg.train.sample_every
-        if every and step % every == 0 and step < self.cfg.train.steps:
-            self.write(Path(self.cfg.train.out_dir) / "samples" / f"step_{step:08d}.png", step)
-
-    def on_train_end(self, step: int, stopped: bool) -> None:
-        if not stopped:
-            self.write(Path(self.cfg.train.out_dir) / "samples" / "final.png", step)
 
     def on_batch(self, batch: dict) -> None:
         from data_pipeline.shapes import tensor_array_to_image
