@@ -1,4 +1,5 @@
-"""`crossflow train` on the embedded Ray cluster: 2 DeepSpeed workers, a report lost with a worker, Ctrl-C.
+"""`crossflow train` on the embedded Ray cluster: 2 DeepSpeed workers, a report lost with a worker (the
+depth task), Ctrl-C (the captioning task).
 (A worker killed mid-run on a cluster of two nodes: tests/cluster/test_two_nodes.py.)"""
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from PIL import Image
 
 from cluster.ray_train import PID_DIR, rank_files
+from data_pipeline.shapes import ShapesGenerator
 from tests.cluster.conftest import REPO, cli, ray_tiny_overrides, run as run_cli
 from tests.support.faults import fault_env, kill_before_report
 from trainer.checkpoint import latest_checkpoint
@@ -66,14 +69,15 @@ def test_rank_files_partition_a_checkpoint(tmp_path):
 
 
 def test_worker_lost_before_reporting_resumes_from_the_runs_own_copy_with_s3_storage(bucket, tmp_path):
-    """Ray Train's storage on the real RGW (cluster.storage_path=s3://...). Rank 1 dies after
+    """The depth task (image VE -> depth map, configs/tasks/depth.yaml) on 2 workers, with Ray
+    Train's storage on the real RGW (cluster.storage_path=s3://...). Rank 1 dies after
     checkpoint 10 is complete but before Ray heard of it: Ray can hand the restarted group only
     checkpoint 5 (downloaded from S3), so the ranks agree on the run's own copy of step 10 instead,
     redo nothing, skip no data, and every reported checkpoint lands in the bucket with every
     rank's files (Arrow's S3 client, endpoint and checksum policy from the environment)."""
     from data_pipeline.s3 import s3_filesystem
     run, steps = tmp_path / "run", 15
-    cmd = cli("train", "--config", "configs/demo.yaml",
+    cmd = cli("train", "--config", "configs/tasks/depth.yaml",
               *ray_tiny_overrides(run, **{"train.steps": steps, "train.ckpt_every": 5, "train.log_every": 5,
                                           "cluster.max_failures": 1, "cluster.storage_path": f"{bucket}/ray"}))
     out = run_cli(cmd, env=fault_env(kill_before_report(rank=1, step=10)), timeout=400)
@@ -93,10 +97,12 @@ def test_worker_lost_before_reporting_resumes_from_the_runs_own_copy_with_s3_sto
 
 
 def test_ctrl_c_stops_every_worker_with_a_final_checkpoint(tmp_path):
-    """The first SIGINT to the driver: the workers stop together at the next logging step, write a
-    final checkpoint there, and every worker process is gone when the command returns."""
+    """The captioning task (configs/tasks/captioning.yaml: image VE -> caption latent -> decoder) on 2
+    workers. The first SIGINT to the driver: the workers stop together at the next logging step, write
+    a final checkpoint there, and every worker process is gone when the command returns; `crossflow
+    caption` reads that checkpoint."""
     run = tmp_path / "run"
-    cmd = cli("train", "--config", "configs/demo.yaml",
+    cmd = cli("train", "--config", "configs/tasks/captioning.yaml",
               *ray_tiny_overrides(run, **{"train.steps": 1000, "train.log_every": 5}))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -114,3 +120,9 @@ def test_ctrl_c_stops_every_worker_with_a_final_checkpoint(tmp_path):
     assert latest_checkpoint(run).name == f"step_{stopped:08d}"
     assert json.loads((run / "summary.json").read_text())["stopped"] is True
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+    image = tmp_path / "scene.png"
+    Image.fromarray(ShapesGenerator(32, split="heldout").sample(0)["image"]).save(image)
+    captioned = run_cli(cli("caption", "--checkpoint", str(latest_checkpoint(run)), "--image", str(image)), timeout=120)
+    assert captioned.returncode == 0, captioned.stdout[-2000:] + captioned.stderr[-2000:]
+    assert captioned.stdout.startswith(f"{image}: "), captioned.stdout
