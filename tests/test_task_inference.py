@@ -1,6 +1,6 @@
 """Super-resolution, depth and captioning after training: the session's tiny run of each (``task_runs``,
 tests/support/task_runs.py: ``train()`` in this process, shared with tests/test_tasks_training.py; 2 grid
-rows, the task eval on 60 held-out scenes, 2 ODE steps, no guidance), then its grid and task metrics,
+rows, the task eval on 60 unseen scenes, 2 ODE steps, no guidance), then its grid and task metrics,
 ``TaskPredictor``, ``crossflow eval superres|depth|caption`` and ``crossflow caption`` on its checkpoint,
 and the errors for a wrong one."""
 import json
@@ -41,7 +41,7 @@ def test_training_writes_the_task_grid_and_metric_against_its_baseline(task_runs
         expected = labeled_grid_size(2, GRID_COLUMNS[name], SIDE, GRID_SIDE // SIDE,
                                      **({"label_width": width} if width else {}))
         assert grid.size == expected
-    assert (run / "eval" / f"task_step_{STEPS:08d}.txt").read_text().startswith(f"{name} on 60 held-out")
+    assert (run / "eval" / f"task_step_{STEPS:08d}.txt").read_text().startswith(f"{name} on 60 unseen shapes scenes")
 
 
 def test_predictor_outputs_per_task(task_runs):
@@ -82,11 +82,17 @@ def test_eval_commands_print_and_write_model_and_baseline(task_runs, tmp_path, c
         assert main(["eval", command, "--checkpoint", str(task_runs[name][0]), "--num", "4", "--steps", "2",
                      "--out", str(out)]) == 0
         printed = capsys.readouterr().out
-        assert f"{name} on 4 held-out shapes scenes" in printed and METRICS[name][0] in printed
+        assert f"{name} on 4 unseen shapes scenes" in printed and METRICS[name][0] in printed
         written = json.loads(out.read_text())
         assert written["task"] == name and written["num"] == 4
         assert set(METRICS[name]) <= set(written["model"]) and set(METRICS[name]) <= set(written["baseline"])
         assert ("shapes_eval" in written) == (name == "super_resolution")
+    assert main(["eval", "caption", "--checkpoint", str(task_runs["captioning"][0]), "--num", "4", "--steps", "2",
+                 "--split", "heldout"]) == 0  # composition: scenes with a color-shape pair training never has
+    assert "captioning on 4 shapes scenes of held-out color-shape pairs" in capsys.readouterr().out
+    cfg = load_config(None, tiny_overrides("unused"))
+    assert [s["scene"].is_heldout() for s in heldout_samples(cfg, 3, "heldout")] == [True] * 3
+    assert [s["scene"].is_heldout() for s in heldout_samples(cfg, 3)] == [False] * 3
     photos = tmp_path / "photos"  # super-resolution of your own images (resized to 32 px): PSNR and SSIM only
     photos.mkdir()
     for i in range(3):

@@ -239,7 +239,8 @@ class TaskGrids(GridSchedule, TaskObserver):
                           for im, c in zip(images, list(batch["caption"])[:take])]
 
     def samples(self) -> list[dict]:
-        """Held-out shapes scenes; for shard data the first images seen in training (super-resolution)."""
+        """Unseen shapes scenes (what the task eval scores); for shard data the first images seen in
+        training (super-resolution)."""
         from trainer.task_inference import heldout_samples
         if self.cfg.data.source == "shapes":
             return heldout_samples(self.cfg, self.cfg.sample.num_prompts)
@@ -259,7 +260,7 @@ class TaskGrids(GridSchedule, TaskObserver):
 
 
 class TaskEvalObserver(TaskObserver):
-    """A non-text task's metric on held-out shapes scenes against its trivial baseline
+    """A non-text task's metric on unseen shapes scenes against its trivial baseline
     (``trainer.task_inference.evaluate_task``: ``eval.images_per_prompt`` x the ShapesEval suite's
     prompt count scenes), every ``eval.every`` steps and at the end (not after a stop request):
     ``task/<metric>``, ``task/baseline_<metric>`` (and ``shapes_eval/<name>`` of super-resolution's

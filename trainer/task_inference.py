@@ -10,7 +10,7 @@
   logits -> argmax token ids -> the text encoder's ``decode_ids`` -> a caption.
 
 z0 = mu + sigma * eps from a generator seeded by ``seed`` (``use_mean``: the VE's mean; the upsample
-source has no noise). ``evaluate_task`` scores predictions on held-out shapes scenes against the task's
+source has no noise). ``evaluate_task`` scores predictions on unseen shapes scenes (or held-out pairs) against the task's
 trivial baseline (bicubic upsampling, the training scenes' mean depth map, the most frequent
 training caption); ``task_grid`` draws the rows training writes to samples/final.png. Both serve the
 training observers (``trainer.observers``) and ``crossflow eval superres|depth|caption``.
@@ -148,9 +148,20 @@ def load_task_predictor(checkpoint: str | Path, device: str | torch.device = "cp
 # Held-out scenes and the baselines
 
 
-def heldout_samples(cfg: Config, n: int) -> list[dict]:
-    """The first ``n`` held-out shapes samples (image, caption, scene, depth) at data.resolution."""
-    gen = ShapesGenerator(cfg.data.resolution, cfg.data.max_groups, "heldout", cfg.data.seed)
+EVAL_SPLITS = ("unseen", "heldout")
+SPLIT_NAMES = {"unseen": "unseen shapes scenes", "heldout": "shapes scenes of held-out color-shape pairs"}
+
+
+def heldout_samples(cfg: Config, n: int, split: str = "unseen") -> list[dict]:
+    """The first ``n`` shapes samples (image, caption, scene, depth) at data.resolution that training
+    never saw: ``unseen``, scenes of the training distribution from the validation generator's own
+    seed (``trainer.validation.shapes_validation_generator``); ``heldout``, scenes holding a color-shape
+    pair the training split never has (composition: harder, above all for captioning)."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
+    from trainer.validation import shapes_validation_generator
+    gen = shapes_validation_generator(cfg) if split == "unseen" else \
+        ShapesGenerator(cfg.data.resolution, cfg.data.max_groups, "heldout", cfg.data.seed)
     return [gen.sample(i) for i in range(n)]
 
 
@@ -225,7 +236,7 @@ class TaskEvaluation:
     model: dict[str, float]  # the task's metric of the model's outputs
     baseline: dict[str, float]  # the same metric of the trivial baseline's
     shapes_eval: dict[str, float] = field(default_factory=dict)  # super-resolution: ShapesEval of the outputs
-    data: str = "held-out shapes scenes"  # what was scored
+    data: str = "unseen shapes scenes"  # what was scored
 
     def metrics(self) -> dict[str, float]:
         """``task/<metric>``, ``task/baseline_<metric>`` and ``shapes_eval/<name>``: what training logs."""
@@ -261,8 +272,9 @@ def default_eval_size(cfg: Config) -> int:
 
 
 def evaluate_task(predictor: TaskPredictor, num: int | None = None, seed: int = 0, images: list | None = None,
-                  images_from: str = "", **predict_kw) -> TaskEvaluation:
-    """Score the predictor on the first ``num`` held-out shapes scenes (default ``default_eval_size``)
+                  images_from: str = "", split: str = "unseen", **predict_kw) -> TaskEvaluation:
+    """Score the predictor on the first ``num`` shapes scenes of ``split`` (``heldout_samples``; default
+    ``default_eval_size``)
     against the task's trivial baseline; super-resolution's outputs also go through ShapesEval
     against their true scenes. Super-resolution may score ``images`` instead ((R, R, 3) uint8 ground
     truths, e.g. real photos, named ``images_from``): PSNR and SSIM only."""
@@ -270,11 +282,12 @@ def evaluate_task(predictor: TaskPredictor, num: int | None = None, seed: int = 
     cfg, name = predictor.config, predictor.task.name
     if images is not None and name != "super_resolution":
         raise ValueError(f"only super-resolution scores given images; {name} needs the shapes scenes' truth")
-    samples = heldout_samples(cfg, num or default_eval_size(cfg)) if images is None else [{"image": im} for im in images]
+    samples = heldout_samples(cfg, num or default_eval_size(cfg), split) if images is None else \
+        [{"image": im} for im in images]
     outputs = predictor.predict(task_inputs(predictor, samples), seed=seed, **predict_kw)
     result = TaskEvaluation(name, len(samples), task_scores(name, outputs, samples),
                             task_scores(name, baseline_outputs(cfg, name, samples), samples),
-                            data=f"images from {images_from}" if images is not None else "held-out shapes scenes")
+                            data=f"images from {images_from}" if images is not None else SPLIT_NAMES[split])
     if name == "super_resolution" and images is None:
         result.shapes_eval = evaluate([[im] for im in outputs], [s["scene"] for s in samples]).summary()
     return result

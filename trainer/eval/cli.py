@@ -144,7 +144,7 @@ def _eval_clip(args: argparse.Namespace) -> int:
 
 
 def _eval_task(args: argparse.Namespace) -> int:
-    """``crossflow eval superres|depth|caption``: the task's metric vs its baseline on held-out scenes."""
+    """``crossflow eval superres|depth|caption``: the task's metric vs its baseline on unseen scenes."""
     from trainer.task_inference import TASK_COMMANDS, evaluate_task
     if args.num is not None and args.num <= 0:
         raise SystemExit(f"crossflow eval {args.eval_command}: --num must be positive, got {args.num}")
@@ -153,7 +153,7 @@ def _eval_task(args: argparse.Namespace) -> int:
     if getattr(args, "images", None):
         images = load_image_dir(args.images, predictor.config.data.resolution)[:args.num]
     result = evaluate_task(predictor, args.num, args.seed, images=images, images_from=getattr(args, "images", ""),
-                           steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale)
+                           split=args.split, steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale)
     print(result.table())
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -165,15 +165,15 @@ def _eval_task(args: argparse.Namespace) -> int:
 
 _TASK_HELP = {
     "superres": ("super-resolution: PSNR, SSIM vs bicubic upsampling, and ShapesEval of the outputs",
-                 "Area-downsample held-out shapes scenes to the checkpoint's task.source_resolution, upsample them "
+                 "Area-downsample unseen shapes scenes (--split) to the checkpoint's task.source_resolution, upsample them "
                  "with the model, and compare PSNR and SSIM with bicubic upsampling's; ShapesEval scores the "
                  "outputs against the true scenes (--images DIR: your own images instead, PSNR and SSIM only). "
                  "The upsampled input is z0: --seed and --z0 change nothing."),
     "depth": ("depth: AbsRel and delta < 1.25 vs the mean depth map",
-              "Predict metric depth for held-out shapes scenes and compare AbsRel and delta1 (the fraction of "
+              "Predict metric depth for unseen shapes scenes (--split) and compare AbsRel and delta1 (the fraction of "
               "pixels within a factor 1.25) with the training scenes' mean depth map."),
     "caption": ("captioning: attributes read back from the caption, BLEU-4, vs the most frequent caption",
-                "Caption held-out shapes scenes, parse each caption back into a scene and compare it with the "
+                "Caption unseen shapes scenes (--split), parse each caption back into a scene and compare it with the "
                 "true one (object, count, color, position, size, overall; parsed = the fraction that parse), "
                 "BLEU-4 against every template phrasing; baseline: the most frequent training caption."),
 }
@@ -183,8 +183,12 @@ def _task_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest)")
     add_flow_args(p, seed_help="seed of z0 = mu + sigma * eps (the first batch; later batches continue its stream)")
     p.add_argument("--num", type=int, default=None,
-                   help="held-out shapes scenes to score (default: as many as training's end-of-run evaluation: "
+                   help="shapes scenes to score (default: as many as training's end-of-run evaluation: "
                         "eval.images_per_prompt x the ShapesEval prompt count)")
+    p.add_argument("--split", choices=("unseen", "heldout"), default="unseen",
+                   help="unseen: scenes of the training distribution that training never saw (the default, what "
+                        "training's end-of-run evaluation scores); heldout: scenes with a color-shape pair the "
+                        "training split never has (composition)")
     p.add_argument("--out", help="also write model and baseline scores to this JSON file")
     p.set_defaults(func=_eval_task)
 
@@ -244,7 +248,7 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
         if command == "superres":
             p.add_argument("--images", default=None, metavar="DIR",
                            help="score the images in DIR (resized to the checkpoint's data.resolution; the first --num) "
-                                "instead of held-out shapes scenes: e.g. real photos for a latent-space model")
+                                "instead of shapes scenes: e.g. real photos for a latent-space model")
             p.add_argument("--vae", default=None,
                            help="local diffusers AutoencoderKL folder of a latent-space model (default: the one the "
                                 "checkpoint's metadata names)")
