@@ -201,11 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["sweep"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] != "--help":
         argv.insert(1, "run")  # `crossflow sweep --config X` is `crossflow sweep run --config X`
     args = build_parser().parse_args(argv)
+    from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"crossflow: config error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"crossflow: checkpoint error: {e}", file=sys.stderr)
         return 2
 
 

@@ -123,3 +123,7 @@ def test_caption_command_and_wrong_checkpoints(task_runs, tmp_path, capsys):
         main(["eval", "depth", "--checkpoint", str(task_runs["super_resolution"][0])])
     with pytest.raises(SystemExit, match="captioning .*not of text_to_image"):
         main(["sample", "--checkpoint", str(task_runs["captioning"][0]), "--prompt", "a red circle on the left"])
+    not_weights = tmp_path / "latest"  # e.g. DeepSpeed's tag file in checkpoints/, given as the checkpoint
+    not_weights.write_text("step_00000004")
+    assert main(["caption", "--checkpoint", str(not_weights), "--image", str(png)]) == 2
+    assert f"checkpoint error: {not_weights} is not a safetensors file" in capsys.readouterr().err

@@ -209,8 +209,13 @@ def _crossflow_metadata(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors' own errors ("header too large") do not say what the file is
+        raise CheckpointError(f"{path} is not a safetensors file ({e}): give a checkpoint directory "
+                              f"(checkpoints/step_N), a run directory (its latest checkpoint) or a "
+                              f"`crossflow export` file") from e
     if "model_args" not in meta:
         raise CheckpointError(f"{path} has no crossflow model_args metadata: not a crossflow export")
     return meta
