@@ -147,7 +147,27 @@ class SampleGrids(GridSchedule, Observer):
         self.metrics.log_image(path, step)
 
 
-class ShapesEvalObserver(Observer):
+class EvalSchedule:
+    """When an evaluating observer scores (``self.evaluate(step, final)`` -> metrics): every
+    ``eval.every`` steps and at the end (not after a stop request), each logged as metrics; the final
+    scores are the observer's part of the run's summary."""
+    final_scores: dict[str, float]
+
+    def on_step_end(self, step: int) -> None:
+        every = self.cfg.eval.every
+        if every and step % every == 0 and step < self.cfg.train.steps:
+            self.metrics.log({"step": step, **self.evaluate(step)})
+
+    def on_train_end(self, step: int, stopped: bool) -> None:
+        if not stopped:
+            self.final_scores = self.evaluate(step, final=True)
+            self.metrics.log({"step": step, **self.final_scores})
+
+    def summary(self) -> dict[str, float]:
+        return self.final_scores
+
+
+class ShapesEvalObserver(EvalSchedule, Observer):
     """ShapesEval of the EMA weights every ``eval.every`` steps and at the end (not after a stop
     request); rank 0 writes ``eval/shapes_step_N.txt``; the scores are logged as metrics and the
     final ones kept in ``final_scores`` (``shapes_eval/<name>``) for the run's summary. The final
@@ -159,25 +179,13 @@ class ShapesEvalObserver(Observer):
         self.metrics, self.rank = metrics, rank
         self.final_scores: dict[str, float] = {}
 
-    def on_step_end(self, step: int) -> None:
-        every = self.cfg.eval.every
-        if every and step % every == 0 and step < self.cfg.train.steps:
-            self.metrics.log({"step": step, **self.evaluate(step)})
-
-    def on_train_end(self, step: int, stopped: bool) -> None:
-        if not stopped:
-            self.final_scores = self.evaluate(step, self.cfg.eval.cfg_scales)
-            self.metrics.log({"step": step, **self.final_scores})
-
-    def summary(self) -> dict[str, float]:
-        return self.final_scores
-
-    def evaluate(self, step: int, cfg_scales=()) -> dict[str, float]:
-        """``shapes_eval/<name>`` at ``sample.cfg_scale``, and ``shapes_eval/<name>@cfg<s>`` for each of
-        ``cfg_scales`` (a scale equal to ``sample.cfg_scale`` reuses its samples)."""
+    def evaluate(self, step: int, final: bool = False) -> dict[str, float]:
+        """``shapes_eval/<name>`` at ``sample.cfg_scale``, and at the end (``final``) ``shapes_eval/<name>@cfg<s>``
+        for each of ``eval.cfg_scales`` (a scale equal to ``sample.cfg_scale`` reuses its samples)."""
         from trainer.config import at_cfg_scale, cfg_scale_name
         from trainer.eval.cli import sample_shapes_eval
         default = self.cfg.sample.cfg_scale
+        cfg_scales = self.cfg.eval.cfg_scales if final else ()
         reports = {}
         with self.engine.ema_weights() as model:
             model.eval()
@@ -259,7 +267,7 @@ class TaskGrids(GridSchedule, TaskObserver):
         self.metrics.log_image(path, step)
 
 
-class TaskEvalObserver(TaskObserver):
+class TaskEvalObserver(EvalSchedule, TaskObserver):
     """A non-text task's metric on unseen shapes scenes against its trivial baseline
     (``trainer.task_inference.evaluate_task``: ``eval.images_per_prompt`` x the ShapesEval suite's
     prompt count scenes), every ``eval.every`` steps and at the end (not after a stop request):
@@ -272,20 +280,7 @@ class TaskEvalObserver(TaskObserver):
         self.final_scores: dict[str, float] = {}
         self.images: list | None = None  # shard data: the validation shards' images, read once
 
-    def on_step_end(self, step: int) -> None:
-        every = self.cfg.eval.every
-        if every and step % every == 0 and step < self.cfg.train.steps:
-            self.metrics.log({"step": step, **self.evaluate(step)})
-
-    def on_train_end(self, step: int, stopped: bool) -> None:
-        if not stopped:
-            self.final_scores = self.evaluate(step)
-            self.metrics.log({"step": step, **self.final_scores})
-
-    def summary(self) -> dict[str, float]:
-        return self.final_scores
-
-    def evaluate(self, step: int) -> dict[str, float]:
+    def evaluate(self, step: int, final: bool = False) -> dict[str, float]:
         from trainer.task_inference import evaluate_task, heldout_shard_images
         if self.cfg.data.source == "shapes":
             result = self.run(evaluate_task)
