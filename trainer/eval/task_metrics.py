@@ -19,8 +19,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from data_pipeline.image_ops import area_downsample, bicubic_upsample
 from data_pipeline.shapes import Scene, ShapeGroup, parse_caption, phrasings
+from trainer.tasks import upsampled_source
 
 PSNR_CAP_DB = 100.0  # what one image identical to its ground truth counts for (its PSNR is infinite)
 DELTA1_THRESHOLD = 1.25
@@ -133,7 +133,7 @@ def bicubic_baseline(images: list[np.ndarray], source_resolution: int) -> list[n
     if batch.shape[-2] != side or side % source_resolution:
         raise ValueError(f"bicubic_baseline: source_resolution {source_resolution} must divide the side of "
                          f"square images, got {tuple(batch.shape[-2:])}")
-    up = bicubic_upsample(area_downsample(batch, source_resolution), side)  # (B, 3, H, W)
+    up = upsampled_source(batch, source_resolution)  # (B, 3, H, W): what training's z0 is
     pixels = ((up + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # (B, H, W, 3)
     return list(pixels.numpy())
 
