@@ -18,7 +18,7 @@ from trainer.plan import (Hardware, activation_bytes_per_sample, build_meta_mode
 REPO = Path(__file__).resolve().parents[1]
 PAPER = sorted((REPO / "configs" / "paper").glob("*.yaml"))
 TASK_CONFIGS = sorted((REPO / "configs" / "tasks").glob("*.yaml"))
-SHIPPED = [REPO / "configs" / "demo.yaml", *PAPER, *TASK_CONFIGS]
+SHIPPED = [REPO / "configs" / "demo.yaml", REPO / "configs" / "shapes_tiny.yaml", *PAPER, *TASK_CONFIGS]
 
 
 def test_state_bytes_follow_the_zero_stage():
