@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip check
 	touch $(STAMP)
 
-# Train a tiny CrossFlow on the synthetic shapes (CPU: about 11 min on 2 cores, on an embedded Ray
+# Train a tiny CrossFlow on the synthetic shapes (CPU: about 11.5 min on 2 cores, on an embedded Ray
 # cluster with 2 DeepSpeed ZeRO-2 workers), write sample grids, print ShapesEval.
 demo: $(STAMP)
 	$(VENV)/bin/crossflow train --config configs/demo.yaml train.out_dir=runs/demo

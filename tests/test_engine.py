@@ -38,9 +38,10 @@ def config(out_dir, **extra):
 def torchrun(out_dir, nproc: int = 2, env: dict | None = None, **extra) -> subprocess.Popen:
     """2 ranks on gloo, each running `crossflow train` in-process (RANK set by torchrun)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "cluster.cli", "train", *overrides(out_dir, **extra)]
+           "-m", "cluster.cli", "train", "--config", golden()["config"], *overrides(out_dir, **extra)]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "cluster.cli", "train", "--no-ray", *overrides(out_dir, **extra)]
+        cmd = [sys.executable, "-m", "cluster.cli", "train", "--no-ray", "--config", golden()["config"],
+               *overrides(out_dir, **extra)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     log = open(Path(out_dir) / f"launch-{time.time_ns()}.log", "w")  # a file, not a pipe: never blocks

@@ -96,3 +96,43 @@ def test_encoder_gets_flow_matching_gradient():
     crossflow_losses(m, z1, torch.randn(4, 6, 24), torch.ones(4, 6, dtype=torch.bool), cfg, TORCH_OPS,
                      training_noise(cfg, z1)).total.backward()
     assert m.text_ve.head.weight.grad.abs().sum() > 0
+
+
+def _perturbed(m):
+    for name, p in m.named_parameters():  # leave the adaLN-Zero init, so the network's output is not 0
+        if "adaLN_modulation" in name or "final_layer" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return m
+
+
+def test_x1_prediction_is_the_end_point_as_a_velocity():
+    """model.prediction=x1: the same network (same weights) read as the end point x1_hat, turned into
+    (x1_hat - x_t) / (1 - t) with 1 - t clamped at 0.05; one Euler step over the remaining time lands
+    on x1_hat itself."""
+    torch.manual_seed(0)
+    v_model = _perturbed(tiny_model())
+    x_model = tiny_model(prediction="x1")
+    x_model.load_state_dict(v_model.state_dict())
+    x_t, t, ind = torch.randn(3, 3, 16, 16), torch.tensor([0.0, 0.5, 0.99]), torch.tensor([1, 1, 0])
+    out = v_model.velocity(x_t, t, ind)  # the raw network output
+    remaining = torch.tensor([1.0, 0.5, 0.05]).view(3, 1, 1, 1)
+    assert torch.allclose(x_model.velocity(x_t, t, ind), (out - x_t) / remaining, atol=1e-5)
+    assert torch.allclose(x_t[:2] + remaining[:2] * x_model.velocity(x_t, t, ind)[:2], out[:2], atol=1e-5)
+
+
+def test_x1_prediction_in_the_baseline():
+    from trainer.models.families import model_from_args, resolve_model_args
+    cfg = ModelConfig(family="cross_attention_fm", preset="tiny", prediction="x1")
+    torch.manual_seed(0)
+    x = model_from_args(resolve_model_args(cfg, (3, 16, 16), text_dim=24, max_tokens=6))
+    emb, mask = torch.randn(2, 6, 24), torch.ones(2, 6, dtype=torch.bool)
+    x_t, t = torch.randn(2, 3, 16, 16), torch.tensor([0.25, 0.75])
+    v = x.velocity(x_t, t, torch.tensor([1, 1]), x.text_condition(emb, mask))
+    # zero-initialized final layer: x1_hat = 0, so v = -x_t / (1 - t)
+    assert torch.allclose(v, -x_t / (1 - t).view(2, 1, 1, 1), atol=1e-6)
+
+
+def test_prediction_is_validated():
+    from trainer.config import ConfigError
+    with pytest.raises(ConfigError, match="model.prediction"):
+        ModelConfig(prediction="eps").validate()

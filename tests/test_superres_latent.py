@@ -6,12 +6,15 @@ precomputed latents are refused before workers start."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from cluster.cli import main
 from tests.support.tiny_models import save_tiny_vae, tiny_text_encoder
+
+SHAPES_TINY = str(Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.yaml")
 
 
 def test_superres_in_latent_space_on_image_shards_trains_evaluates_and_refuses_latent_shards(
@@ -52,7 +55,8 @@ def test_superres_in_latent_space_on_image_shards_trains_evaluates_and_refuses_l
     assert main(["data", "features", "--in", raw, "--out", feat, "--vae", vae, "--text-encoder",
                  tiny_text_encoder(), "--max-tokens", "12", "--no-progress"]) == 0
     capsys.readouterr()
-    assert main(["train", "--nproc", "2", *[f"{k}={v}" for k, v in {**sr, "data.path": feat}.items()],
+    assert main(["train", "--config", SHAPES_TINY, "--nproc", "2",
+                 *[f"{k}={v}" for k, v in {**sr, "data.path": feat}.items()],
                  "model.preset=tiny", f"data.text_encoder={tiny_text_encoder()}", "data.max_tokens=12",
                  f"train.out_dir={tmp_path / 'refused'}"]) == 2
     err = capsys.readouterr().err

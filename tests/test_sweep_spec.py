@@ -12,7 +12,7 @@ from trainer.plan import build_meta_model, format_flops, steps_for_target_flops
 from trainer.sweep_spec import expand, load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = str(REPO / "configs" / "demo.yaml")
+BASE = str(REPO / "configs" / "shapes_tiny.yaml")
 TINY = ["model.kernels=torch", "train.global_batch_size=16", "optim.warmup_steps=5"]
 
 
@@ -144,7 +144,7 @@ def test_sweep_plan_prints_a_row_per_point(tmp_path, capsys):
     rows = {line.split()[0]: line.split() for line in lines[3:7]}
     for p in expand(load_sweep(path)):
         assert rows[p.name][1] == p.cfg.model.family and rows[p.name][4:10] == [
-            "1e11", str(p.steps), "16", "2", "8", "1"]  # demo.yaml's 2 workers
+            "1e11", str(p.steps), "16", "2", "8", "1"]  # shapes_tiny.yaml's 2 workers
         assert rows[p.name][-2:] == ["cpu", "-"]
     bad = sweep_file(tmp_path, grid={"model.hidden_size": [96]})
     assert main(["sweep", "plan", "--config", str(bad)]) == 2

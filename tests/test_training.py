@@ -34,9 +34,11 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def test_cli_train_then_sample(tmp_path):
-    """Also: train.target_flops alone sets the steps (replacing train.steps), as config.json records."""
+    """The demo's config in miniature (its two stages: 2 Text-VE-only steps, then the flow with the VE
+    fine-tuned). Also: train.target_flops alone sets the steps (replacing train.steps), as config.json records."""
     run = tmp_path / "run"
-    overrides = tiny_overrides(run, **{"data.text_encoder": "minilm", "data.max_tokens": 16})
+    overrides = tiny_overrides(run, **{"data.text_encoder": "minilm", "data.max_tokens": 16,
+                                       "objective.ve_pretrain_steps": 2})
     per_step = build_meta_model(load_config(REPO / "configs/demo.yaml", overrides)).flops_per_sample() * 8
     out = run_cli("train", "--no-ray", "--config", "configs/demo.yaml", *overrides,
                   f"train.target_flops={6.2 * per_step}")
@@ -49,7 +51,7 @@ def test_cli_train_then_sample(tmp_path):
     with Image.open(run / "samples" / "final.png") as final:
         assert final.size == labeled_grid_size(2, 1 + GRID_SEEDS, side=32, scale=GRID_SCALE)
     assert len(losses(run)) == 6
-    # --z0 sampled (the paper's sampling) against the demo config's use_mean: seeds differ; --z0 mean: they coincide
+    # --z0 sampled (the paper's sampling, the demo's): seeds differ; --z0 mean: they coincide
     for z0, prompts, per_prompt in (("sampled", 2, 3), ("mean", 1, 2)):
         grid = tmp_path / f"grid_{z0}.png"
         out = run_cli("sample", "--checkpoint", str(run), "--prompt", "two small red squares on the left",
@@ -78,7 +80,7 @@ def test_cli_bad_config_names_the_key(tmp_path):
 
 def test_tiny_preset_learns_in_200_steps(tmp_path):
     """The issue's bar: after 200 steps the loss is below half of the first 10 steps' mean."""
-    cfg = load_config(REPO / "configs/demo.yaml", tiny_overrides(
+    cfg = load_config(REPO / "configs/shapes_tiny.yaml", tiny_overrides(
         tmp_path, **{"data.text_encoder": "minilm", "data.max_tokens": 16, "data.num_samples": 20000,
                      "train.steps": 200, "train.global_batch_size": 32, "train.threads": 2,
                      "optim.warmup_steps": 20, "optim.lr": 1e-3}))

@@ -39,6 +39,8 @@ class ModelConfig:
     head_dim: int | None = _f(None, "attention head dimension (64 or 128); overrides the preset when set")
     patch_size: int | None = _f(None, "patch side in latent pixels; overrides the preset when set")
     mlp_ratio: float = _f(4.0, "MLP hidden width as a multiple of the model width")
+    prediction: str = _f("velocity", "what the flow network outputs: velocity (v = z1 - z0, the paper's) or x1 (the end "
+                                     "point, turned into (x1 - x_t) / (1 - t): JiT's x-prediction, same loss and sampler)")
     pos_embed: str = _f("sincos", "2D position embedding of the patches: sincos (fixed) or learned")
     text_ve_width: int | None = _f(None, "Text VE transformer width; overrides the preset when set")
     text_ve_depth: int | None = _f(None, "Text VE transformer layers; overrides the preset when set")
@@ -57,6 +59,7 @@ class ModelConfig:
         _choice("model.family", self.family, ("crossflow", "cross_attention_fm"))  # trainer.models.families
         _choice("model.preset", self.preset, tuple(PRESETS))
         _choice("model.pos_embed", self.pos_embed, ("sincos", "learned"))
+        _choice("model.prediction", self.prediction, ("velocity", "x1"))
         _choice("model.kernels", self.kernels, ("auto", "triton", "torch"))
         _choice("model.text_ve", self.text_ve, ("variational", "deterministic"))
         if self.head_dim is not None:

@@ -187,7 +187,7 @@ def shipped_copy(dest: Path, marker_dir: Path) -> Path:
 
 def submit(ray_head: str, run_dir: Path, working_dir: Path = REPO, **extra) -> str:
     out = run(cli("submit", "--address", ray_head, "--python", sys.executable, "--working-dir", str(working_dir),
-                  "--config", str(working_dir / "configs/demo.yaml"), *ray_tiny_overrides(run_dir, **extra)),
+                  "--config", str(working_dir / "configs/shapes_tiny.yaml"), *ray_tiny_overrides(run_dir, **extra)),
               timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return re.search(r"submitted (\S+) to", out.stdout).group(1)

@@ -43,7 +43,7 @@ def test_latent_shards_train_on_ray_and_every_image_is_decoded(tmp_path, capsys)
     meta = read_feature_metadata(str(feat))
     assert meta.latent.latent_shape == (4, 8, 8) and meta.latent.autoencoder == vae
 
-    train = run(cli("train", "--config", "configs/demo.yaml", *ray_tiny_overrides(
+    train = run(cli("train", "--config", "configs/shapes_tiny.yaml", *ray_tiny_overrides(
         out, **{"data.source": "mds", "data.path": str(feat), "data.text_encoder": clip, "data.max_tokens": 8,
                 "data.resolution": RES, "train.steps": 2, "train.log_every": 1})), timeout=600)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
@@ -105,7 +105,7 @@ def test_baseline_on_t5_latents_trains_on_ray_with_checkpointing_and_compile(tmp
     meta = read_feature_metadata(str(feat))
     assert meta.text.multiplier == 10.0 and meta.latent.latent_shape == (4, 8, 8)
 
-    train = run(cli("train", "--config", "configs/demo.yaml", *ray_tiny_overrides(
+    train = run(cli("train", "--config", "configs/shapes_tiny.yaml", *ray_tiny_overrides(
         out, **{"model.family": "cross_attention_fm", "model.text_proj_dim": 16,
                 "train.activation_checkpointing": "true", "train.compile": "true",
                 "data.source": "mds", "data.path": str(feat), "data.text_encoder": t5, "data.max_tokens": 8,

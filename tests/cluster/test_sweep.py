@@ -117,7 +117,7 @@ def test_sweep_resumes_a_killed_worker_and_a_killed_driver_then_analyzes(tmp_pat
     out, marker = tmp_path / "sweep", tmp_path / "killed.json"
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump({
-        "name": SWEEP, "base_config": "configs/demo.yaml", "out_dir": str(out),
+        "name": SWEEP, "base_config": "configs/shapes_tiny.yaml", "out_dir": str(out),
         "overrides": ["model.preset=tiny", "model.kernels=torch", f"data.text_encoder={tiny_text_encoder()}",
                       "data.num_samples=512", "data.max_tokens=12", "train.global_batch_size=8",
                       "train.log_every=1", f"train.ckpt_every={EVERY}", "train.threads=1", "train.zero_stage=2",

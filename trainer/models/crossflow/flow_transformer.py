@@ -34,4 +34,4 @@ class FlowTransformer(DiTTrunk):
         for block in self.blocks:
             x = block(x, c)
         x = self.final_layer(x[:, 1:], c)  # (B, T, p*p*C): the indicator token is dropped
-        return self.unpatchify(x)
+        return self.as_velocity(self.unpatchify(x), x_t, t)

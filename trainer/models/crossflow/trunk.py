@@ -25,6 +25,9 @@ from trainer.models.crossflow.layers import (TORCH_OPS, Attention, Mlp, Swappabl
                                              register_pos_embed, sincos_2d)
 from trainer.models.crossflow.presets import PRESETS
 
+# x1-prediction: the smallest remaining time 1 - t the predicted end point is divided by (JiT uses 0.05).
+X1_MIN_REMAINING = 0.05
+
 
 @dataclass(frozen=True)
 class TrunkArgs:
@@ -39,6 +42,7 @@ class TrunkArgs:
     mlp_ratio: float
     pos_embed: str
     text_proj_dim: int = 0  # learned projection of the text features before the model reads them; 0 = none
+    prediction: str = "velocity"  # model.prediction: what the network outputs (velocity, or x1 converted to it)
     family: str = ""  # each family's args class sets its name as the default
 
     @classmethod
@@ -160,6 +164,17 @@ class DiTTrunk(SwappableOps, nn.Module):
     def embed_patches(self, x_t: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> patch tokens with their position embedding (B, T, D)."""
         return self.patch_embed(x_t).flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D)
+
+    def as_velocity(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's output (B, C, H, W) as a velocity: itself, or for ``prediction="x1"`` the
+        velocity (x1_hat - x_t) / (1 - t) that carries x_t to the predicted end point x1_hat in the
+        remaining time, 1 - t clamped at X1_MIN_REMAINING (JiT's x-prediction with the v-loss). That
+        is the flow-matching target z1 - (1 - sigma_min) z0 for sigma_min = 0; the objective's
+        default 1e-5 moves it by about 1e-5 of itself, far below what the network resolves."""
+        if self.args.prediction == "velocity":
+            return out
+        remaining = (1.0 - t).clamp(min=X1_MIN_REMAINING).view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
+        return (out - x_t) / remaining
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, p*p*C) -> (B, C, H, W)."""

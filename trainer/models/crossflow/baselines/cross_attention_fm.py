@@ -174,7 +174,7 @@ class CrossAttentionFM(DiTTrunk):
         c = self.t_embedder(t)  # (B, D)
         for block in self.blocks:
             x = block(x, c, text, mask)
-        return self.unpatchify(self.final_layer(x, c))  # (B, C, H, W)
+        return self.as_velocity(self.unpatchify(self.final_layer(x, c)), x_t, t)  # (B, C, H, W)
 
     # ------------------------------------------------------------------ size and cost
     def flow_params(self) -> int:
