@@ -146,9 +146,10 @@ def test_both_families_share_one_trunk_and_old_checkpoints_keep_their_names():
     assert list(base.state_dict()) == OLD_BASELINE_NAMES
     for model, old in ((cf, OLD_CROSSFLOW_ARGS), (base, OLD_BASELINE_ARGS)):
         stored = dataclasses.asdict(model.args)
-        added = {"text_ve": "variational", "contrastive": "image_text",  # the ablations' and the task's defaults
-                 "source": "text_ve", "target": "image", "source_shape": (), "caption_vocab": 0,
-                 "caption_tokens": 0} if model is cf else {}
+        added = {"prediction": "velocity",  # model.prediction's default, both families
+                 **({"text_ve": "variational", "contrastive": "image_text",  # the ablations' and the task's defaults
+                     "source": "text_ve", "target": "image", "source_shape": (), "caption_vocab": 0,
+                     "caption_tokens": 0} if model is cf else {})}
         assert {**stored, "latent_shape": list(stored["latent_shape"])} == {**old, **added}  # the same fields and values
         model_from_args(old).load_state_dict(model.state_dict())  # strict: every name matches
     config = ModelConfig(preset="tiny", hidden_size=64, depth=1)
