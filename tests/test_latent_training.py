@@ -3,16 +3,13 @@ checkpoint's samples decode through the autoencoder, and resuming it on other da
 from a checkpoint without its weights file, as a restarted Ray worker fetches it)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from cluster.cli import main
+from tests.conftest import SHAPES_TINY
 from tests.support.tiny_models import save_tiny_vae, tiny_text_encoder
-
-SHAPES_TINY = str(Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.yaml")
 
 
 def test_cross_attention_baseline_on_latents_decodes_and_refuses_other_data(tmp_path, tiny_config, capsys):
@@ -62,8 +59,8 @@ def test_mismatched_latent_shards_fail_before_workers_start(tmp_path, tiny_confi
     records = [{**r, "latent": np.zeros((4, 8, 8), np.float16)} for r in shapes_records(4, resolution=64)]
     shards = write_records("mds", str(tmp_path / "shards"), records)
     write_feature_metadata(shards, FeatureMetadata(LatentSpec(vae, 0.18215, 0.0, 64, (4, 8, 8))))
-    base = ["train", "--config", SHAPES_TINY, "--nproc", "2", "model.preset=tiny", "data.source=mds", f"data.path={shards}",
-            f"data.text_encoder={tiny_text_encoder()}", "data.max_tokens=12", f"train.out_dir={tmp_path / 'run'}"]
+    base = ["train", "--config", SHAPES_TINY, "--nproc", "2", "model.preset=tiny", "data.source=mds",
+            f"data.path={shards}", f"data.text_encoder={tiny_text_encoder()}", "data.max_tokens=12", f"train.out_dir={tmp_path / 'run'}"]
     assert main(base) == 2  # data.resolution is 32
     assert "data.resolution=32 but the latents in shards at" in capsys.readouterr().err
     other = save_tiny_vae(tmp_path / "other", scaling_factor=0.13025)

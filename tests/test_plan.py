@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_overrides
+from tests.conftest import SHAPES_TINY, tiny_overrides
 from cluster.cli import main
 from trainer.config import ConfigError, load_config
 from trainer.models.families import BlockStack
@@ -18,7 +18,7 @@ from trainer.plan import (Hardware, activation_bytes_per_sample, build_meta_mode
 REPO = Path(__file__).resolve().parents[1]
 PAPER = sorted((REPO / "configs" / "paper").glob("*.yaml"))
 TASK_CONFIGS = sorted((REPO / "configs" / "tasks").glob("*.yaml"))
-SHIPPED = [REPO / "configs" / "demo.yaml", REPO / "configs" / "shapes_tiny.yaml", *PAPER, *TASK_CONFIGS]
+SHIPPED = [REPO / "configs" / "demo.yaml", Path(SHAPES_TINY), *PAPER, *TASK_CONFIGS]
 
 
 def test_state_bytes_follow_the_zero_stage():
@@ -68,7 +68,7 @@ def test_plan_cli_table_and_json(capsys):
 
 def test_train_refuses_a_gpu_run_that_cannot_fit(tmp_path, capsys):
     over = tiny_overrides(tmp_path / "run", **{"cluster.gpus_per_worker": 1, "train.gpu_memory_gb": 0.01})
-    assert main(["train", "--config", str(REPO / "configs" / "shapes_tiny.yaml"), *over]) == 2  # refused before Ray starts
+    assert main(["train", "--config", SHAPES_TINY, *over]) == 2  # refused before Ray or any worker starts
     err = capsys.readouterr().err
     assert "more than the 0.0 GiB of GPU memory" in err and "train.memory_check=false" in err
     cfg = load_config(None, over)

@@ -6,15 +6,13 @@ precomputed latents are refused before workers start."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from cluster.cli import main
+from tests.conftest import SHAPES_TINY
 from tests.support.tiny_models import save_tiny_vae, tiny_text_encoder
-
-SHAPES_TINY = str(Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.yaml")
 
 
 def test_superres_in_latent_space_on_image_shards_trains_evaluates_and_refuses_latent_shards(

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import SHAPES_TINY
 from trainer.config import ConfigError, load_config
 from trainer.plan import build_meta_model, format_flops, steps_for_target_flops
 from trainer.sweep_spec import expand, load_sweep
 
-REPO = Path(__file__).resolve().parents[1]
-BASE = str(REPO / "configs" / "shapes_tiny.yaml")
+BASE = SHAPES_TINY
 TINY = ["model.kernels=torch", "train.global_batch_size=16", "optim.warmup_steps=5"]
 
 

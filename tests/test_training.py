@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import tiny_overrides
+from tests.conftest import SHAPES_TINY, tiny_overrides
 from data_pipeline.streams import EpochSampler
 from trainer.checkpoint import latest_checkpoint, list_checkpoints, tmp_tag
 from trainer.config import load_config
@@ -80,7 +80,7 @@ def test_cli_bad_config_names_the_key(tmp_path):
 
 def test_tiny_preset_learns_in_200_steps(tmp_path):
     """The issue's bar: after 200 steps the loss is below half of the first 10 steps' mean."""
-    cfg = load_config(REPO / "configs/shapes_tiny.yaml", tiny_overrides(
+    cfg = load_config(SHAPES_TINY, tiny_overrides(
         tmp_path, **{"data.text_encoder": "minilm", "data.max_tokens": 16, "data.num_samples": 20000,
                      "train.steps": 200, "train.global_batch_size": 32, "train.threads": 2,
                      "optim.warmup_steps": 20, "optim.lr": 1e-3}))

@@ -57,7 +57,8 @@ if str(REPO) not in sys.path:
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 TOKENS = 257  # a representative length (256 patches + the indicator): it enters a kernel only as
 #               an int argument (not 16-aligned, not 1), so every length > 1 gives the same binary
-SHIPPED_CONFIGS = sorted((REPO / "configs" / "paper").glob("*.yaml")) + [REPO / "configs" / n for n in ("demo.yaml", "shapes_tiny.yaml")]
+SHIPPED_CONFIGS = (sorted((REPO / "configs" / "paper").glob("*.yaml"))
+                   + [REPO / "configs" / "demo.yaml", REPO / "configs" / "shapes_tiny.yaml"])
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
